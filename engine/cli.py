@@ -1,0 +1,193 @@
+"""The ``flowchat`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.errors import FlowChatError, FlowInvalid
+from engine.execution import Execution
+from engine.graph import mermaid
+from engine.loader import load_flow, load_flows
+from engine.logs import configure_logging
+from engine.registry import Registry, load_registry
+from engine.runner import Runner
+from engine.schema import dumps, flow_schema
+from engine.services import open_services
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    def decorate(func: Command) -> Command:
+        COMMANDS[name] = func
+        return func
+
+    return decorate
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    registry = load_registry(Path(args.plugins) if args.plugins else None)
+    for error in registry.errors:
+        print(f"warning: [{error.code}] {error.message}", file=sys.stderr)
+    return registry
+
+
+def _print_problems(problems: Sequence[FlowChatError]) -> None:
+    for problem in problems:
+        print(problem, file=sys.stderr)
+
+
+@command("validate")
+def validate(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    flows, problems = load_flows(args.paths, registry)
+    missing = [path for path in args.paths if not Path(path).exists()]
+    for path in missing:
+        print(f"{path}:1:1: [flow-unreadable] no such file or folder", file=sys.stderr)
+    _print_problems(problems)
+    if problems or missing:
+        print(f"{len(problems) + len(missing)} problem(s) found", file=sys.stderr)
+        return 1
+    for name, flow in sorted(flows.items()):
+        print(f"ok  {flow.file}  ({name}, {len(flow.nodes)} nodes, trigger {flow.trigger.type})")
+    return 0
+
+
+@command("run")
+def run(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    try:
+        flow = load_flow(args.flow, registry)
+        trigger = _read_input(args.input)
+    except FlowInvalid as invalid:
+        _print_problems(invalid.errors)
+        return 1
+    except ValueError as exc:
+        print(f"error: --input: {exc}", file=sys.stderr)
+        return 2
+
+    async def execute() -> Execution:
+        async with open_services() as services:
+            return await Runner(services).run(flow, Execution.new(flow, trigger))
+
+    execution = asyncio.run(execute())
+    print(json.dumps(execution.to_dict(), indent=2, default=str) if args.json else format_trace(execution))
+    return 0 if execution.status == "succeeded" else 1
+
+
+def _read_input(source: str | None) -> dict[str, Any]:
+    if source is None:
+        return {}
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("the trigger payload must be a JSON object")
+    return data
+
+
+def format_trace(execution: Execution) -> str:
+    """A human table of an execution's nodes."""
+    lines = [f"execution {execution.id}  flow {execution.flow}  status {execution.status}"]
+    lines.append(f"  {'node':<20} {'status':<8} {'attempts':>8} {'ms':>9}  result")
+    for run in execution.nodes.values():
+        if run.error:
+            result = f"[{run.error['code']}] {run.error['message']}"
+        else:
+            result = json.dumps(run.output, default=str) if run.output is not None else ""
+        lines.append(f"  {run.id:<20} {run.status:<8} {run.attempts:>8} {run.duration_ms:>9.1f}  {_clip(result)}")
+    if execution.error:
+        lines.append(
+            f"error: node {execution.error.get('node')}: [{execution.error['code']}] {execution.error['message']}"
+        )
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int = 100) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@command("nodes")
+def list_nodes(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    entries: list[dict[str, Any]] = [
+        {
+            "type": name,
+            "summary": registry.types[name].summary(),
+            "source": registry.sources[name],
+            "config_schema": registry.types[name].Config.model_json_schema(by_alias=True),
+        }
+        for name in registry.names()
+    ]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for entry in entries:
+        print(f"{entry['type']:<18} {entry['summary']}")
+        for key, prop in entry["config_schema"].get("properties", {}).items():
+            required = "*" if key in entry["config_schema"].get("required", []) else " "
+            print(f"    {required}{key:<14} {prop.get('description', '')}")
+    return 0
+
+
+@command("schema")
+def schema(args: argparse.Namespace) -> int:
+    print(dumps(flow_schema(_registry(args))))
+    return 0
+
+
+@command("graph")
+def graph(args: argparse.Namespace) -> int:
+    try:
+        flow = load_flow(args.flow, _registry(args))
+    except FlowInvalid as invalid:
+        _print_problems(invalid.errors)
+        return 1
+    print(mermaid(flow), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowchat",
+        description="FlowChat: a reactive, low-code flow engine for WhatsApp CRM automation.",
+    )
+    parser.add_argument("--plugins", metavar="DIR", help="plugins folder (default: $FLOWCHAT_PLUGINS or ./plugins)")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR (default: WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check flow files and report every problem with file:line:col")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="flow files or folders of them")
+
+    p = sub.add_parser("run", help="run one flow in process over one trigger payload and print its trace")
+    p.add_argument("flow", metavar="FLOW.yaml")
+    p.add_argument("--input", "-i", metavar="FILE", help="trigger payload as JSON ('-' reads stdin; default {})")
+    p.add_argument("--json", action="store_true", help="print the execution as JSON")
+
+    p = sub.add_parser("nodes", help="list node types with their summary and config")
+    p.add_argument("--json", action="store_true", help="print types, summaries and config schemas as JSON")
+
+    sub.add_parser("schema", help="print the JSON Schema of flow files (for editor autocompletion)")
+
+    p = sub.add_parser("graph", help="print a flow as a Mermaid flowchart")
+    p.add_argument("flow", metavar="FLOW.yaml")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level.upper())
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Load flow files, reporting every problem at once as ``file:line:col: [code] message``."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from engine.documents import Document, dotted, parse_yaml
+from engine.documents import Path as DocPath
+from engine.errors import FlowChatError, FlowError, FlowInvalid, TemplateError
+from engine.flow import Flow, FlowNode, ancestors, dependents_of, find_cycle, resolve_needs
+from engine.registry import Registry
+from engine.spec import FlowSpec, NodeSpec
+from engine.templates import CONTEXT_NAMES, Template, compile_expression, compile_tree, is_template, iter_templates
+
+FLOW_SUFFIXES = (".yaml", ".yml")
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_flow(path: str | Path, registry: Registry) -> Flow:
+    """Load one flow file; raise FlowInvalid with every problem found."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FlowInvalid([FlowError(f"cannot read: {exc}", code="flow-unreadable").at(file=str(path))]) from exc
+    return load_flow_text(text, str(path), registry)
+
+
+def load_flow_text(text: str, file: str, registry: Registry) -> Flow:
+    document, errors = parse_yaml(text, file)
+    if errors:
+        raise FlowInvalid(list(errors))
+    flow, problems = _FlowBuilder(document, registry, text).build()
+    if problems or flow is None:
+        raise FlowInvalid(sorted(problems, key=lambda p: (p.location.line or 0, p.location.col or 0)))
+    return flow
+
+
+def flow_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand folders into the flow files below them, sorted."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in FLOW_SUFFIXES and p.is_file()))
+        else:
+            files.append(path)
+    return files
+
+
+def load_flows(paths: Iterable[str | Path], registry: Registry) -> tuple[dict[str, Flow], list[FlowChatError]]:
+    """Load every flow below ``paths``: the good ones by name, and all problems."""
+    flows: dict[str, Flow] = {}
+    problems: list[FlowChatError] = []
+    for file in flow_files(paths):
+        try:
+            flow = load_flow(file, registry)
+        except FlowInvalid as invalid:
+            problems.extend(invalid.errors)
+            continue
+        if flow.name in flows:
+            other = flows[flow.name].file
+            problems.append(
+                FlowError(f"flow name {flow.name!r} is also used by {other}", code="flow-duplicate-name").at(
+                    file=str(file), line=1, col=1
+                )
+            )
+            continue
+        flows[flow.name] = flow
+    return flows, problems
+
+
+class _FlowBuilder:
+    """Validates one parsed document in passes, collecting every problem."""
+
+    def __init__(self, document: Document, registry: Registry, text: str) -> None:
+        self.document = document
+        self.registry = registry
+        self.version = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.problems: list[FlowChatError] = []
+
+    def build(self) -> tuple[Flow | None, list[FlowChatError]]:
+        data = self.document.data
+        if not isinstance(data, dict):
+            self._problem((), "flow-not-mapping", "a flow file must be a mapping with flow, trigger and nodes")
+            return None, self.problems
+        spec = self._validate(FlowSpec, data, ())
+        node_specs = self._node_specs(data.get("nodes"))
+        needs = self._check_graph(node_specs)
+        nodes = {node_id: built for node_id, built in self._build_nodes(node_specs, needs) if built is not None}
+        if self.problems or spec is None:
+            return None, self.problems
+        flow = Flow(spec, nodes, self.document.file, self.version, dependents_of(needs))
+        return flow, []
+
+    # --- passes -----------------------------------------------------------------
+
+    def _node_specs(self, raw_nodes: Any) -> list[tuple[int, NodeSpec]]:
+        if not isinstance(raw_nodes, list):
+            return []
+        specs: list[tuple[int, NodeSpec]] = []
+        seen: dict[str, int] = {}
+        for index, raw in enumerate(raw_nodes):
+            spec = self._validate(NodeSpec, raw, ("nodes", index)) or _known_keys_only(raw)
+            if spec is None:
+                continue
+            if spec.id in seen:
+                self._problem(
+                    ("nodes", index, "id"),
+                    "duplicate-node-id",
+                    f"node id {spec.id!r} is already used by nodes[{seen[spec.id]}]",
+                )
+                continue
+            seen[spec.id] = index
+            specs.append((index, spec))
+        return specs
+
+    def _check_graph(self, specs: list[tuple[int, NodeSpec]]) -> dict[str, tuple[str, ...]]:
+        needs = resolve_needs([(spec.id, spec.needs) for _, spec in specs])
+        for index, spec in specs:
+            for position, need in enumerate(spec.needs or ()):
+                if need not in needs:
+                    hint = _did_you_mean(need, needs)
+                    self._problem(
+                        ("nodes", index, "needs", position),
+                        "unknown-need",
+                        f"node {spec.id!r} needs {need!r}, which is not a node of this flow{hint}",
+                    )
+        cycle = find_cycle(needs)
+        if cycle:
+            index = next(i for i, spec in specs if spec.id == cycle[0])
+            self._problem(("nodes", index, "needs"), "cycle", f"nodes form a cycle: {' -> '.join(cycle)}")
+        return needs
+
+    def _build_nodes(
+        self, specs: list[tuple[int, NodeSpec]], needs: dict[str, tuple[str, ...]]
+    ) -> Iterable[tuple[str, FlowNode | None]]:
+        for index, spec in specs:
+            yield spec.id, self._build_node(index, spec, needs)
+
+    def _build_node(self, index: int, spec: NodeSpec, needs: dict[str, tuple[str, ...]]) -> FlowNode | None:
+        base: DocPath = ("nodes", index)
+        cls = self._node_type(base, spec)
+        if cls is not None:
+            self._check_config(cls.Config, spec.with_, (*base, "with"))
+        template_errors: list[tuple[DocPath, TemplateError]] = []
+        config = compile_tree(spec.with_, (*base, "with"), template_errors)
+        when = self._compile_when(spec.when, (*base, "when"), template_errors)
+        for path, error in template_errors:
+            self._problem(path, error.code, f"node {spec.id!r}: {error.message}")
+        templates = list(iter_templates(config, (*base, "with")))
+        if isinstance(when, Template):
+            templates.append(((*base, "when"), when))
+        self._check_references(spec.id, templates, needs)
+        if cls is None:
+            return None
+        return FlowNode(
+            id=spec.id,
+            type=spec.type,
+            node=cls(),
+            config=config,
+            needs=needs[spec.id],
+            when=when,
+            retry=spec.retry or cls.retry,
+            timeout=spec.timeout if spec.timeout is not None else cls.timeout,
+        )
+
+    def _node_type(self, base: DocPath, spec: NodeSpec) -> Any:
+        cls = self.registry.get(spec.type)
+        if cls is not None:
+            return cls
+        if spec.type in self.registry.conflicts:
+            self._problem((*base, "type"), "node-type-conflict", self.registry.conflicts[spec.type].message)
+            return None
+        hint = _did_you_mean(spec.type, self.registry.names())
+        broken = "".join(
+            f"; note: {error.message}" for error in self.registry.errors if error.code == "plugin-import-failed"
+        )
+        self._problem((*base, "type"), "unknown-node-type", f"unknown node type {spec.type!r}{hint}{broken}")
+        return None
+
+    def _check_config(self, config_model: type[BaseModel], raw: dict[str, Any], base: DocPath) -> None:
+        try:
+            config_model.model_validate(raw)
+        except ValidationError as exc:
+            for error in exc.errors():
+                path = _data_path(raw, error["loc"])
+                if error["type"] != "extra_forbidden" and _is_templated(raw, path):
+                    continue  # checked once rendered, at run time
+                self._pydantic_problem(error, (*base, *path))
+
+    def _compile_when(
+        self, when: str | bool | None, path: DocPath, errors: list[tuple[DocPath, TemplateError]]
+    ) -> Template | bool | None:
+        if not isinstance(when, str):
+            return when
+        try:
+            return compile_expression(when)
+        except TemplateError as exc:
+            errors.append((path, exc))
+            return None
+
+    def _check_references(
+        self, node_id: str, templates: list[tuple[DocPath, Template]], needs: dict[str, tuple[str, ...]]
+    ) -> None:
+        upstream = ancestors(needs, node_id)
+        for path, template in templates:
+            for name in sorted(template.names - CONTEXT_NAMES - upstream):
+                if name in needs:
+                    why = "itself" if name == node_id else "a node that is not upstream of it (add it to needs)"
+                    self._problem(path, "template-not-upstream", f"node {node_id!r} reads {name!r}, {why}")
+                else:
+                    hint = _did_you_mean(name, [*CONTEXT_NAMES, *upstream])
+                    self._problem(path, "template-unknown-name", f"node {node_id!r} reads unknown name {name!r}{hint}")
+
+    # --- helpers ----------------------------------------------------------------
+
+    def _validate(self, model: type[M], raw: Any, base: DocPath) -> M | None:
+        try:
+            return model.model_validate(raw)
+        except ValidationError as exc:
+            for error in exc.errors():
+                self._pydantic_problem(error, (*base, *_data_path(_at(self.document.data, base), error["loc"])))
+            return None
+
+    def _pydantic_problem(self, error: Any, path: DocPath) -> None:
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            self._problem(path, "unknown-key", f"{dotted(path)}: unknown key {path[-1]!r}", key=True)
+        elif kind == "missing":
+            self._problem(path, "missing-key", f"{dotted(path)}: required key {path[-1]!r} is missing")
+        else:
+            self._problem(path, "invalid-value", f"{dotted(path)}: {error['msg']}")
+
+    def _problem(self, path: DocPath, code: str, message: str, *, key: bool = False) -> None:
+        self.problems.append(self.document.error(path, code, message, key=key))
+
+
+def _known_keys_only(raw: Any) -> NodeSpec | None:
+    """The node without its unknown keys, so its other parts still get checked."""
+    if not isinstance(raw, dict):
+        return None
+    known = {name for field in NodeSpec.model_fields.values() for name in (field.alias,) if name} | set(
+        NodeSpec.model_fields
+    )
+    try:
+        return NodeSpec.model_validate({key: value for key, value in raw.items() if key in known})
+    except ValidationError:
+        return None
+
+
+def _at(data: Any, path: DocPath) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _data_path(data: Any, loc: tuple[Any, ...]) -> DocPath:
+    """Pydantic's ``loc`` with the parts that are not real keys (union tags) dropped."""
+    path: list[str | int] = []
+    for position, part in enumerate(loc):
+        last = position == len(loc) - 1
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        elif not (last and isinstance(data, dict)):
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def _is_templated(raw: Any, path: DocPath) -> bool:
+    value = raw
+    for part in path:
+        if is_template(value):
+            return True
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return is_template(value)
+
+
+def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""

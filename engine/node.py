@@ -1,0 +1,141 @@
+"""The node SDK: what a plugin author writes.
+
+A node is a class with a pydantic ``Config`` and one ``async def run(ctx, config)``
+that returns a JSON-able dict, marked with :func:`register`::
+
+    from engine import Node, NodeConfig, NodeContext, register
+
+    @register
+    class Shout(Node):
+        \"\"\"Upper-case a text.\"\"\"
+
+        type = "text.shout"
+
+        class Config(NodeConfig):
+            text: str
+
+        async def run(self, ctx: NodeContext, config: Config) -> dict:
+            return {"text": config.text.upper()}
+
+The config's JSON Schema is derived from the class; it feeds load-time
+validation, ``flowchat nodes`` and ``flowchat schema``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.durations import Duration
+from engine.errors import PluginError
+from engine.services import Services
+
+_REGISTERED = "__flowchat_node__"
+
+
+class NodeConfig(BaseModel):
+    """Base for node configs: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetryPolicy(BaseModel):
+    """``retry: {max_attempts, backoff, max_backoff}`` of a node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int = Field(1, ge=1, le=100, description="Attempts in all, the first included.")
+    backoff: Duration = Field(1.0, description="Wait before the second attempt; doubles each time.")
+    max_backoff: Duration = Field(300.0, description="Longest wait between attempts.")
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after failed ``attempt`` (1-based): exponential, equal jitter."""
+        ceiling = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        wait = ceiling / 2 + random.uniform(0, ceiling / 2)
+        return max(wait, retry_after or 0.0)
+
+
+class Suspend(Exception):
+    """Raised by a node to be run again at ``until`` (epoch seconds), holding no worker."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__(f"suspended until {until}")
+        self.until = until
+
+
+async def _no_heartbeat() -> None:
+    return None
+
+
+@dataclass
+class NodeContext:
+    """Everything a running node may use besides its config."""
+
+    flow: str
+    execution_id: str
+    node_id: str
+    attempt: int
+    trigger: dict[str, Any]
+    vars: dict[str, Any]
+    services: Services
+    log: logging.LoggerAdapter[logging.Logger]
+    first_started_at: float
+    flow_dir: Path = Path(".")
+    heartbeat: Callable[[], Awaitable[None]] = _no_heartbeat
+
+    def now(self) -> float:
+        return self.services.clock()
+
+
+class Node:
+    """Base class of every node type."""
+
+    type: ClassVar[str]
+    Config: ClassVar[builtins.type[BaseModel]] = NodeConfig
+    retry: ClassVar[RetryPolicy] = RetryPolicy()
+    timeout: ClassVar[float] = 30.0
+
+    async def run(self, ctx: NodeContext, config: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = inspect.getdoc(cls)
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def config_schema(cls) -> dict[str, Any]:
+        return cls.Config.model_json_schema()
+
+
+N = TypeVar("N", bound=type[Node])
+
+
+def register(cls: N) -> N:
+    """Declare ``cls`` a node type; mistakes in its declaration fail right here."""
+    name = getattr(cls, "__qualname__", repr(cls))
+    if not (isinstance(cls, type) and issubclass(cls, Node)):
+        raise PluginError(f"{name} must subclass engine.Node", code="plugin-invalid-node")
+    node_type = cls.__dict__.get("type")
+    if not isinstance(node_type, str) or not node_type:
+        raise PluginError(f"{name} must set a `type` string", code="plugin-invalid-node")
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, BaseModel)):
+        raise PluginError(f"{name}.Config must be a pydantic model", code="plugin-invalid-node")
+    if cls.Config.model_config.get("extra") != "forbid":
+        raise PluginError(f"{name}.Config must forbid extra keys (subclass NodeConfig)", code="plugin-invalid-node")
+    if not inspect.iscoroutinefunction(cls.run) or cls.run is Node.run:
+        raise PluginError(f"{name}.run must be an `async def`", code="plugin-invalid-node")
+    setattr(cls, _REGISTERED, True)
+    return cls
+
+
+def is_registered(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, Node) and value.__dict__.get(_REGISTERED, False)

@@ -1,0 +1,240 @@
+"""Run one flow over one execution, node by node, honouring the DAG.
+
+The same runner serves ``flowchat run`` (in process) and the durable workers.
+The seams between them:
+
+- ``checkpoint(execution, node_run)`` is awaited after every node settles; the
+  queue persists state there, so a resumed execution skips finished nodes.
+- ``defer_waits``: when a node must wait (retry backoff, a ``delay``), the
+  in-process runner sleeps; a durable worker instead returns the execution as
+  ``waiting`` with ``wake_at`` so the queue can park it without holding a worker.
+- ``heartbeat`` is handed to nodes so long ones can extend their lease.
+
+Per node the steps are: decide (``when``) → render → validate config → execute
+(with timeout) → classify the outcome → checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine.errors import FlowChatError, NodeConfigError, NodeError, NodeTimeout, as_flowchat_error
+from engine.execution import Execution, NodeRun
+from engine.flow import Flow, FlowNode
+from engine.logs import logger_for
+from engine.node import NodeContext, Suspend
+from engine.services import Services
+from engine.templates import Template, render_tree
+
+Checkpoint = Callable[[Execution, NodeRun], Awaitable[None]]
+Heartbeat = Callable[[], Awaitable[None]]
+
+log = logging.getLogger("flowchat.runner")
+
+
+async def _no_checkpoint(execution: Execution, run: NodeRun) -> None:
+    return None
+
+
+async def _no_heartbeat() -> None:
+    return None
+
+
+class Runner:
+    """Runs executions of loaded flows."""
+
+    def __init__(
+        self,
+        services: Services | None = None,
+        *,
+        checkpoint: Checkpoint = _no_checkpoint,
+        defer_waits: bool = False,
+        heartbeat: Heartbeat = _no_heartbeat,
+    ) -> None:
+        self.services = services or Services()
+        self.checkpoint = checkpoint
+        self.defer_waits = defer_waits
+        self.heartbeat = heartbeat
+
+    async def run(self, flow: Flow, execution: Execution) -> Execution:
+        """Advance ``execution`` as far as it can go; return it settled or waiting."""
+        execution.status = "running"
+        execution.started_at = execution.started_at or self.services.clock()
+        running: dict[asyncio.Task[None], str] = {}
+        while True:
+            failed = any(run.status == "failed" for run in execution.nodes.values())
+            if not failed:
+                await self._start_ready(flow, execution, running)
+            if not running:
+                break
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                running.pop(task)
+                task.result()
+        self._settle(execution)
+        return execution
+
+    async def _start_ready(self, flow: Flow, execution: Execution, running: dict[asyncio.Task[None], str]) -> None:
+        busy = set(running.values())
+        for node in flow.nodes.values():
+            run = execution.nodes[node.id]
+            if run.finished or node.id in busy or not self._needs_met(node, execution):
+                continue
+            if node.needs and all(execution.nodes[need].status == "skipped" for need in node.needs):
+                await self._finish(execution, run, "skipped", output=None)
+                continue
+            if run.status == "waiting" and self.defer_waits and (run.wake_at or 0) > self.services.clock():
+                continue
+            running[asyncio.create_task(self._run_node(flow, execution, node))] = node.id
+
+    @staticmethod
+    def _needs_met(node: FlowNode, execution: Execution) -> bool:
+        return all(execution.nodes[need].status in ("ok", "skipped") for need in node.needs)
+
+    def _settle(self, execution: Execution) -> None:
+        runs = execution.nodes.values()
+        failed = next((run for run in runs if run.status == "failed"), None)
+        if failed is not None:
+            execution.status, execution.error = "failed", {**(failed.error or {}), "node": failed.id}
+        elif any(run.status == "waiting" for run in runs):
+            execution.status = "waiting"
+        elif all(run.finished for run in runs):
+            execution.status, execution.error = "succeeded", None
+        else:
+            execution.status = "waiting"
+        if execution.finished:
+            execution.finished_at = self.services.clock()
+
+    # --- one node -----------------------------------------------------------------
+
+    async def _run_node(self, flow: Flow, execution: Execution, node: FlowNode) -> None:
+        run = execution.nodes[node.id]
+        context = template_context(flow, execution)
+        try:
+            if not _truthy(node.when, context):
+                await self._finish(execution, run, "skipped", output=None)
+                return
+        except FlowChatError as error:
+            await self._fail(flow, execution, run, error)
+            return
+        while True:
+            outcome = await self._attempt(flow, execution, node, run, context)
+            if outcome is None:
+                return
+            if not self.defer_waits:
+                await asyncio.sleep(max(0.0, outcome - self.services.clock()))
+
+    async def _attempt(
+        self, flow: Flow, execution: Execution, node: FlowNode, run: NodeRun, context: dict[str, Any]
+    ) -> float | None:
+        """One attempt. Returns when to try again if in-process waiting is due, else None."""
+        run.attempts += 1
+        run.started_at = run.started_at or self.services.clock()
+        started = time.perf_counter()
+        ctx = self._context(flow, execution, node, run)
+        logger = ctx.log
+        logger.debug("→ %s attempt %d", node.type, run.attempts)
+        try:
+            output = await self._execute(node, ctx, context)
+        except Suspend as suspend:
+            run.attempts -= 1  # waiting is not a failed attempt
+            run.duration_ms += (time.perf_counter() - started) * 1000
+            return await self._wait(execution, run, suspend.until, None)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            run.duration_ms += (time.perf_counter() - started) * 1000
+            error = as_flowchat_error(exc).at(
+                flow=flow.name, execution=execution.id, node=node.id, attempt=run.attempts
+            )
+            if error.retryable and run.attempts < node.retry.max_attempts:
+                delay = node.retry.delay(run.attempts, getattr(error, "retry_after", None))
+                logger.warning("↻ %s in %.2fs: [%s] %s", node.type, delay, error.code, error.message)
+                return await self._wait(execution, run, self.services.clock() + delay, error)
+            await self._fail(flow, execution, run, error)
+            return None
+        run.duration_ms += (time.perf_counter() - started) * 1000
+        logger.info("← %s ok in %.1fms", node.type, run.duration_ms)
+        await self._finish(execution, run, "ok", output=output)
+        return None
+
+    async def _execute(self, node: FlowNode, ctx: NodeContext, context: dict[str, Any]) -> dict[str, Any]:
+        rendered = render_tree(node.config, context)
+        try:
+            config = node.node.Config.model_validate(rendered)
+        except ValidationError as exc:
+            fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'with'}: {e['msg']}" for e in exc.errors())
+            raise NodeConfigError(f"rendered config is invalid: {fields}") from exc
+        try:
+            async with asyncio.timeout(node.timeout):
+                output = await node.node.run(ctx, config)
+        except TimeoutError as exc:
+            raise NodeTimeout(f"node took longer than its timeout of {node.timeout:g}s") from exc
+        if output is None:
+            return {}
+        if not isinstance(output, dict):
+            raise NodeError(f"run() must return a dict, got {type(output).__name__}", code="node-output-invalid")
+        return output
+
+    def _context(self, flow: Flow, execution: Execution, node: FlowNode, run: NodeRun) -> NodeContext:
+        return NodeContext(
+            flow=flow.name,
+            execution_id=execution.id,
+            node_id=node.id,
+            attempt=run.attempts,
+            trigger=execution.trigger,
+            vars=flow.vars,
+            services=self.services,
+            log=logger_for(execution.id, node.id),
+            first_started_at=run.started_at or self.services.clock(),
+            flow_dir=Path(flow.file).parent,
+            heartbeat=self.heartbeat,
+        )
+
+    async def _wait(
+        self, execution: Execution, run: NodeRun, until: float, error: FlowChatError | None
+    ) -> float | None:
+        run.status, run.wake_at = "waiting", until
+        run.error = error.to_dict() if error else None
+        await self.checkpoint(execution, run)
+        return None if self.defer_waits else until
+
+    async def _fail(self, flow: Flow, execution: Execution, run: NodeRun, error: FlowChatError) -> None:
+        error.at(flow=flow.name, execution=execution.id, node=run.id, attempt=run.attempts or None)
+        logger_for(execution.id, run.id).error("! %s failed: [%s] %s", run.type, error.code, error.message)
+        run.error = error.to_dict()
+        await self._finish(execution, run, "failed", output=None)
+
+    async def _finish(self, execution: Execution, run: NodeRun, status: Any, *, output: Any) -> None:
+        run.status, run.output, run.wake_at = status, output, None
+        if status != "failed":
+            run.error = None
+        run.finished_at = self.services.clock()
+        await self.checkpoint(execution, run)
+
+
+def template_context(flow: Flow, execution: Execution) -> dict[str, Any]:
+    """What templates see: trigger, vars, flow, execution, finished nodes' outputs."""
+    context: dict[str, Any] = {node_id: run.output for node_id, run in execution.nodes.items() if run.status == "ok"}
+    context.update(
+        trigger=execution.trigger,
+        vars=flow.vars,
+        flow={"name": flow.name, "description": flow.spec.description, "version": flow.version},
+        execution={"id": execution.id, "created_at": execution.created_at},
+    )
+    return context
+
+
+def _truthy(when: Template | bool | None, context: dict[str, Any]) -> bool:
+    if when is None:
+        return True
+    if isinstance(when, Template):
+        return bool(when.render(context))
+    return bool(when)

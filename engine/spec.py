@@ -1,0 +1,106 @@
+"""The flow file format, as pydantic models (the contract flow authors write).
+
+The JSON Schema of these models, plus every node type's ``with``, is what
+``flowchat schema`` prints for editors.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.durations import Duration
+from engine.node import RetryPolicy
+
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+FLOW_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class TwilioMessageTrigger(_Strict):
+    """An inbound WhatsApp message, posted by Twilio to ``/twilio/message``."""
+
+    type: Literal["twilio.message"]
+    to: str | None = Field(None, description="Only messages sent to this number (E.164, optionally whatsapp:).")
+    auth_token_env: str = Field("TWILIO_AUTH_TOKEN", description="Env var holding the auth token for signatures.")
+
+
+class TwilioStatusTrigger(_Strict):
+    """A delivery status callback, posted by Twilio to ``/twilio/status``."""
+
+    type: Literal["twilio.status"]
+    auth_token_env: str = Field("TWILIO_AUTH_TOKEN", description="Env var holding the auth token for signatures.")
+
+
+class WebhookTrigger(_Strict):
+    """Any HTTP caller, ``POST /hooks/{path}`` with a JSON or form body."""
+
+    type: Literal["webhook"]
+    path: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$", description="Defaults to the flow name.")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="JSON Schema the body must satisfy.")
+    secret_env: str | None = Field(None, description="Env var with the HMAC-SHA256 secret (X-FlowChat-Signature).")
+    token_env: str | None = Field(None, description="Env var with the bearer token (Authorization: Bearer).")
+    max_body: int = Field(1024 * 1024, ge=1, description="Largest accepted body in bytes.")
+
+
+class ScheduleTrigger(_Strict):
+    """A cron schedule; each tick fires once across all replicas."""
+
+    type: Literal["schedule"]
+    cron: str = Field(description="Five-field cron expression, e.g. '*/5 * * * *'.")
+    timezone: str = Field("UTC", description="IANA time zone the cron is read in.")
+    payload: dict[str, Any] = Field(default_factory=dict, description="Trigger data for each run.")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        if len(value.split()) != 5 or not croniter.is_valid(value):
+            raise ValueError(f"not a five-field cron expression: {value!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+
+Trigger = Annotated[
+    TwilioMessageTrigger | TwilioStatusTrigger | WebhookTrigger | ScheduleTrigger,
+    Field(discriminator="type"),
+]
+
+
+class NodeSpec(_Strict):
+    """One entry of ``nodes``."""
+
+    id: str = Field(pattern=IDENTIFIER, description="Unique in the flow; templates read its output by this name.")
+    type: str = Field(description="A node type (see `flowchat nodes`).")
+    with_: dict[str, Any] = Field(
+        default_factory=dict, alias="with", description="The node's config; strings are templates."
+    )
+    needs: list[str] | None = Field(None, description="Nodes this one waits for; default: the node above it.")
+    when: str | bool | None = Field(None, description="Condition; false skips this node and nodes needing only it.")
+    retry: RetryPolicy | None = Field(None, description="Retry policy; defaults per node type.")
+    timeout: Duration | None = Field(None, description="Longest one attempt may take; defaults per node type.")
+
+
+class FlowSpec(_Strict):
+    """A flow file."""
+
+    flow: str = Field(pattern=FLOW_NAME, description="Unique flow name.")
+    description: str = ""
+    vars: dict[str, Any] = Field(default_factory=dict, description="Constants for templates (vars.NAME).")
+    trigger: Trigger
+    nodes: list[dict[str, Any]] = Field(min_length=1, description="The graph, in order.")

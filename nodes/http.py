@@ -1,0 +1,84 @@
+"""``http.request``: call an HTTP API through the runtime's shared session."""
+
+from __future__ import annotations
+
+import json
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+
+import aiohttp
+from pydantic import Field, model_validator
+
+from engine import Duration, Node, NodeConfig, NodeContext, NodeError, RetryableError, RetryPolicy, register
+
+
+@register
+class HttpRequest(Node):
+    """Send an HTTP request; 5xx, 429 and connection errors are retried, other 4xx fail."""
+
+    type = "http.request"
+    retry = RetryPolicy(max_attempts=3, backoff=1.0, max_backoff=60.0)
+
+    class Config(NodeConfig):
+        method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+        url: str = Field(pattern=r"^https?://", description="Absolute http(s) URL.")
+        headers: dict[str, str] = Field(default_factory=dict)
+        json_: Any = Field(None, alias="json", description="JSON body.")
+        body: str | None = Field(None, description="Raw text body.")
+        timeout: Duration = Field(10.0, description="Timeout of one request.")
+
+        @model_validator(mode="after")
+        def _one_body(self) -> HttpRequest.Config:
+            if self.json_ is not None and self.body is not None:
+                raise ValueError("give json or body, not both")
+            return self
+
+    async def run(self, ctx: NodeContext, config: Config) -> dict[str, Any]:
+        session = ctx.services.http
+        if session is None:
+            raise NodeError("no HTTP session in this runtime", code="http-unavailable")
+        request: dict[str, Any] = {"headers": config.headers, "timeout": aiohttp.ClientTimeout(total=config.timeout)}
+        if config.json_ is not None:
+            request["json"] = config.json_
+        elif config.body is not None:
+            request["data"] = config.body.encode()
+        try:
+            async with session.request(config.method, config.url, **request) as response:
+                text = await response.text()
+                return _result(response, text)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise RetryableError(
+                f"{config.method} {config.url}: {type(exc).__name__}: {exc}", code="http-connection"
+            ) from exc
+
+
+def _result(response: aiohttp.ClientResponse, text: str) -> dict[str, Any]:
+    status = response.status
+    where = f"{response.method} {response.url}"
+    if status >= 500 or status == 429:
+        raise RetryableError(f"{where} answered {status}", code=f"http-{status}", retry_after=_retry_after(response))
+    if status >= 400:
+        raise NodeError(f"{where} answered {status}: {text[:200]}", code=f"http-{status}")
+    result: dict[str, Any] = {"status": status, "headers": dict(response.headers), "text": text}
+    if "json" in response.headers.get("Content-Type", ""):
+        try:
+            result["json"] = json.loads(text)
+        except ValueError:
+            result["json"] = None
+    return result
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

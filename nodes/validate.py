@@ -1,0 +1,72 @@
+"""``validate``: check data against a JSON Schema (draft 2020-12)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pydantic import Field, field_validator, model_validator
+
+from engine import Node, NodeConfig, NodeContext, NodeError, register
+
+
+@register
+class Validate(Node):
+    """Validate data against a JSON Schema; output {valid, errors} with each error's JSON path."""
+
+    type = "validate"
+
+    class Config(NodeConfig):
+        data: Any = Field(None, description="What to validate; defaults to the trigger payload.")
+        schema_: dict[str, Any] | None = Field(None, alias="schema", description="Inline JSON Schema (2020-12).")
+        schema_file: str | None = Field(None, description="JSON Schema file, relative to the flow file.")
+        on_invalid: Literal["fail", "continue"] = Field("fail", description="Fail the node, or output valid: false.")
+
+        @field_validator("schema_")
+        @classmethod
+        def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+            if schema is not None:
+                try:
+                    Draft202012Validator.check_schema(schema)
+                except SchemaError as exc:
+                    raise ValueError(f"not a valid JSON Schema: {exc.message}") from exc
+            return schema
+
+        @model_validator(mode="after")
+        def _one_schema(self) -> Validate.Config:
+            if (self.schema_ is None) == (self.schema_file is None):
+                raise ValueError("give exactly one of schema or schema_file")
+            return self
+
+    async def run(self, ctx: NodeContext, config: Config) -> dict[str, Any]:
+        validator = _validator_for(config.schema_, config.schema_file, ctx.flow_dir)
+        data = ctx.trigger if config.data is None else config.data
+        errors = [
+            {"path": error.json_path, "message": error.message}
+            for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+        ]
+        if errors and config.on_invalid == "fail":
+            listed = "; ".join(f"{e['path']}: {e['message']}" for e in errors)
+            raise NodeError(f"{len(errors)} validation error(s): {listed}", code="validation-failed")
+        return {"valid": not errors, "errors": errors}
+
+
+def _validator_for(schema: dict[str, Any] | None, schema_file: str | None, flow_dir: Path) -> Draft202012Validator:
+    if schema is not None:
+        return Draft202012Validator(schema)
+    path = (flow_dir / str(schema_file)).resolve()
+    return _file_validator(path, path.stat().st_mtime_ns if path.exists() else 0)
+
+
+@lru_cache(maxsize=64)
+def _file_validator(path: Path, mtime_ns: int) -> Draft202012Validator:
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+        Draft202012Validator.check_schema(schema)
+    except (OSError, ValueError, SchemaError) as exc:
+        raise NodeError(f"cannot use schema_file {path}: {exc}", code="schema-file-invalid") from exc
+    return Draft202012Validator(schema)
