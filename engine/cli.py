@@ -156,13 +156,126 @@ def graph(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the daemon ------------------------------------------------------------------------
+
+
+@command("serve")
+def serve(args: argparse.Namespace) -> int:
+    from engine.daemon import serve as serve_daemon
+
+    asyncio.run(serve_daemon(Path(args.flows), args.host, args.port, args.concurrency, workers=not args.no_workers))
+    return 0
+
+
+@command("worker")
+def worker(args: argparse.Namespace) -> int:
+    from engine.daemon import work
+
+    asyncio.run(work(Path(args.flows), args.concurrency))
+    return 0
+
+
+# --- operators ---------------------------------------------------------------------------
+
+
+def _with_queue(action: Callable[[Any], Any]) -> Any:
+    """Run ``action(queue)`` against the configured Redis, or the embedded one."""
+    from engine.daemon import operator_queue
+
+    async def go() -> Any:
+        async with operator_queue() as queue:
+            return await action(queue)
+
+    return asyncio.run(go())
+
+
+@command("executions")
+def executions(args: argparse.Namespace) -> int:
+    from engine import operator
+
+    if args.action == "list":
+        rows = _with_queue(lambda q: operator.list_executions(q, args.flow, args.status, args.limit))
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return 0
+        print(f"{'id':<26} {'flow':<20} {'status':<10} created")
+        for row in rows:
+            print(f"{row['id']:<26} {row['flow']:<20} {row['status']:<10} {operator.age(row['created_at'])}")
+        return 0
+    execution = _with_queue(lambda q: operator.load_execution(q, args.id))
+    if execution is None:
+        print(f"error: no execution {args.id}", file=sys.stderr)
+        return 1
+    print(json.dumps(execution.to_dict(), indent=2, default=str) if args.json else format_trace(execution))
+    return 0
+
+
+@command("dlq")
+def dlq(args: argparse.Namespace) -> int:
+    from engine import operator
+
+    if args.action == "list":
+        entries = _with_queue(lambda q: q.dead_letters())
+        if args.json:
+            print(json.dumps(entries, indent=2))
+            return 0
+        print(f"{'execution':<26} {'flow':<20} {'node':<14} error")
+        for entry in entries:
+            print(
+                f"{entry['e']:<26} {entry['flow']:<20} {entry['node']:<14} [{entry['code']}] {_clip(entry['message'], 80)}"
+            )
+        return 0
+    if args.action == "drop":
+        removed = _with_queue(lambda q: q.remove_dead_letters(args.id))
+        print(f"dropped {removed} dead letter(s) of {args.id}")
+        return 0 if removed else 1
+    if not args.all and not args.id:
+        print("error: give an execution id or --all", file=sys.stderr)
+        return 2
+
+    async def replay_all(queue: Any) -> list[str]:
+        ids = [entry["e"] for entry in await queue.dead_letters(100_000)] if args.all else [args.id]
+        done = []
+        for execution_id in dict.fromkeys(ids):
+            if await operator.replay(queue, execution_id):
+                done.append(execution_id)
+        return done
+
+    replayed = _with_queue(replay_all)
+    for execution_id in replayed:
+        print(f"replayed {execution_id}")
+    return 0 if replayed else 1
+
+
+@command("queue")
+def queue_stats(args: argparse.Namespace) -> int:
+    stats = _with_queue(lambda q: q.stats())
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    for key in ("ready", "delayed", "in_flight", "dead"):
+        print(f"{key:<10} {stats[key]}")
+    per_flow: dict[str, dict[str, int]] = {}
+    for name, value in stats["counters"].items():
+        event, _, flow = name.partition(":")
+        per_flow.setdefault(flow, {})[event] = value
+    if per_flow:
+        print(f"\n{'flow':<20} {'succeeded':>10} {'failed':>8} {'dead':>6} {'retried':>8}")
+        for flow, counts in sorted(per_flow.items()):
+            print(
+                f"{flow:<20} {counts.get('succeeded', 0):>10} {counts.get('failed', 0):>8} "
+                f"{counts.get('dead', 0):>6} {counts.get('retried', 0):>8}"
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowchat",
         description="FlowChat: a reactive, low-code flow engine for WhatsApp CRM automation.",
     )
     parser.add_argument("--plugins", metavar="DIR", help="plugins folder (default: $FLOWCHAT_PLUGINS or ./plugins)")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR (default: WARNING)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for serve/worker)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check flow files and report every problem with file:line:col")
@@ -180,12 +293,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("graph", help="print a flow as a Mermaid flowchart")
     p.add_argument("flow", metavar="FLOW.yaml")
+
+    p = sub.add_parser("serve", help="run the daemon: webhook ingress, workers, scheduler, delayed-work mover")
+    _daemon_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument(
+        "--no-workers", action="store_true", help="ingress and scheduler only; run `flowchat worker` elsewhere"
+    )
+
+    p = sub.add_parser("worker", help="run workers only, against the same Redis as the daemon")
+    _daemon_options(p)
+
+    p = sub.add_parser("executions", help="inspect executions stored in the queue")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("list", help="recent executions, newest first")
+    a.add_argument("--flow", help="only this flow")
+    a.add_argument("--status", choices=["queued", "running", "waiting", "succeeded", "failed"], help="only this status")
+    a.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("show", help="one execution: per node status, attempts, duration, output or error")
+    a.add_argument("id")
+    a.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("dlq", help="dead letters: failed and poison executions")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("list", help="every dead letter with its error")
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("replay", help="queue a dead execution again; it resumes at its failed node")
+    a.add_argument("id", nargs="?", help="execution id")
+    a.add_argument("--all", action="store_true", help="replay every dead letter")
+    a = actions.add_parser("drop", help="remove an execution's dead letters")
+    a.add_argument("id")
+
+    p = sub.add_parser("queue", help="queue state")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("stats", help="ready, delayed, in flight and dead counts, and per-flow totals")
+    a.add_argument("--json", action="store_true")
     return parser
+
+
+def _daemon_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--flows", default="flows", metavar="DIR", help="folder of flow files, hot-reloaded (default ./flows)"
+    )
+    parser.add_argument("--concurrency", type=int, default=32, metavar="N", help="executions run at once (default 32)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level.upper())
+    default_level = "INFO" if args.command in ("serve", "worker") else "WARNING"
+    configure_logging((args.log_level or default_level).upper())
     return COMMANDS[args.command](args)
 
 

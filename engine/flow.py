@@ -34,6 +34,7 @@ class Flow:
     file: str
     version: str
     dependents: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    source: str = field(default="", repr=False)
 
     @property
     def name(self) -> str:

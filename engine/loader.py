@@ -81,6 +81,7 @@ class _FlowBuilder:
     def __init__(self, document: Document, registry: Registry, text: str) -> None:
         self.document = document
         self.registry = registry
+        self.text = text
         self.version = hashlib.sha256(text.encode()).hexdigest()[:16]
         self.problems: list[FlowChatError] = []
 
@@ -95,7 +96,7 @@ class _FlowBuilder:
         nodes = {node_id: built for node_id, built in self._build_nodes(node_specs, needs) if built is not None}
         if self.problems or spec is None:
             return None, self.problems
-        flow = Flow(spec, nodes, self.document.file, self.version, dependents_of(needs))
+        flow = Flow(spec, nodes, self.document.file, self.version, dependents_of(needs), self.text)
         return flow, []
 
     # --- passes -----------------------------------------------------------------
@@ -172,7 +173,7 @@ class _FlowBuilder:
 
     def _node_type(self, base: DocPath, spec: NodeSpec) -> Any:
         cls = self.registry.get(spec.type)
-        if cls is not None:
+        if cls is not None or not spec.type:
             return cls
         if spec.type in self.registry.conflicts:
             self._problem((*base, "type"), "node-type-conflict", self.registry.conflicts[spec.type].message)
@@ -230,7 +231,14 @@ class _FlowBuilder:
 
     def _pydantic_problem(self, error: Any, path: DocPath) -> None:
         kind = error["type"]
-        if kind == "extra_forbidden":
+        if kind == "union_tag_invalid":
+            allowed = error.get("ctx", {}).get("expected_tags", "")
+            given = error.get("ctx", {}).get("tag", "")
+            message = f"{dotted((*path, 'type'))}: unknown type {given!r}; expected one of {allowed}"
+            self._problem((*path, "type"), "invalid-value", message)
+        elif kind == "union_tag_not_found":
+            self._problem(path, "missing-key", f"{dotted((*path, 'type'))}: required key 'type' is missing")
+        elif kind == "extra_forbidden":
             self._problem(path, "unknown-key", f"{dotted(path)}: unknown key {path[-1]!r}", key=True)
         elif kind == "missing":
             self._problem(path, "missing-key", f"{dotted(path)}: required key {path[-1]!r} is missing")
@@ -245,11 +253,10 @@ def _known_keys_only(raw: Any) -> NodeSpec | None:
     """The node without its unknown keys, so its other parts still get checked."""
     if not isinstance(raw, dict):
         return None
-    known = {name for field in NodeSpec.model_fields.values() for name in (field.alias,) if name} | set(
-        NodeSpec.model_fields
-    )
+    known = {field.alias or name for name, field in NodeSpec.model_fields.items()}
     try:
-        return NodeSpec.model_validate({key: value for key, value in raw.items() if key in known})
+        # a missing type is already reported; keep the node so its neighbours' checks stay right
+        return NodeSpec.model_validate({"type": "", **{key: value for key, value in raw.items() if key in known}})
     except ValidationError:
         return None
 

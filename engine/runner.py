@@ -68,16 +68,22 @@ class Runner:
         execution.status = "running"
         execution.started_at = execution.started_at or self.services.clock()
         running: dict[asyncio.Task[None], str] = {}
-        while True:
-            failed = any(run.status == "failed" for run in execution.nodes.values())
-            if not failed:
-                await self._start_ready(flow, execution, running)
-            if not running:
-                break
-            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                running.pop(task)
-                task.result()
+        try:
+            while True:
+                failed = any(run.status == "failed" for run in execution.nodes.values())
+                if not failed:
+                    await self._start_ready(flow, execution, running)
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    running.pop(task)
+                    task.result()
+        except BaseException:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
         self._settle(execution)
         return execution
 

@@ -103,4 +103,4 @@ class FlowSpec(_Strict):
     description: str = ""
     vars: dict[str, Any] = Field(default_factory=dict, description="Constants for templates (vars.NAME).")
     trigger: Trigger
-    nodes: list[dict[str, Any]] = Field(min_length=1, description="The graph, in order.")
+    nodes: list[Any] = Field(min_length=1, description="The graph, in order.")

@@ -29,15 +29,36 @@ _SAFE_GLOBALS = ("range", "dict", "lipsum")
 def _concat(values: Iterable[Any]) -> Any:
     parts = list(values)
     for part in parts:
-        if isinstance(part, jinja2.Undefined):
-            str(part)  # StrictUndefined raises here, naming what was missing
+        _refuse_undefined(part)
     if len(parts) == 1:
         return parts[0]
     return "".join(str(part) for part in parts)
 
 
+def _refuse_undefined(value: Any) -> None:
+    """StrictUndefined raises when turned into text, naming what was missing."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _refuse_undefined(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _refuse_undefined(item)
+
+
+class _CodeGenerator(NativeCodeGenerator):
+    """Keeps constant-only expressions native: ``{{ 41 + 1 }}`` is 42, ``{{ false }}`` False."""
+
+    def _output_const_repr(self, group: Iterable[Any]) -> str:
+        values = list(group)
+        if len(values) == 1:
+            return repr(values[0])
+        return repr("".join(str(value) for value in values))
+
+
 class _NativeSandbox(ImmutableSandboxedEnvironment):
-    code_generator_class = NativeCodeGenerator
+    code_generator_class = _CodeGenerator
     concat = staticmethod(_concat)
 
 
@@ -103,11 +124,14 @@ def compile_expression(source: str) -> Template:
 
 
 def _unsafe_accesses(tree: nodes.Node) -> Iterator[str]:
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Name, nodes.Filter)):
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Name, nodes.Filter, nodes.Test, nodes.Call)):
         name: Any
-        if isinstance(node, nodes.Filter) and node.name == "attr" and node.args:
-            name = node.args[0].value if isinstance(node.args[0], nodes.Const) else None
-        elif isinstance(node, nodes.Getattr):
+        if isinstance(node, nodes.Filter | nodes.Test | nodes.Call):
+            # attr('__class__'), map(attribute='__class__'), sort(attribute=…) and friends
+            arguments = [*node.args, *(keyword.value for keyword in node.kwargs)]
+            yield from (a.value for a in arguments if isinstance(a, nodes.Const) and str(a.value).startswith("_"))
+            continue
+        if isinstance(node, nodes.Getattr):
             name = node.attr
         elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
             name = node.arg.value

@@ -1,0 +1,117 @@
+"""The flows a daemon serves, kept in step with the flows folder (hot reload).
+
+A file added or edited is loaded; if it is invalid its errors are logged and
+the previous version keeps serving. A removed file stops serving. Executions
+finish on the version they started with: older versions are rebuilt from the
+YAML the queue stored when they were enqueued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import FlowChatError, FlowInvalid
+from engine.flow import Flow
+from engine.loader import flow_files, load_flow, load_flow_text
+from engine.registry import Registry
+
+log = logging.getLogger("flowchat.catalog")
+SourceLookup = Callable[[str, str], Awaitable[str | None]]
+
+
+@dataclass
+class Catalog:
+    folder: Path
+    registry: Registry
+    by_file: dict[Path, Flow] = field(default_factory=dict)
+    problems: dict[Path, list[FlowChatError]] = field(default_factory=dict)
+    _signatures: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    _versions: dict[tuple[str, str], Flow] = field(default_factory=dict)
+
+    @property
+    def flows(self) -> dict[str, Flow]:
+        return {flow.name: flow for flow in self.by_file.values()}
+
+    def get(self, name: str) -> Flow | None:
+        return self.flows.get(name)
+
+    def webhook(self, path: str) -> Flow | None:
+        for flow in self.by_file.values():
+            trigger = flow.trigger
+            if trigger.type == "webhook" and (trigger.path or flow.name) == path:
+                return flow
+        return None
+
+    def by_trigger(self, trigger_type: str) -> list[Flow]:
+        return [flow for flow in self.by_file.values() if flow.trigger.type == trigger_type]
+
+    def reload(self) -> bool:
+        """Pick up added, edited and removed files. Returns True if anything changed."""
+        current = {path: _signature(path) for path in flow_files([self.folder]) if path.exists()}
+        changed = False
+        for path in set(self._signatures) - set(current):
+            self._signatures.pop(path)
+            self.problems.pop(path, None)
+            if self.by_file.pop(path, None) is not None:
+                log.info("flow file removed: %s", path)
+                changed = True
+        for path, signature in current.items():
+            if self._signatures.get(path) != signature:
+                self._signatures[path] = signature
+                changed |= self._load(path)
+        return changed
+
+    def _load(self, path: Path) -> bool:
+        try:
+            flow = load_flow(path, self.registry)
+        except FlowInvalid as invalid:
+            self.problems[path] = invalid.errors
+            keeping = " (the previous version keeps serving)" if path in self.by_file else ""
+            log.error("flow %s rejected%s:\n%s", path, keeping, invalid)
+            return False
+        clash = next((f for p, f in self.by_file.items() if f.name == flow.name and p != path), None)
+        if clash is not None:
+            self.problems[path] = [
+                FlowChatError(
+                    f"flow name {flow.name!r} is already served from {clash.file}", code="flow-duplicate-name"
+                )
+            ]
+            log.error("flow %s rejected: name %r already served from %s", path, flow.name, clash.file)
+            return False
+        self.problems.pop(path, None)
+        self.by_file[path] = flow
+        self._versions[(flow.name, flow.version)] = flow
+        log.info("flow %s loaded (version %s)", flow.name, flow.version)
+        return True
+
+    async def version(self, name: str, version: str, lookup: SourceLookup) -> Flow | None:
+        """The exact flow version an execution started with."""
+        flow = self._versions.get((name, version))
+        if flow is not None:
+            return flow
+        source = await lookup(name, version)
+        if source is None:
+            return None
+        try:
+            flow = load_flow_text(source, f"{name}@{version}", self.registry)
+        except FlowInvalid as invalid:
+            log.error("stored version %s of flow %s no longer loads:\n%s", version, name, invalid)
+            return None
+        self._versions[(name, version)] = flow
+        return flow
+
+    async def watch(self, interval: float = 1.0, on_change: Callable[[], None] | None = None) -> None:
+        """Poll the folder until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            if await asyncio.to_thread(self.reload) and on_change:
+                on_change()
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size

@@ -1,0 +1,245 @@
+"""HTTP ingress: authenticate, validate, deduplicate, enqueue, answer. It never runs a flow.
+
+Routes (a contract):
+
+- ``POST /hooks/{path}``: webhook triggers. JSON or form body; ``202 {"execution_id": …}``.
+- ``POST /twilio/message`` and ``POST /twilio/status``: Twilio webhooks, signature-checked.
+- ``GET /healthz`` (alive), ``GET /readyz`` (Redis reachable, flows loaded), ``GET /metrics``.
+
+If Redis cannot store an execution the answer is 503, so the caller retries:
+nothing is accepted that was not stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from jsonschema import Draft202012Validator
+from redis.exceptions import RedisError
+
+from engine.catalog import Catalog
+from engine.errors import QueueError
+from engine.flow import Flow
+from engine.metrics import Metrics
+from engine.queue import Queue
+
+log = logging.getLogger("flowchat.ingress")
+SIGNATURE_HEADER = "X-FlowChat-Signature"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+QUEUE_KEY = web.AppKey("queue", Queue)
+CATALOG_KEY = web.AppKey("catalog", Catalog)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+
+class HttpProblem(Exception):
+    """An answer other than success, with a JSON body naming what is wrong."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.body = status, {"error": message, **extra}
+
+
+def create_app(queue: Queue, catalog: Catalog, metrics: Metrics) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_count_requests])
+    app[QUEUE_KEY], app[CATALOG_KEY], app[METRICS_KEY] = queue, catalog, metrics
+    app.router.add_post("/hooks/{path:.+}", webhook)
+    app.router.add_post("/twilio/message", twilio_message)
+    app.router.add_post("/twilio/status", twilio_status)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    try:
+        response = await handler(request)
+    except HttpProblem as problem:
+        response = web.json_response(problem.body, status=problem.status)
+    except (QueueError, RedisError, OSError) as exc:
+        log.warning("queue unavailable for %s: %s", request.path, exc)
+        response = web.json_response(
+            {"error": "queue unavailable, retry later"}, status=503, headers={"Retry-After": "1"}
+        )
+    except web.HTTPException as exc:
+        response = web.json_response({"error": exc.reason}, status=exc.status)
+    request.app[METRICS_KEY].ingress.labels(route, str(response.status)).inc()
+    return response
+
+
+# --- webhooks -----------------------------------------------------------------------
+
+
+async def webhook(request: web.Request) -> web.Response:
+    path = request.match_info["path"]
+    flow = request.app[CATALOG_KEY].webhook(path)
+    if flow is None:
+        raise HttpProblem(404, f"no flow listens on /hooks/{path}")
+    trigger = flow.trigger
+    raw = await _read_body(request, trigger.max_body)
+    _authenticate(request, raw, trigger.secret_env, trigger.token_env)
+    payload = _parse_body(raw, request.content_type)
+    if trigger.schema_ is not None:
+        _check_schema(flow, payload)
+    execution_id, created = await _enqueue(request, flow, payload, request.headers.get(IDEMPOTENCY_HEADER))
+    return web.json_response({"execution_id": execution_id, "duplicate": not created}, status=202)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise HttpProblem(413, f"body of {request.content_length} bytes is over the limit of {limit}")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise HttpProblem(413, f"body is over the limit of {limit} bytes")
+    return body
+
+
+def _authenticate(request: web.Request, raw: bytes, secret_env: str | None, token_env: str | None) -> None:
+    if secret_env:
+        secret = _secret(secret_env)
+        given = request.headers.get(SIGNATURE_HEADER)
+        if not given:
+            raise HttpProblem(401, f"missing {SIGNATURE_HEADER} header (sha256=<hex HMAC of the body>)")
+        expected = "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+            raise HttpProblem(403, f"{SIGNATURE_HEADER} does not match the body")
+    if token_env:
+        token = _secret(token_env)
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            raise HttpProblem(401, "missing Authorization: Bearer <token> header")
+        if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+            raise HttpProblem(403, "bearer token is not valid")
+
+
+def _secret(env_name: str) -> str:
+    value = os.environ.get(env_name)
+    if not value:
+        log.error("environment variable %s is not set; refusing requests to its webhook", env_name)
+        raise HttpProblem(503, f"webhook authentication is not configured (set {env_name})")
+    return value
+
+
+def _parse_body(raw: bytes, content_type: str) -> dict[str, Any]:
+    if content_type == "application/x-www-form-urlencoded":
+        return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+    if not raw.strip():
+        return {}
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HttpProblem(400, f"body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise HttpProblem(400, "body must be a JSON object", errors=[{"path": "$", "message": "expected an object"}])
+    return payload
+
+
+_validators: dict[tuple[str, str], Draft202012Validator] = {}
+
+
+def _check_schema(flow: Flow, payload: dict[str, Any]) -> None:
+    key = (flow.name, flow.version)
+    validator = _validators.get(key)
+    if validator is None:
+        validator = _validators[key] = Draft202012Validator(flow.trigger.schema_)
+    errors = sorted(validator.iter_errors(payload), key=lambda e: e.json_path)
+    if errors:
+        listed = [{"path": error.json_path, "message": error.message} for error in errors]
+        raise HttpProblem(400, f"payload does not match the trigger schema ({len(errors)} error(s))", errors=listed)
+
+
+async def _enqueue(
+    request: web.Request, flow: Flow, payload: dict[str, Any], idempotency_key: str | None
+) -> tuple[str, bool]:
+    queue = request.app[QUEUE_KEY]
+    await queue.store_flow_source(flow.name, flow.version, flow.source)
+    return await queue.enqueue(flow.name, flow.version, payload, idempotency_key=idempotency_key)
+
+
+# --- Twilio -------------------------------------------------------------------------
+
+
+async def twilio_message(request: web.Request) -> web.Response:
+    return await _twilio(request, "twilio.message", "MessageSid")
+
+
+async def twilio_status(request: web.Request) -> web.Response:
+    return await _twilio(request, "twilio.status", None)
+
+
+async def _twilio(request: web.Request, trigger_type: str, dedupe_field: str | None) -> web.Response:
+    flows = request.app[CATALOG_KEY].by_trigger(trigger_type)
+    params = dict(
+        parse_qsl((await _read_body(request, 1024 * 1024)).decode("utf-8", "replace"), keep_blank_values=True)
+    )
+    if flows:
+        _check_twilio_signature(request, params, flows[0].trigger.auth_token_env)
+    for flow in flows:
+        to = getattr(flow.trigger, "to", None)
+        if to and params.get("To", "").removeprefix("whatsapp:") != to.removeprefix("whatsapp:"):
+            continue
+        if dedupe_field:
+            key = params.get(dedupe_field)
+        else:
+            key = f"{params.get('MessageSid')}:{params.get('MessageStatus')}"
+        await _enqueue(request, flow, params, key)
+    return web.Response(text=TWIML_EMPTY, content_type="text/xml")
+
+
+def _check_twilio_signature(request: web.Request, params: dict[str, str], token_env: str) -> None:
+    from twilio.request_validator import RequestValidator
+
+    signature = request.headers.get("X-Twilio-Signature")
+    if not signature:
+        raise HttpProblem(401, "missing X-Twilio-Signature header")
+    base = os.environ.get("FLOWCHAT_PUBLIC_URL", "").rstrip("/")
+    url = f"{base}{request.path_qs}" if base else str(request.url)
+    if not RequestValidator(_secret(token_env)).validate(url, params, signature):
+        raise HttpProblem(403, "X-Twilio-Signature does not match")
+
+
+# --- health and metrics ---------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    catalog = request.app[CATALOG_KEY]
+    problems: list[str] = []
+    try:
+        await request.app[QUEUE_KEY].redis.ping()
+    except (RedisError, OSError) as exc:
+        problems.append(f"redis unreachable: {exc}")
+    if not catalog.by_file:
+        problems.append(f"no flows loaded from {catalog.folder}")
+    status = 503 if problems else 200
+    return web.json_response(
+        {"ready": not problems, "problems": problems, "flows": sorted(catalog.flows)}, status=status
+    )
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS_KEY]
+    try:
+        metrics.set_queue(await request.app[QUEUE_KEY].stats())
+    except (RedisError, OSError) as exc:
+        log.warning("queue depths unavailable for /metrics: %s", exc)
+    return web.Response(
+        body=metrics.render(), content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
+    )

@@ -1,0 +1,64 @@
+"""Every Redis key FlowChat uses, in one place.
+
+All keys of one queue share the hash tag ``{<prefix>}`` so every multi-key
+Lua script and MULTI stays in one slot, and the same code runs on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"
+"""The consumer group every worker reads the ready stream through."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names for one queue (one partition)."""
+
+    prefix: str = "fc"
+
+    @property
+    def tag(self) -> str:
+        return f"{{{self.prefix}}}"
+
+    @property
+    def ready(self) -> str:
+        """Stream of executions ready to run (entries: ``e`` = execution id)."""
+        return f"{self.tag}:ready"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set of waiting execution ids, scored by wake-up time (epoch s)."""
+        return f"{self.tag}:delayed"
+
+    @property
+    def dead(self) -> str:
+        """Stream of dead letters: execution id, flow, node, code, message."""
+        return f"{self.tag}:dead"
+
+    @property
+    def index(self) -> str:
+        """Sorted set of every execution id, scored by creation time."""
+        return f"{self.tag}:executions"
+
+    @property
+    def counters(self) -> str:
+        """Hash of cluster-wide counters: ``<event>:<flow>`` → count."""
+        return f"{self.tag}:counters"
+
+    def execution(self, execution_id: str) -> str:
+        """Hash of one execution: ``m`` meta JSON, ``n:<node>`` node JSON, ``d`` deliveries."""
+        return f"{self.tag}:x:{execution_id}"
+
+    def dedupe(self, idempotency_key: str) -> str:
+        """String: the execution id first accepted for a trigger's idempotency key."""
+        return f"{self.tag}:dedupe:{idempotency_key}"
+
+    def flow_source(self, flow: str, version: str) -> str:
+        """String: the YAML of one flow version, so executions finish on it after a reload."""
+        return f"{self.tag}:flow:{flow}:{version}"
+
+    def schedule_last(self, flow: str) -> str:
+        """String: the last schedule tick fired for ``flow`` (epoch s)."""
+        return f"{self.tag}:schedule:{flow}"

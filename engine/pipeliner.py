@@ -1,0 +1,62 @@
+"""Automatic pipelining: Redis commands issued in the same event-loop turn share one round trip.
+
+Many executions run concurrently in one worker; each checkpoint is one command.
+Rather than one round trip per command, :class:`Pipeliner` queues commands and
+sends them together as soon as the loop is free, resolving each caller's future
+with its own reply (or error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.asyncio import Redis
+
+
+class Pipeliner:
+    """Send commands issued close together in one pipeline (not a transaction)."""
+
+    def __init__(self, redis: Redis, max_batch: int = 1000) -> None:
+        self.redis = redis
+        self.max_batch = max_batch
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def execute(self, *command: Any) -> asyncio.Future[Any]:
+        """Queue one command; await the returned future for its reply."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((command, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for command, _ in batch:
+            pipe.execute_command(*command)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # connection-level failure: every caller gets it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)

@@ -1,0 +1,335 @@
+"""The durable execution queue on Redis.
+
+Guarantees:
+
+- **Accepted means stored.** :meth:`Queue.enqueue` writes the execution hash,
+  the index entry and the ready-stream entry in one Lua script; ingress answers
+  only after it returns. A repeat of an idempotency key returns the first id.
+- **At-least-once delivery, exactly-once nodes.** Workers read the ready stream
+  through one consumer group. A read entry is *leased* to its worker: it stays
+  in the group's pending list until the worker acknowledges it. Workers renew
+  their leases (``XCLAIM … JUSTID``) while they run; a lease idle for longer
+  than the visibility timeout is taken over with ``XAUTOCLAIM`` by another
+  worker. State is checkpointed after every node, so a taken-over execution
+  resumes at its first unfinished node and never re-runs a finished one. The
+  only window for a repeat is a crash between a node's side effect and its
+  checkpoint (one round trip).
+- **Waiting holds no worker.** Retry backoff and ``delay`` nodes park the
+  execution in the delayed sorted set; a Lua script moves due ones back onto
+  the ready stream atomically.
+- **Nothing is dropped.** An execution that fails (non-retryable error or
+  attempts exhausted) goes to the dead-letter stream with its error's code,
+  message and node; so does one delivered more than ``max_deliveries`` times
+  (poison). Entries are deleted from the ready stream only after they are
+  acknowledged; streams are never trimmed with MAXLEN.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from engine.errors import QueueError
+from engine.execution import Execution, NodeRun, new_execution_id
+from engine.keys import GROUP, Keys
+from engine.pipeliner import Pipeliner
+
+DEDUPE_TTL = 7 * 24 * 3600
+RETENTION = 7 * 24 * 3600
+
+_ENQUEUE = """
+if ARGV[5] == '1' then
+  local first = redis.call('GET', KEYS[1])
+  if first then return {first, 0} end
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+end
+redis.call('HSET', KEYS[2], 'm', ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'e', ARGV[1])
+return {ARGV[1], 1}
+"""
+
+_FINISH = """
+redis.call('HSET', KEYS[1], 'm', ARGV[2])
+redis.call('XACK', KEYS[2], ARGV[9], ARGV[1])
+redis.call('XDEL', KEYS[2], ARGV[1])
+if ARGV[3] == 'wait' then
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+  redis.call('HSET', KEYS[1], 'd', 0)
+elseif ARGV[3] == 'dead' then
+  redis.call('XADD', KEYS[4], '*', 'e', ARGV[5], 'flow', ARGV[6], 'node', ARGV[7], 'code', ARGV[8], 'message', ARGV[10])
+end
+if ARGV[11] ~= '' then redis.call('HINCRBY', KEYS[5], ARGV[11], 1) end
+if ARGV[3] ~= 'wait' and tonumber(ARGV[12]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[12]) end
+return 1
+"""
+
+_MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', 'e', id)
+  redis.call('ZREM', KEYS[1], id)
+end
+return #due
+"""
+
+_REQUEUE = """
+redis.call('HSET', KEYS[1], 'm', ARGV[2])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'd', 0)
+redis.call('PERSIST', KEYS[1])
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One ready-stream entry handed to a worker."""
+
+    message_id: str
+    execution_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """An execution's stored state, as a worker picks it up."""
+
+    delivery: Delivery
+    meta: dict[str, Any] | None
+    nodes: dict[str, dict[str, Any]]
+    deliveries: int
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def _meta(execution: Execution) -> str:
+    data = execution.to_dict()
+    del data["nodes"]
+    return dumps(data)
+
+
+def execution_from_parts(
+    meta: dict[str, Any], nodes: dict[str, dict[str, Any]], order: list[tuple[str, str]]
+) -> Execution:
+    """Rebuild an Execution; nodes with no checkpoint yet are pending."""
+    runs = {
+        node_id: NodeRun(**nodes[node_id]) if node_id in nodes else NodeRun(node_id, node_type)
+        for node_id, node_type in order
+    }
+    return Execution(**{**meta, "nodes": runs})
+
+
+class Queue:
+    """FlowChat's queue operations over one Redis connection pool."""
+
+    def __init__(self, redis: Redis, keys: Keys | None = None, *, max_deliveries: int = 5) -> None:
+        self.redis = redis
+        self.keys = keys or Keys()
+        self.max_deliveries = max_deliveries
+        self.pipeliner = Pipeliner(redis)
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._finish = redis.register_script(_FINISH)
+        self._move_due = redis.register_script(_MOVE_DUE)
+        self._requeue = redis.register_script(_REQUEUE)
+        self._stored_versions: set[tuple[str, str]] = set()
+
+    async def setup(self) -> None:
+        """Create the consumer group if it is missing (idempotent)."""
+        try:
+            await self.redis.xgroup_create(self.keys.ready, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # --- ingress --------------------------------------------------------------------
+
+    async def store_flow_source(self, flow: str, version: str, source: str) -> None:
+        """Keep a flow version's YAML so its executions survive a reload."""
+        if (flow, version) in self._stored_versions:
+            return
+        await self.redis.set(self.keys.flow_source(flow, version), source, nx=True)
+        self._stored_versions.add((flow, version))
+
+    async def flow_source(self, flow: str, version: str) -> str | None:
+        value = await self.redis.get(self.keys.flow_source(flow, version))
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def enqueue(
+        self, flow: str, version: str, trigger: dict[str, Any], *, idempotency_key: str | None = None
+    ) -> tuple[str, bool]:
+        """Store and queue a new execution. Returns (execution id, created?)."""
+        execution = Execution(new_execution_id(), flow, version, trigger, {}, status="queued")
+        dedupe = self.keys.dedupe(f"{flow}:{idempotency_key}") if idempotency_key else self.keys.dedupe("-")
+        keys = [dedupe, self.keys.execution(execution.id), self.keys.ready, self.keys.index]
+        args: list[Any] = [execution.id, _meta(execution), execution.created_at, DEDUPE_TTL, "1" if idempotency_key else "0"]
+        try:
+            execution_id, created = await self._enqueue(keys=keys, args=args)
+        except RedisError as exc:
+            raise QueueError(f"cannot enqueue: {exc}") from exc
+        return _text(execution_id), bool(created)
+
+    # --- workers --------------------------------------------------------------------
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        reply = await self.redis.xreadgroup(GROUP, consumer, {self.keys.ready: ">"}, count=count, block=block_ms)
+        return [_delivery(message_id, fields) for _, entries in reply or [] for message_id, fields in entries]
+
+    async def load(self, deliveries: list[Delivery]) -> list[Loaded]:
+        """Count a delivery and fetch the state of each execution, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for delivery in deliveries:
+            key = self.keys.execution(delivery.execution_id)
+            pipe.hincrby(key, "d", 1)
+            pipe.hgetall(key)
+        replies = await pipe.execute()
+        loaded = []
+        for index, delivery in enumerate(deliveries):
+            count, fields = replies[2 * index], replies[2 * index + 1]
+            fields = {_text(key): value for key, value in fields.items()}
+            meta = orjson.loads(fields["m"]) if "m" in fields else None
+            nodes = {key[2:]: orjson.loads(value) for key, value in fields.items() if key.startswith("n:")}
+            loaded.append(Loaded(delivery, meta, nodes, int(count)))
+        return loaded
+
+    async def checkpoint(self, execution: Execution, run: NodeRun) -> None:
+        """Persist one node's state (batched with other executions' checkpoints)."""
+        key = self.keys.execution(execution.id)
+        try:
+            await self.pipeliner.execute("HSET", key, f"n:{run.id}", dumps(run.__dict__))
+        except RedisError as exc:
+            raise QueueError(f"cannot checkpoint: {exc}") from exc
+
+    async def finish(self, delivery: Delivery, execution: Execution, *, dead: dict[str, str] | None = None) -> None:
+        """Record the outcome, acknowledge the delivery, and park or dead-letter as needed."""
+        if dead is not None:
+            outcome, counter = "dead", f"dead:{execution.flow}"
+        elif execution.status == "waiting":
+            outcome, counter = "wait", ""
+        else:
+            outcome, counter = "done", f"{execution.status}:{execution.flow}"
+        dead = dead or {}
+        keys = [
+            self.keys.execution(execution.id),
+            self.keys.ready,
+            self.keys.delayed,
+            self.keys.dead,
+            self.keys.counters,
+        ]
+        args = [
+            delivery.message_id,
+            _meta(execution),
+            outcome,
+            execution.wake_at or 0,
+            execution.id,
+            execution.flow,
+            dead.get("node", ""),
+            dead.get("code", ""),
+            GROUP,
+            dead.get("message", ""),
+            counter,
+            RETENTION,
+        ]
+        try:
+            await self.pipeliner.execute("EVALSHA", self._finish.sha, len(keys), *keys, *args)
+        except NoScriptError:  # Redis restarted and lost its script cache
+            await self._finish(keys=keys, args=args)
+
+    async def count(self, event: str, flow: str, amount: int = 1) -> None:
+        await self.pipeliner.execute("HINCRBY", self.keys.counters, f"{event}:{flow}", amount)
+
+    async def move_due(self, now: float | None = None, limit: int = 500) -> int:
+        """Move waiting executions whose time has come onto the ready stream."""
+        moved = await self._move_due(keys=[self.keys.delayed, self.keys.ready], args=[now or time.time(), limit])
+        return int(moved)
+
+    async def next_due(self) -> float | None:
+        first = await self.redis.zrange(self.keys.delayed, 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int = 100) -> list[Delivery]:
+        """Take over entries whose lease expired (their worker died or hung)."""
+        reply = await self.redis.xautoclaim(self.keys.ready, GROUP, consumer, min_idle_ms, "0-0", count=count)
+        return [_delivery(message_id, fields) for message_id, fields in reply[1] if fields]
+
+    async def extend(self, consumer: str, message_ids: list[str]) -> None:
+        """Renew leases on entries still being worked on."""
+        if message_ids:
+            await self.redis.xclaim(self.keys.ready, GROUP, consumer, 0, list[Any](message_ids), justid=True)
+
+    async def drop_delivery(self, delivery: Delivery) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xack(self.keys.ready, GROUP, delivery.message_id)
+        pipe.xdel(self.keys.ready, delivery.message_id)
+        await pipe.execute()
+
+    async def requeue(self, execution: Execution) -> None:
+        """Put a stored execution back on the ready stream with its node states."""
+        node_fields: list[str] = []
+        for run in execution.nodes.values():
+            node_fields += [f"n:{run.id}", dumps(run.__dict__)]
+        keys = [self.keys.execution(execution.id), self.keys.ready]
+        await self._requeue(keys=keys, args=[execution.id, _meta(execution), *node_fields])
+
+    # --- operators ------------------------------------------------------------------
+
+    async def get(self, execution_id: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+        raw: dict[Any, Any] = await self.redis.hgetall(self.keys.execution(execution_id))  # type: ignore[misc]
+        fields = {_text(key): value for key, value in raw.items()}
+        if "m" not in fields:
+            return None
+        nodes = {key[2:]: orjson.loads(value) for key, value in fields.items() if key.startswith("n:")}
+        return orjson.loads(fields["m"]), nodes
+
+    async def recent(self, limit: int) -> list[dict[str, Any]]:
+        ids = [_text(i) for i in await self.redis.zrevrange(self.keys.index, 0, max(limit, 1) * 20)]
+        pipe = self.redis.pipeline(transaction=False)
+        for execution_id in ids:
+            pipe.hget(self.keys.execution(execution_id), "m")
+        return [orjson.loads(meta) for meta in await pipe.execute() if meta]
+
+    async def dead_letters(self, count: int = 1000) -> list[dict[str, str]]:
+        entries = await self.redis.xrange(self.keys.dead, count=count)
+        return [
+            {"entry": _text(entry_id), **{_text(k): _text(v) for k, v in fields.items()}}
+            for entry_id, fields in entries
+        ]
+
+    async def remove_dead_letters(self, execution_id: str) -> int:
+        entries = [entry for entry in await self.dead_letters(100_000) if entry["e"] == execution_id]
+        if entries:
+            await self.redis.xdel(self.keys.dead, *[entry["entry"] for entry in entries])
+        return len(entries)
+
+    async def stats(self) -> dict[str, Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(self.keys.ready)
+        pipe.xpending(self.keys.ready, GROUP)
+        pipe.zcard(self.keys.delayed)
+        pipe.xlen(self.keys.dead)
+        pipe.hgetall(self.keys.counters)
+        ready_len, pending, delayed, dead, counters = await pipe.execute()
+        in_flight = int(pending["pending"]) if pending else 0
+        return {
+            "ready": int(ready_len) - in_flight,
+            "in_flight": in_flight,
+            "delayed": int(delayed),
+            "dead": int(dead),
+            "counters": {_text(k): int(v) for k, v in counters.items()},
+        }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _delivery(message_id: Any, fields: dict[Any, Any]) -> Delivery:
+    fields = {_text(k): _text(v) for k, v in fields.items()}
+    return Delivery(_text(message_id), fields.get("e", ""))

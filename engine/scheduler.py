@@ -1,0 +1,96 @@
+"""Schedule triggers: fire each cron tick exactly once across any number of replicas.
+
+Every replica computes the same ticks; each enqueues a tick with the
+idempotency key ``tick:<epoch>``, so the queue's dedupe lets exactly one
+execution through however many replicas fire it.
+
+Ticks missed while no replica ran are *coalesced*: on start, if the most recent
+due tick is newer than the last one fired (kept in Redis), it fires once with
+``trigger.missed`` = the number of ticks skipped; older missed ticks are not
+replayed one by one. A flow first seen by the scheduler does not fire for the
+past.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+from redis.exceptions import RedisError
+
+from engine.catalog import Catalog
+from engine.flow import Flow
+from engine.queue import Queue
+
+log = logging.getLogger("flowchat.scheduler")
+
+
+def ticks_between(cron: str, timezone: str, after: float, until: float) -> list[float]:
+    """Tick times in (after, until], as epoch seconds."""
+    start = datetime.fromtimestamp(after, ZoneInfo(timezone))
+    itr = croniter(cron, start)
+    ticks: list[float] = []
+    while True:
+        tick = float(itr.get_next(float))
+        if tick > until:
+            return ticks
+        ticks.append(tick)
+        if len(ticks) > 100_000:
+            return ticks
+
+
+def next_tick(cron: str, timezone: str, after: float) -> float:
+    return float(croniter(cron, datetime.fromtimestamp(after, ZoneInfo(timezone))).get_next(float))
+
+
+class Scheduler:
+    def __init__(self, queue: Queue, catalog: Catalog) -> None:
+        self.queue = queue
+        self.catalog = catalog
+
+    async def run(self) -> None:
+        while True:
+            try:
+                wake = await self.tick(time.time())
+            except (RedisError, OSError) as exc:
+                log.warning("scheduler cannot reach Redis: %s", exc)
+                wake = time.time() + 1
+            await asyncio.sleep(min(1.0, max(0.01, wake - time.time())))
+
+    async def tick(self, now: float) -> float:
+        """Fire what is due at ``now``; return when the next tick is due."""
+        next_wake = now + 60
+        for flow in self.catalog.by_trigger("schedule"):
+            next_wake = min(next_wake, await self._fire_due(flow, now))
+        return next_wake
+
+    async def _fire_due(self, flow: Flow, now: float) -> float:
+        trigger = flow.trigger
+        key = self.queue.keys.schedule_last(flow.name)
+        last = await self.queue.redis.get(key)
+        if last is None:
+            # first sight: start from now, never fire for the past
+            await self.queue.redis.set(key, now, nx=True)
+            return next_tick(trigger.cron, trigger.timezone, now)
+        due = ticks_between(trigger.cron, trigger.timezone, float(last), now)
+        if due:
+            tick = due[-1]
+            payload = {**trigger.payload, "tick": datetime.fromtimestamp(tick, UTC).isoformat(), "missed": len(due) - 1}
+            await self.queue.store_flow_source(flow.name, flow.version, flow.source)
+            execution_id, created = await self.queue.enqueue(
+                flow.name, flow.version, payload, idempotency_key=f"tick:{int(tick)}"
+            )
+            await self.queue.redis.set(key, tick)
+            if created:
+                log.info(
+                    "schedule %s fired tick %s (%d missed) as %s",
+                    flow.name,
+                    payload["tick"],
+                    len(due) - 1,
+                    execution_id,
+                )
+        return next_tick(trigger.cron, trigger.timezone, now)

@@ -1,0 +1,288 @@
+"""Workers: take executions off the queue and run them with the shared Runner.
+
+A worker reads up to ``concurrency`` entries at a time, fetches their state in
+one round trip, runs each execution as a task, and renews the leases of what it
+is running. It also takes over entries whose lease expired and moves delayed
+work that has come due. On stop it takes no more work and lets in-flight
+executions finish for up to a grace period; what is left stays leased and is
+taken over by another worker once the lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+
+from engine.catalog import Catalog
+from engine.errors import FlowChatError
+from engine.execution import Execution, NodeRun
+from engine.flow import Flow
+from engine.metrics import Metrics
+from engine.queue import Delivery, Loaded, Queue, execution_from_parts
+from engine.runner import Runner
+from engine.services import Services
+
+log = logging.getLogger("flowchat.worker")
+
+
+@dataclass
+class WorkerSettings:
+    concurrency: int = 32
+    visibility_timeout: float = 30.0
+    block_ms: int = 1000
+    grace: float = 30.0
+    consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> WorkerSettings:
+        settings = cls(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+        if "FLOWCHAT_VISIBILITY_TIMEOUT" in os.environ:
+            settings.visibility_timeout = float(os.environ["FLOWCHAT_VISIBILITY_TIMEOUT"])
+        if "FLOWCHAT_GRACE" in os.environ:
+            settings.grace = float(os.environ["FLOWCHAT_GRACE"])
+        return settings
+
+
+class Worker:
+    """Runs executions from the queue until stopped."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        catalog: Catalog,
+        services: Services,
+        settings: WorkerSettings,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.queue = queue
+        self.catalog = catalog
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.runner = Runner(services, checkpoint=self._checkpoint, defer_waits=True)
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
+        self._slot_free = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await _retrying(self.queue.setup, self._stopping)
+        loops = [
+            asyncio.create_task(self._read_loop(), name="read"),
+            asyncio.create_task(self._lease_loop(), name="leases"),
+            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+        ]
+        await self._stopping.wait()
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await self._drain()
+
+    async def _drain(self) -> None:
+        if not self.in_flight:
+            return
+        log.info("draining %d in-flight execution(s) for up to %.0fs", len(self.in_flight), self.settings.grace)
+        _, pending = await asyncio.wait(list(self.in_flight.values()), timeout=self.settings.grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("%d execution(s) left to be taken over after their lease expires", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # --- loops ------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            free = self.settings.concurrency - len(self.in_flight)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                deliveries = await self.queue.read(self.settings.consumer, free, self.settings.block_ms)
+                if deliveries:
+                    await self._dispatch(deliveries)
+                backoff.reset()
+            except (RedisError, OSError) as exc:
+                await backoff.wait(f"reading the queue: {exc}")
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.visibility_timeout / 3)
+            try:
+                await self.queue.extend(self.settings.consumer, list(self.in_flight))
+            except (RedisError, OSError) as exc:
+                log.warning("cannot renew leases: %s", exc)
+
+    async def _reclaim_loop(self) -> None:
+        idle_ms = int(self.settings.visibility_timeout * 1000)
+        while True:
+            await asyncio.sleep(max(0.2, self.settings.visibility_timeout / 2))
+            free = self.settings.concurrency - len(self.in_flight)
+            if free <= 0:
+                continue
+            try:
+                stale = [
+                    d
+                    for d in await self.queue.reclaim(self.settings.consumer, idle_ms, free)
+                    if d.message_id not in self.in_flight
+                ]
+                if stale:
+                    log.warning("taking over %d execution(s) whose lease expired", len(stale))
+                    await self._dispatch(stale)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot reclaim stalled work: %s", exc)
+
+    # --- one execution ------------------------------------------------------------
+
+    async def _dispatch(self, deliveries: list[Delivery]) -> None:
+        for loaded in await self.queue.load(deliveries):
+            task = asyncio.create_task(self._execute(loaded))
+            self.in_flight[loaded.delivery.message_id] = task
+            task.add_done_callback(functools.partial(self._release, loaded.delivery.message_id))
+
+    def _release(self, message_id: str, _: object = None) -> None:
+        self.in_flight.pop(message_id, None)
+        self._slot_free.set()
+
+    async def _execute(self, loaded: Loaded) -> None:
+        delivery = loaded.delivery
+        try:
+            await self._execute_loaded(loaded)
+        except (RedisError, OSError, FlowChatError) as exc:
+            log.warning("%s left for take-over: %s", delivery.execution_id, exc)
+        except Exception:
+            log.exception("%s crashed the worker task; left for take-over", delivery.execution_id)
+
+    async def _execute_loaded(self, loaded: Loaded) -> None:
+        delivery, meta = loaded.delivery, loaded.meta
+        if meta is None:
+            log.error("%s has no stored state; dropping its queue entry", delivery.execution_id)
+            await self.queue.drop_delivery(delivery)
+            return
+        flow = await self.catalog.version(meta["flow"], meta["flow_version"], self.queue.flow_source)
+        execution = execution_from_parts(meta, loaded.nodes, _order(flow, loaded.nodes))
+        if flow is None:
+            await self._dead(
+                delivery,
+                execution,
+                "flow-missing",
+                f"flow {meta['flow']} version {meta['flow_version']} is not available",
+            )
+            return
+        if loaded.deliveries > self.queue.max_deliveries:
+            await self._dead(
+                delivery,
+                execution,
+                "poison",
+                f"delivered {loaded.deliveries} times without finishing",
+                _last_error(execution),
+            )
+            return
+        if execution.started_at is None:
+            self.metrics.executions.labels(flow.name, "started").inc()
+        execution = await self.runner.run(flow, execution)
+        await self._settle(delivery, flow, execution)
+
+    async def _settle(self, delivery: Delivery, flow: Flow, execution: Execution) -> None:
+        if execution.status == "failed":
+            error = execution.error or {}
+            self.metrics.executions.labels(flow.name, "failed").inc()
+            dead = {
+                "node": str(error.get("node", "")),
+                "code": str(error.get("code", "")),
+                "message": str(error.get("message", "")),
+            }
+            await self.queue.finish(delivery, execution, dead=dead)
+            return
+        if execution.status == "waiting" and any(
+            run.error for run in execution.nodes.values() if run.status == "waiting"
+        ):
+            self.metrics.executions.labels(flow.name, "retried").inc()
+            await self.queue.count("retried", flow.name)
+        elif execution.status == "succeeded":
+            self.metrics.executions.labels(flow.name, "succeeded").inc()
+        await self.queue.finish(delivery, execution)
+
+    async def _dead(self, delivery: Delivery, execution: Execution, code: str, message: str, node: str = "") -> None:
+        log.error("%s dead-lettered: [%s] %s", execution.id, code, message)
+        execution.status = "failed"
+        execution.error = {"code": code, "message": message, "node": node, "retryable": False}
+        await self.queue.finish(delivery, execution, dead={"node": node, "code": code, "message": message})
+
+    async def _checkpoint(self, execution: Execution, run: NodeRun) -> None:
+        if run.finished or run.status == "waiting":
+            self.metrics.node_duration.labels(run.type, run.status).observe(run.duration_ms / 1000)
+        await self.queue.checkpoint(execution, run)
+
+
+def _order(flow: Flow | None, stored: dict[str, dict[str, object]]) -> list[tuple[str, str]]:
+    if flow is not None:
+        return [(node.id, node.type) for node in flow.nodes.values()]
+    return [(node_id, str(run.get("type", "?"))) for node_id, run in stored.items()]
+
+
+def _last_error(execution: Execution) -> str:
+    for run in execution.nodes.values():
+        if run.error:
+            return run.id
+    return ""
+
+
+class DelayedMover:
+    """Moves due work from the delayed set to the ready stream, sleeping until the next is due."""
+
+    def __init__(self, queue: Queue, max_sleep: float = 0.25) -> None:
+        self.queue = queue
+        self.max_sleep = max_sleep
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                moved = await self.queue.move_due()
+                backoff.reset()
+                if moved:
+                    continue
+                due = await self.queue.next_due()
+                pause = self.max_sleep if due is None else min(self.max_sleep, max(0.005, due - time.time()))
+                await asyncio.sleep(pause)
+            except (RedisError, OSError) as exc:
+                await backoff.wait(f"moving delayed work: {exc}")
+
+
+class Backoff:
+    """Exponential pause for loops that lost Redis: 50 ms doubling to 2 s."""
+
+    def __init__(self, first: float = 0.05, ceiling: float = 2.0) -> None:
+        self.first, self.ceiling, self.current = first, ceiling, first
+
+    def reset(self) -> None:
+        self.current = self.first
+
+    async def wait(self, why: str) -> None:
+        if self.current >= self.ceiling / 2:
+            log.warning("retrying in %.1fs: %s", self.current, why)
+        await asyncio.sleep(self.current)
+        self.current = min(self.ceiling, self.current * 2)
+
+
+async def _retrying(call: Callable[[], Awaitable[None]], stopping: asyncio.Event) -> None:
+    backoff = Backoff()
+    while not stopping.is_set():
+        try:
+            await call()
+            return
+        except (RedisError, OSError) as exc:
+            await backoff.wait(str(exc))

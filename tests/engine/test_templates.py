@@ -1,0 +1,261 @@
+"""engine.templates: native types, strict undefined, and the sandbox (statically and at run time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jinja2.sandbox import SecurityError
+
+from engine import Execution, FlowInvalid, Registry, Runner, TemplateError, TemplateSecurityError, load_registry
+from engine.loader import load_flow_text
+from engine.templates import ENVIRONMENT, compile_expression, compile_template, render_tree
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def render(source: str, **context: Any) -> Any:
+    return compile_template(source).render(context)
+
+
+# --- native types -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "context", "expected"),
+    [
+        ("{{ tags }}", {"tags": ["vip", "new"]}, ["vip", "new"]),
+        ("{{ n + 1 }}", {"n": 41}, 42),
+        ("{{ price * 2 }}", {"price": 1.25}, 2.5),
+        ("{{ contact }}", {"contact": {"name": "Ana"}}, {"name": "Ana"}),
+        ("{{ n > 1 }}", {"n": 2}, True),
+        ("{{ nothing }}", {"nothing": None}, None),
+        ("{{ tags | length }}", {"tags": ["a", "b"]}, 2),
+    ],
+)
+def test_a_lone_expression_renders_its_native_value(source: str, context: dict[str, Any], expected: Any) -> None:
+    value = render(source, **context)
+
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_text_around_expressions_renders_a_string() -> None:
+    assert render("{{ name }} has {{ n }} tags", name="Ana", n=2) == "Ana has 2 tags"
+    assert render("tags: {{ tags }}", tags=["a"]) == "tags: ['a']"
+
+
+@pytest.mark.parametrize(
+    ("source", "context", "expected"),
+    [
+        ("+1{{ num }}", {"num": 5551234}, "+15551234"),
+        ("{{ phone }}", {"phone": "+15551234"}, "+15551234"),
+        ("{{ zip }}", {"zip": "01234"}, "01234"),
+        ("{{ a }}{{ b }}", {"a": "1", "b": "2"}, "12"),
+        ("{{ flag }}", {"flag": "true"}, "true"),
+    ],
+)
+def test_strings_that_look_like_numbers_stay_strings(source: str, context: dict[str, Any], expected: str) -> None:
+    assert render(source, **context) == expected
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [("{{ 41 + 1 }}", 42), ("{{ [1, 2] }}", [1, 2]), ("{{ false }}", False), ("{{ none }}", None)],
+)
+def test_a_constant_expression_renders_its_native_value(source: str, expected: Any) -> None:
+    assert render(source) == expected
+
+
+def test_a_constant_condition_is_a_bool() -> None:
+    assert compile_expression("1 == 2").render({}) is False
+
+
+def test_expressions_compile_bare_or_braced() -> None:
+    bare, braced = compile_expression("lead.score >= 20"), compile_expression("{{ lead.score >= 20 }}")
+
+    assert bare.render({"lead": {"score": 30}}) is True
+    assert braced.render({"lead": {"score": 10}}) is False
+    assert bare.names == braced.names == {"lead"}
+
+
+def test_a_template_knows_the_top_level_names_it_reads() -> None:
+    template = compile_template("{% for tag in lead.tags %}{{ tag }} {{ vars.brand }}{% endfor %}")
+
+    assert template.names == {"lead", "vars"}
+
+
+def test_render_tree_renders_every_template_inside_a_structure() -> None:
+    tree = {"n": compile_template("{{ n }}"), "items": [compile_template("#{{ n }}"), 3], "plain": "text"}
+
+    assert render_tree(tree, {"n": 7}) == {"n": 7, "items": ["#7", 3], "plain": "text"}
+
+
+def test_syntax_errors_are_reported_when_compiling() -> None:
+    with pytest.raises(TemplateError) as raised:
+        compile_template("hi {{ name }")
+
+    assert raised.value.code == "template-syntax"
+    assert "hi {{ name }" in raised.value.message
+
+
+# --- strict undefined -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "missing"),
+    [
+        ("{{ missing }}", "missing"),
+        ("hello {{ contact.name }}", "contact"),
+        ("{{ trigger.nope }}", "nope"),
+        ("{{ trigger.nope.deeper }}", "nope"),
+        ("{{ trigger.n + other }}", "other"),
+    ],
+)
+def test_an_undefined_name_fails_at_render_naming_the_expression(source: str, missing: str) -> None:
+    template = compile_template(source)
+
+    with pytest.raises(TemplateError) as raised:
+        template.render({"trigger": {"n": 1}})
+
+    assert raised.value.code == "template-undefined"
+    assert missing in raised.value.message
+    assert repr(source) in raised.value.message
+
+
+@pytest.mark.parametrize("source", ["{{ [missing] }}", "{{ {'name': missing} }}"])
+def test_an_undefined_name_inside_a_structure_fails_too(source: str) -> None:
+    with pytest.raises(TemplateError):
+        render(source)
+
+
+# --- the sandbox ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "attribute"),
+    [
+        ("{{ ''.__class__.__mro__ }}", "__class__"),
+        ("{{ cycler.__init__.__globals__ }}", "__init__"),
+        ("{{ ''|attr('__class__') }}", "__class__"),
+        ("{{ x['__class__'] }}", "__class__"),
+        ("{{ lipsum.__globals__['os'] }}", "__globals__"),
+        ("{% if x.__class__ %}yes{% endif %}", "__class__"),
+    ],
+)
+def test_injection_is_refused_at_compile_time(source: str, attribute: str) -> None:
+    with pytest.raises(TemplateSecurityError) as raised:
+        compile_template(source)
+
+    assert raised.value.code == "template-unsafe"
+    assert isinstance(raised.value, TemplateError)
+    assert attribute in raised.value.message
+
+
+def test_injection_in_a_condition_is_refused_at_compile_time() -> None:
+    with pytest.raises(TemplateSecurityError):
+        compile_expression("trigger.__class__")
+
+
+# The attribute name is built at run time, so the static check cannot see it.
+DYNAMIC_INJECTIONS = [
+    "{{ ''|attr('__cl' ~ 'ass__') }}",
+    "{{ x['__cl' ~ 'ass__'] }}",
+    "{{ x|attr(name) }}",
+    "{{ x[name] }}",
+    "{% set dunder = '_' * 2 %}{{ x|attr(dunder ~ 'class' ~ dunder) }}",
+]
+
+
+@pytest.mark.parametrize("source", DYNAMIC_INJECTIONS)
+def test_the_sandbox_refuses_what_the_static_check_cannot_see(source: str) -> None:
+    context = {"x": "text", "name": "__class__"}
+    compile_template(source)  # passes the static check
+
+    returned: Any = "nothing returned"
+    with pytest.raises(SecurityError):
+        returned = ENVIRONMENT.from_string(source).render(context)
+    assert returned == "nothing returned"
+
+    with pytest.raises(TemplateSecurityError) as raised:
+        returned = compile_template(source).render(context)
+    assert returned == "nothing returned"
+    assert raised.value.code == "template-unsafe"
+    assert "__class__" in raised.value.message
+
+
+def test_the_sandbox_is_immutable() -> None:
+    tags = ["vip"]
+
+    with pytest.raises(TemplateSecurityError):
+        render("{{ tags.append('hacked') }}", tags=tags)
+    assert tags == ["vip"]
+
+
+def test_only_harmless_globals_are_available() -> None:
+    assert set(ENVIRONMENT.globals) <= {"range", "dict", "lipsum"}
+    with pytest.raises(TemplateError) as raised:
+        render("{{ cycler }}")
+    assert raised.value.code == "template-undefined"
+
+
+def test_private_attributes_through_filter_arguments_are_refused_at_compile_time() -> None:
+    with pytest.raises(TemplateSecurityError):
+        compile_template("{{ items|map(attribute='__class__')|list }}")
+
+
+# --- through the runner -----------------------------------------------------------
+
+UNDEFINED_AT_RUN_TIME = """\
+flow: greet
+trigger:
+  type: webhook
+nodes:
+  - id: lead
+    type: set
+    with:
+      values: {name: "{{ trigger.name }}"}
+  - id: greet
+    type: log
+    with:
+      message: "hello {{ lead.name }}, from {{ trigger.contact.city }}"
+  - id: after
+    type: log
+    with:
+      message: "done"
+"""
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    return load_registry(plugins=REPO / "plugins", entry_points=False)
+
+
+async def test_an_undefined_name_fails_the_node_with_its_id_and_expression(registry: Registry) -> None:
+    flow = load_flow_text(UNDEFINED_AT_RUN_TIME, "greet.yaml", registry)
+
+    execution = await Runner().run(flow, Execution.new(flow, {"name": "Ana"}))
+
+    assert execution.status == "failed"
+    assert execution.nodes["lead"].status == "ok"
+    assert execution.nodes["lead"].output == {"name": "Ana"}
+    assert execution.nodes["greet"].status == "failed"
+    assert execution.nodes["after"].status == "pending"
+    error = execution.error
+    assert error is not None
+    assert error["node"] == "greet"
+    assert error["code"] == "template-undefined"
+    assert error["location"]["node"] == "greet"
+    assert "hello {{ lead.name }}, from {{ trigger.contact.city }}" in error["message"]
+    assert "contact" in error["message"]
+
+
+def test_a_flow_reading_a_name_nobody_defines_is_refused_at_load_time(registry: Registry) -> None:
+    text = UNDEFINED_AT_RUN_TIME.replace("{{ lead.name }}", "{{ contact.name }}")
+
+    with pytest.raises(FlowInvalid) as raised:
+        load_flow_text(text, "greet.yaml", registry)
+
+    assert [error.code for error in raised.value.errors] == ["template-unknown-name"]
+    assert str(raised.value.errors[0]).startswith("greet.yaml:12:16: [template-unknown-name]")
