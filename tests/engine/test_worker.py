@@ -1,0 +1,235 @@
+"""Workers over a real Redis: checkpoints, retries through the delayed set, dead letters, leases."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_for
+
+from engine import Services
+from engine.catalog import Catalog
+from engine.keys import GROUP
+from engine.operator import load_execution, replay
+from engine.queue import Queue
+from engine.worker import DelayedMover, Worker, WorkerSettings
+
+
+def write_flow(folder: Path, name: str, nodes: str, trigger: str = "{type: webhook}") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(f"flow: {name}\ntrigger: {trigger}\nnodes:\n{nodes}")
+    return path
+
+
+@pytest.fixture
+async def start_worker(queue: Queue) -> AsyncIterator[Callable[..., Any]]:
+    started: list[tuple[Worker, asyncio.Task[None]]] = []
+    mover = asyncio.create_task(DelayedMover(queue, max_sleep=0.02).run())
+
+    async def start(catalog: Catalog, **settings: Any) -> Worker:
+        options = {"concurrency": 8, "visibility_timeout": 2.0, "block_ms": 50, "grace": 5.0, **settings}
+        worker = Worker(queue, catalog, Services(), WorkerSettings(**options))
+        started.append((worker, asyncio.create_task(worker.run())))
+        return worker
+
+    yield start
+    for worker, task in started:
+        worker.stop()
+        await task
+    mover.cancel()
+    await asyncio.gather(mover, return_exceptions=True)
+
+
+async def enqueue(queue: Queue, catalog: Catalog, flow_name: str, payload: dict[str, Any] | None = None) -> str:
+    flow = catalog.get(flow_name)
+    assert flow is not None, catalog.problems
+    await queue.store_flow_source(flow.name, flow.version, flow.source)
+    execution_id, _ = await queue.enqueue(flow.name, flow.version, payload or {})
+    return execution_id
+
+
+async def settled(queue: Queue, execution_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    async def done() -> bool:
+        stored = await queue.get(execution_id)
+        if stored and stored[0]["status"] in ("succeeded", "failed"):
+            found.update(stored[0])
+            return True
+        return False
+
+    await wait_for(done)
+    return found
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def test_an_execution_runs_to_success_and_its_entry_is_acknowledged(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+    marks = tmp_path / "marks"
+    write_flow(flows_dir, "two", f"  - {{id: a, type: test.mark, with: {{file: '{marks}'}}}}\n  - {{id: b, type: set, with: {{values: {{x: '{{{{ a.pid }}}}'}}}}}}\n")
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    execution_id = await enqueue(queue, catalog, "two")
+
+    meta = await settled(queue, execution_id)
+
+    assert meta["status"] == "succeeded"
+    execution = await load_execution(queue, execution_id)
+    assert execution is not None
+    assert [run.status for run in execution.nodes.values()] == ["ok", "ok"]
+    assert isinstance(execution.nodes["b"].output["x"], int)
+    assert await queue.redis.xlen(queue.keys.ready) == 0  # acknowledged and deleted, not left behind
+    assert (await queue.redis.xpending(queue.keys.ready, GROUP))["pending"] == 0
+
+
+async def test_a_retryable_failure_waits_in_the_delayed_set_without_holding_a_worker(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+    marker = tmp_path / "ready"
+    write_flow(
+        flows_dir,
+        "flaky",
+        f"  - {{id: call, type: test.fail_until, with: {{exists: '{marker}'}}, retry: {{max_attempts: 50, backoff: 300ms, max_backoff: 300ms}}}}\n",
+    )
+    catalog = catalog_factory(flows_dir)
+    worker = await start_worker(catalog, concurrency=1)
+    execution_id = await enqueue(queue, catalog, "flaky")
+
+    async def parked() -> bool:
+        return await queue.redis.zscore(queue.keys.delayed, execution_id) is not None
+
+    await wait_for(parked)
+    assert worker.in_flight == {}  # the single slot is free while it waits
+    stored = await load_execution(queue, execution_id)
+    assert stored is not None and stored.nodes["call"].status == "waiting"
+    assert stored.nodes["call"].error is not None and stored.nodes["call"].error["code"] == "test-missing"
+
+    marker.touch()
+    meta = await settled(queue, execution_id)
+    assert meta["status"] == "succeeded"
+    final = await load_execution(queue, execution_id)
+    assert final is not None and final.nodes["call"].attempts >= 2
+
+
+async def test_a_non_retryable_failure_is_dead_lettered_with_its_error_and_replay_resumes_at_the_failed_node(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
+    marks, marker = tmp_path / "marks", tmp_path / "fixed"
+    write_flow(
+        flows_dir,
+        "fragile",
+        f"  - {{id: first, type: test.mark, with: {{file: '{marks}'}}}}\n"
+        f"  - {{id: second, type: test.fail_until, with: {{exists: '{marker}', retryable: false}}}}\n"
+        f"  - {{id: third, type: test.mark, with: {{file: '{marks}'}}}}\n",
+    )
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    execution_id = await enqueue(queue, catalog, "fragile")
+
+    meta = await settled(queue, execution_id)
+    assert meta["status"] == "failed"
+    assert meta["error"]["node"] == "second" and meta["error"]["code"] == "test-missing"
+    [letter] = await queue.dead_letters()
+    assert (letter["e"], letter["node"], letter["code"]) == (execution_id, "second", "test-missing")
+    assert "is missing" in letter["message"]
+
+    marker.touch()
+    assert await replay(queue, execution_id) is not None
+    assert await queue.dead_letters() == []
+    meta = await settled(queue, execution_id)
+
+    assert meta["status"] == "succeeded"
+    ran = [line.split()[1] for line in lines(marks) if " start" in line]
+    assert ran == ["first", "third"]  # `first` finished before the failure and was not run again
+
+
+async def test_exhausted_attempts_fail_the_execution(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+    write_flow(
+        flows_dir,
+        "doomed",
+        f"  - {{id: call, type: test.fail_until, with: {{exists: '{tmp_path / 'never'}'}}, retry: {{max_attempts: 3, backoff: 10ms}}}}\n",
+    )
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    execution_id = await enqueue(queue, catalog, "doomed")
+
+    meta = await settled(queue, execution_id)
+
+    execution = await load_execution(queue, execution_id)
+    assert meta["status"] == "failed"
+    assert execution is not None and execution.nodes["call"].attempts == 3
+    assert [letter["e"] for letter in await queue.dead_letters()] == [execution_id]
+
+
+async def test_a_message_delivered_too_often_is_dead_lettered_as_poison(queue, flows_dir, catalog_factory, start_worker):
+    write_flow(flows_dir, "calm", "  - {id: a, type: test.noop}\n")
+    catalog = catalog_factory(flows_dir)
+    execution_id = await enqueue(queue, catalog, "calm")
+    # as if earlier workers had picked it up and died each time
+    await queue.redis.hset(queue.keys.execution(execution_id), "d", queue.max_deliveries)
+
+    await start_worker(catalog)
+    meta = await settled(queue, execution_id)
+
+    assert meta["status"] == "failed" and meta["error"]["code"] == "poison"
+    assert [letter["code"] for letter in await queue.dead_letters()] == ["poison"]
+
+
+async def test_a_delay_node_parks_the_execution_until_it_is_due(queue, flows_dir, catalog_factory, start_worker):
+    write_flow(flows_dir, "later", "  - {id: wait, type: delay, with: {for: 400ms}}\n  - {id: after, type: test.noop}\n")
+    catalog = catalog_factory(flows_dir)
+    worker = await start_worker(catalog, concurrency=1)
+    started = time.time()
+    execution_id = await enqueue(queue, catalog, "later")
+
+    async def parked() -> bool:
+        return await queue.redis.zscore(queue.keys.delayed, execution_id) is not None
+
+    await wait_for(parked)
+    assert worker.in_flight == {}
+    meta = await settled(queue, execution_id)
+
+    assert meta["status"] == "succeeded"
+    assert meta["finished_at"] - started >= 0.4
+
+
+async def test_an_execution_finishes_on_the_flow_version_it_started_with(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+    marks = tmp_path / "marks"
+    path = write_flow(flows_dir, "versioned", "  - {id: wait, type: delay, with: {for: 300ms}}\n  - {id: v1, type: test.noop}\n")
+    catalog = catalog_factory(flows_dir)
+    execution_id = await enqueue(queue, catalog, "versioned")
+    await start_worker(catalog)
+
+    async def parked() -> bool:
+        return await queue.redis.zscore(queue.keys.delayed, execution_id) is not None
+
+    await wait_for(parked)
+    path.write_text(
+        "flow: versioned\ntrigger: {type: webhook}\nnodes:\n"
+        f"  - {{id: wait, type: delay, with: {{for: 1ms}}}}\n  - {{id: v2, type: test.mark, with: {{file: '{marks}'}}}}\n"
+    )
+    assert catalog.reload()
+    assert "v2" in catalog.get("versioned").nodes  # type: ignore[union-attr]
+
+    await settled(queue, execution_id)
+    execution = await load_execution(queue, execution_id)
+    assert execution is not None and set(execution.nodes) == {"wait", "v1"}
+    assert not marks.exists()
+
+
+async def test_leases_are_renewed_while_a_long_node_runs(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+    marks = tmp_path / "marks"
+    write_flow(flows_dir, "long", f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 1.6}}, timeout: 10s}}\n")
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog, visibility_timeout=0.6)
+    await start_worker(catalog, visibility_timeout=0.6)  # a second worker that would steal an expired lease
+    execution_id = await enqueue(queue, catalog, "long")
+
+    meta = await settled(queue, execution_id)
+
+    assert meta["status"] == "succeeded"
+    assert [line.rsplit(" ", 1)[0] for line in lines(marks) if " start" in line] == [f"{execution_id} slow start"]
