@@ -21,9 +21,9 @@ class HttpRequest(Node):
     retry = RetryPolicy(max_attempts=3, backoff=1.0, max_backoff=60.0)
 
     class Config(NodeConfig):
-        method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+        method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = Field("GET", description="HTTP method.")
         url: str = Field(pattern=r"^https?://", description="Absolute http(s) URL.")
-        headers: dict[str, str] = Field(default_factory=dict)
+        headers: dict[str, str] = Field(default_factory=dict, description="Request headers.")
         json_: Any = Field(None, alias="json", description="JSON body.")
         body: str | None = Field(None, description="Raw text body.")
         timeout: Duration = Field(10.0, description="Timeout of one request.")

@@ -1,0 +1,103 @@
+"""`flowchat serve` as a user runs it: embedded Redis, hot reload, health."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+from conftest import ROOT, daemon_env, wait_for
+
+from engine.catalog import Catalog
+from engine.redis_server import free_port
+
+FLOW = """flow: {name}
+trigger: {{type: webhook, path: {path}}}
+nodes:
+  - {{id: hello, type: set, with: {{values: {{version: {version}}}}}}}
+"""
+
+
+def embedded_env(data_dir: Path) -> dict[str, str]:
+    env = daemon_env("unused")
+    del env["FLOWCHAT_REDIS_URL"]
+    env["FLOWCHAT_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+async def post(port: int, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as http, http.post(f"http://127.0.0.1:{port}/hooks/{path}", json=body) as response:
+        return response.status, json.loads(await response.text())
+
+
+async def test_embedded_redis_keeps_accepted_executions_across_a_restart(flows_dir, processes, tmp_path):
+    (flows_dir / "kept.yaml").write_text(FLOW.format(name="kept", path="kept", version=1))
+    data_dir, port = tmp_path / "data", free_port()
+    env = embedded_env(data_dir)
+    ingress_only = processes.start("serve", "--flows", str(flows_dir), "--port", str(port), "--no-workers", env=env)
+
+    status, body = await post(port, "kept", {"who": "ada"})
+    assert status == 202
+    execution_id = str(body["execution_id"])
+    shown = cli("executions", "show", execution_id, "--json", env=env)
+    assert json.loads(shown.stdout)["status"] == "queued"
+    ingress_only.terminate()
+    assert ingress_only.wait(15) == 0
+    assert (data_dir / "appendonlydir").is_dir() or (data_dir / "appendonly.aof").exists()
+
+    processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=env)
+
+    def succeeded() -> bool:
+        result = cli("executions", "show", execution_id, "--json", env=env)
+        return result.returncode == 0 and json.loads(result.stdout)["status"] == "succeeded"
+
+    await wait_for(succeeded, timeout=30, interval=0.3)
+
+
+async def test_flows_reload_without_a_restart_and_a_broken_edit_keeps_the_previous_version(
+    redis_url, flows_dir, processes, tmp_path
+):
+    port = free_port()
+    (flows_dir / "first.yaml").write_text(FLOW.format(name="first", path="first", version=1))
+    serve = processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=daemon_env(redis_url))
+
+    async def answers(path: str, expected: int) -> bool:
+        return (await post(port, path, {}))[0] == expected
+
+    # added
+    (flows_dir / "second.yaml").write_text(FLOW.format(name="second", path="second", version=1))
+    await wait_for(lambda: answers("second", 202))
+    # edited: the webhook moves to a new path
+    (flows_dir / "second.yaml").write_text(FLOW.format(name="second", path="moved", version=2))
+    await wait_for(lambda: answers("moved", 202))
+    assert (await post(port, "second", {}))[0] == 404
+    # a broken edit is rejected and the previous version keeps serving
+    (flows_dir / "second.yaml").write_text("flow: second\ntrigger: {type: webhook, path: broken\nnodes: [\n")
+    await wait_for(lambda: "second.yaml" in processes.log_of(serve) and "rejected" in processes.log_of(serve))
+    assert (await post(port, "moved", {}))[0] == 202
+    assert "yaml-syntax" in processes.log_of(serve)
+    # removed
+    (flows_dir / "second.yaml").unlink()
+    await wait_for(lambda: answers("moved", 404))
+    assert (await post(port, "first", {}))[0] == 202
+
+
+def test_catalog_reload_reports_what_changed(flows_dir, registry):
+    catalog = Catalog(flows_dir, registry)
+    assert catalog.reload() is False
+    (flows_dir / "a.yaml").write_text(FLOW.format(name="a", path="a", version=1))
+    assert catalog.reload() is True
+    assert catalog.reload() is False  # nothing new
+    version = catalog.get("a").version  # type: ignore[union-attr]
+    (flows_dir / "a.yaml").write_text(FLOW.format(name="a", path="a", version=2) + "\n")
+    assert catalog.reload() is True
+    assert catalog.get("a").version != version  # type: ignore[union-attr]
+    (flows_dir / "b.yaml").write_text(FLOW.format(name="a", path="b", version=1))
+    assert catalog.reload() is False
+    assert "already served" in str(catalog.problems[flows_dir / "b.yaml"][0])
