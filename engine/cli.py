@@ -180,13 +180,19 @@ def worker(args: argparse.Namespace) -> int:
 
 def _with_queue(action: Callable[[Any], Any]) -> Any:
     """Run ``action(queue)`` against the configured Redis, or the embedded one."""
+    from redis.exceptions import RedisError
+
     from engine.daemon import operator_queue
 
     async def go() -> Any:
         async with operator_queue() as queue:
             return await action(queue)
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except (RedisError, OSError, FlowChatError) as exc:
+        print(f"error: cannot reach the queue's Redis: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
 
 
 @command("executions")
@@ -244,6 +250,8 @@ def dlq(args: argparse.Namespace) -> int:
     replayed = _with_queue(replay_all)
     for execution_id in replayed:
         print(f"replayed {execution_id}")
+    if not replayed:
+        print("error: nothing replayed: no failed execution with that id", file=sys.stderr)
     return 0 if replayed else 1
 
 
@@ -276,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--plugins", metavar="DIR", help="plugins folder (default: $FLOWCHAT_PLUGINS or ./plugins)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for serve/worker)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = _Described(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     p = sub.add_parser("validate", help="check flow files and report every problem with file:line:col")
     p.add_argument("paths", nargs="+", metavar="PATH", help="flow files or folders of them")
@@ -306,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _daemon_options(p)
 
     p = sub.add_parser("executions", help="inspect executions stored in the queue")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = _Described(p.add_subparsers(dest="action", required=True, metavar="ACTION"))
     a = actions.add_parser("list", help="recent executions, newest first")
     a.add_argument("--flow", help="only this flow")
     a.add_argument("--status", choices=["queued", "running", "waiting", "succeeded", "failed"], help="only this status")
@@ -317,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true")
 
     p = sub.add_parser("dlq", help="dead letters: failed and poison executions")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = _Described(p.add_subparsers(dest="action", required=True, metavar="ACTION"))
     a = actions.add_parser("list", help="every dead letter with its error")
     a.add_argument("--json", action="store_true")
     a = actions.add_parser("replay", help="queue a dead execution again; it resumes at its failed node")
@@ -327,10 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("id")
 
     p = sub.add_parser("queue", help="queue state")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = _Described(p.add_subparsers(dest="action", required=True, metavar="ACTION"))
     a = actions.add_parser("stats", help="ready, delayed, in flight and dead counts, and per-flow totals")
     a.add_argument("--json", action="store_true")
     return parser
+
+
+class _Described:
+    """Subparsers whose one-line help is also the description `SUB --help` prints."""
+
+    def __init__(self, subparsers: Any) -> None:
+        self.subparsers = subparsers
+
+    def add_parser(self, name: str, *, help: str) -> argparse.ArgumentParser:
+        return self.subparsers.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
 
 
 def _daemon_options(parser: argparse.ArgumentParser) -> None:

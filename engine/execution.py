@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 NodeStatus = Literal["pending", "ok", "failed", "skipped", "waiting"]
@@ -68,7 +68,9 @@ class Execution:
         return min(waits) if waits else None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = dict(self.__dict__)
+        data["nodes"] = {node_id: dict(run.__dict__) for node_id, run in self.nodes.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Execution:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from engine.node import Node, RetryPolicy
@@ -23,6 +25,8 @@ class FlowNode:
     when: Template | bool | None
     retry: RetryPolicy
     timeout: float
+    static_config: Any = None
+    """The validated Config when ``with`` has no templates: built once, at load time."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class Flow:
     @property
     def name(self) -> str:
         return self.spec.flow
+
+    @cached_property
+    def directory(self) -> Path:
+        """The folder of the flow file: relative paths in node configs start here."""
+        return Path(self.file).parent
 
     @property
     def trigger(self) -> Any:

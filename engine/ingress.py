@@ -102,10 +102,14 @@ async def webhook(request: web.Request) -> web.Response:
 async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise HttpProblem(413, f"body of {request.content_length} bytes is over the limit of {limit}")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise HttpProblem(413, f"body is over the limit of {limit} bytes")
-    return body
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise HttpProblem(413, f"body is over the limit of {limit} bytes")
+    return b"".join(chunks)
 
 
 def _authenticate(request: web.Request, raw: bytes, secret_env: str | None, token_env: str | None) -> None:

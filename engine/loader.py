@@ -155,6 +155,7 @@ class _FlowBuilder:
         for path, error in template_errors:
             self._problem(path, error.code, f"node {spec.id!r}: {error.message}")
         templates = list(iter_templates(config, (*base, "with")))
+        templates_in_config = bool(templates)
         if isinstance(when, Template):
             templates.append(((*base, "when"), when))
         self._check_references(spec.id, templates, needs)
@@ -169,6 +170,7 @@ class _FlowBuilder:
             when=when,
             retry=spec.retry or cls.retry,
             timeout=spec.timeout if spec.timeout is not None else cls.timeout,
+            static_config=None if templates_in_config else _static_config(cls.Config, spec.with_),
         )
 
     def _node_type(self, base: DocPath, spec: NodeSpec) -> Any:
@@ -247,6 +249,13 @@ class _FlowBuilder:
 
     def _problem(self, path: DocPath, code: str, message: str, *, key: bool = False) -> None:
         self.problems.append(self.document.error(path, code, message, key=key))
+
+
+def _static_config(config_model: type[BaseModel], raw: dict[str, Any]) -> BaseModel | None:
+    try:
+        return config_model.model_validate(raw)
+    except ValidationError:
+        return None  # already reported by _check_config
 
 
 def _known_keys_only(raw: Any) -> NodeSpec | None:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.durations import Duration
 from engine.errors import PluginError
+from engine.logs import logger_for
 from engine.services import Services
 
 _REGISTERED = "__flowchat_node__"
@@ -86,13 +87,17 @@ class NodeContext:
     trigger: dict[str, Any]
     vars: dict[str, Any]
     services: Services
-    log: logging.LoggerAdapter[logging.Logger]
     first_started_at: float
     flow_dir: Path = Path(".")
     heartbeat: Callable[[], Awaitable[None]] = _no_heartbeat
 
     def now(self) -> float:
         return self.services.clock()
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose lines carry the execution and node ids (phone numbers masked)."""
+        return logger_for(self.execution_id, self.node_id)
 
 
 class Node:

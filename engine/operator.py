@@ -30,8 +30,8 @@ async def load_execution(queue: Queue, execution_id: str) -> Execution | None:
 async def replay(queue: Queue, execution_id: str, *, version: str | None = None) -> Execution | None:
     """Put a failed execution back on the queue; it resumes at its failed node."""
     execution = await load_execution(queue, execution_id)
-    if execution is None:
-        return None
+    if execution is None or execution.status != "failed":
+        return None  # only a failed (dead) execution is replayed; anything else is still owned by the queue
     for run in execution.nodes.values():
         if run.status in ("failed", "waiting") or (run.status == "pending" and run.attempts):
             run.status, run.attempts, run.error, run.wake_at, run.finished_at = "pending", 0, None, None, None

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 
 class Pipeliner:
@@ -43,11 +45,8 @@ class Pipeliner:
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for command, _ in batch:
-            pipe.execute_command(*command)
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self.round_trip([command for command, _ in batch])
         except Exception as exc:  # connection-level failure: every caller gets it
             for _, future in batch:
                 if not future.done():
@@ -60,3 +59,22 @@ class Pipeliner:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    async def round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` now, in one write (packed by hiredis); replies are raw, errors returned in place."""
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(b"".join(hiredis.pack_command(command) for command in commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as error:
+                    replies.append(error)
+            return replies
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)

@@ -27,6 +27,7 @@ Guarantees:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +49,14 @@ if ARGV[5] == '1' then
   if first then return {first, 0} end
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
 end
-redis.call('HSET', KEYS[2], 'm', ARGV[2])
+redis.call('HSET', KEYS[2], 'm', ARGV[2], 's', ARGV[6])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[1])
 return {ARGV[1], 1}
 """
 
 _FINISH = """
-redis.call('HSET', KEYS[1], 'm', ARGV[2])
+redis.call('HSET', KEYS[1], 's', ARGV[2])
 redis.call('XACK', KEYS[2], ARGV[9], ARGV[1])
 redis.call('XDEL', KEYS[2], ARGV[1])
 if ARGV[3] == 'wait' then
@@ -63,8 +64,10 @@ if ARGV[3] == 'wait' then
   redis.call('HSET', KEYS[1], 'd', 0)
 elseif ARGV[3] == 'dead' then
   redis.call('XADD', KEYS[4], '*', 'e', ARGV[5], 'flow', ARGV[6], 'node', ARGV[7], 'code', ARGV[8], 'message', ARGV[10])
+  redis.call('HINCRBY', KEYS[5], 'dead:' .. ARGV[6], 1)
 end
 if ARGV[11] ~= '' then redis.call('HINCRBY', KEYS[5], ARGV[11], 1) end
+for i = 13, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[3] ~= 'wait' and tonumber(ARGV[12]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[12]) end
 return 1
 """
@@ -79,7 +82,7 @@ return #due
 """
 
 _REQUEUE = """
-redis.call('HSET', KEYS[1], 'm', ARGV[2])
+redis.call('HSET', KEYS[1], 's', ARGV[2])
 for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'd', 0)
 redis.call('PERSIST', KEYS[1])
@@ -110,10 +113,26 @@ def dumps(value: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
+_FIXED = ("id", "flow", "trigger", "created_at")
+_CHANGING = ("flow_version", "status", "started_at", "finished_at", "error")
+
+
 def _meta(execution: Execution) -> str:
-    data = execution.to_dict()
-    del data["nodes"]
-    return dumps(data)
+    """What never changes after enqueue (field ``m``)."""
+    return dumps({name: getattr(execution, name) for name in _FIXED})
+
+
+def _state(execution: Execution) -> str:
+    """What changes as the execution runs (field ``s``): small, rewritten on each hand-off."""
+    return dumps({name: getattr(execution, name) for name in _CHANGING})
+
+
+def _merge(fields: dict[str, Any]) -> dict[str, Any] | None:
+    if fields.get("m") is None:
+        return None
+    meta = orjson.loads(fields["m"])
+    meta.update(orjson.loads(fields["s"]) if fields.get("s") else {})
+    return meta
 
 
 def execution_from_parts(
@@ -169,12 +188,39 @@ class Queue:
         execution = Execution(new_execution_id(), flow, version, trigger, {}, status="queued")
         dedupe = self.keys.dedupe(f"{flow}:{idempotency_key}") if idempotency_key else self.keys.dedupe("-")
         keys = [dedupe, self.keys.execution(execution.id), self.keys.ready, self.keys.index]
-        args: list[Any] = [execution.id, _meta(execution), execution.created_at, DEDUPE_TTL, "1" if idempotency_key else "0"]
+        args: list[Any] = [
+            execution.id,
+            _meta(execution),
+            execution.created_at,
+            DEDUPE_TTL,
+            "1" if idempotency_key else "0",
+            _state(execution),
+        ]
         try:
             execution_id, created = await self._enqueue(keys=keys, args=args)
         except RedisError as exc:
             raise QueueError(f"cannot enqueue: {exc}") from exc
         return _text(execution_id), bool(created)
+
+    async def enqueue_many(self, flow: str, version: str, triggers: list[dict[str, Any]]) -> list[str]:
+        """Store and queue many executions in one round trip (no idempotency keys)."""
+        await self.redis.script_load(_ENQUEUE)
+        commands: list[tuple[Any, ...]] = []
+        ids = []
+        for trigger in triggers:
+            execution = Execution(new_execution_id(), flow, version, trigger, {}, status="queued")
+            keys = (self.keys.dedupe("-"), self.keys.execution(execution.id), self.keys.ready, self.keys.index)
+            args = (execution.id, _meta(execution), execution.created_at, 0, "0", _state(execution))
+            commands.append(("EVALSHA", self._enqueue.sha, len(keys), *keys, *args))
+            ids.append(execution.id)
+        try:
+            replies = await self.pipeliner.round_trip(commands)
+        except RedisError as exc:
+            raise QueueError(f"cannot enqueue: {exc}") from exc
+        failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+        if failed is not None:
+            raise QueueError(f"cannot enqueue: {failed}")
+        return ids
 
     # --- workers --------------------------------------------------------------------
 
@@ -184,19 +230,20 @@ class Queue:
 
     async def load(self, deliveries: list[Delivery]) -> list[Loaded]:
         """Count a delivery and fetch the state of each execution, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
+        commands: list[tuple[Any, ...]] = []
         for delivery in deliveries:
             key = self.keys.execution(delivery.execution_id)
-            pipe.hincrby(key, "d", 1)
-            pipe.hgetall(key)
-        replies = await pipe.execute()
+            commands += [("HINCRBY", key, "d", 1), ("HGETALL", key)]
+        replies = await self.pipeliner.round_trip(commands)
         loaded = []
         for index, delivery in enumerate(deliveries):
-            count, fields = replies[2 * index], replies[2 * index + 1]
-            fields = {_text(key): value for key, value in fields.items()}
-            meta = orjson.loads(fields["m"]) if "m" in fields else None
+            count, flat = replies[2 * index], replies[2 * index + 1]
+            for reply in (count, flat):
+                if isinstance(reply, Exception):
+                    raise reply
+            fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
             nodes = {key[2:]: orjson.loads(value) for key, value in fields.items() if key.startswith("n:")}
-            loaded.append(Loaded(delivery, meta, nodes, int(count)))
+            loaded.append(Loaded(delivery, _merge(fields), nodes, int(count)))
         return loaded
 
     async def checkpoint(self, execution: Execution, run: NodeRun) -> None:
@@ -207,10 +254,12 @@ class Queue:
         except RedisError as exc:
             raise QueueError(f"cannot checkpoint: {exc}") from exc
 
-    async def finish(self, delivery: Delivery, execution: Execution, *, dead: dict[str, str] | None = None) -> None:
-        """Record the outcome, acknowledge the delivery, and park or dead-letter as needed."""
+    async def finish(
+        self, delivery: Delivery, execution: Execution, *, dead: dict[str, str] | None = None, runs: Iterable[NodeRun] = ()
+    ) -> None:
+        """Record the outcome (and ``runs`` not yet checkpointed), acknowledge, park or dead-letter, atomically."""
         if dead is not None:
-            outcome, counter = "dead", f"dead:{execution.flow}"
+            outcome, counter = "dead", f"failed:{execution.flow}"
         elif execution.status == "waiting":
             outcome, counter = "wait", ""
         else:
@@ -225,7 +274,7 @@ class Queue:
         ]
         args = [
             delivery.message_id,
-            _meta(execution),
+            _state(execution),
             outcome,
             execution.wake_at or 0,
             execution.id,
@@ -237,6 +286,8 @@ class Queue:
             counter,
             RETENTION,
         ]
+        for run in runs:
+            args += [f"n:{run.id}", dumps(run.__dict__)]
         try:
             await self.pipeliner.execute("EVALSHA", self._finish.sha, len(keys), *keys, *args)
         except NoScriptError:  # Redis restarted and lost its script cache
@@ -276,24 +327,26 @@ class Queue:
         for run in execution.nodes.values():
             node_fields += [f"n:{run.id}", dumps(run.__dict__)]
         keys = [self.keys.execution(execution.id), self.keys.ready]
-        await self._requeue(keys=keys, args=[execution.id, _meta(execution), *node_fields])
+        await self._requeue(keys=keys, args=[execution.id, _state(execution), *node_fields])
 
     # --- operators ------------------------------------------------------------------
 
     async def get(self, execution_id: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
         raw: dict[Any, Any] = await self.redis.hgetall(self.keys.execution(execution_id))  # type: ignore[misc]
         fields = {_text(key): value for key, value in raw.items()}
-        if "m" not in fields:
+        meta = _merge(fields)
+        if meta is None:
             return None
         nodes = {key[2:]: orjson.loads(value) for key, value in fields.items() if key.startswith("n:")}
-        return orjson.loads(fields["m"]), nodes
+        return meta, nodes
 
     async def recent(self, limit: int) -> list[dict[str, Any]]:
         ids = [_text(i) for i in await self.redis.zrevrange(self.keys.index, 0, max(limit, 1) * 20)]
         pipe = self.redis.pipeline(transaction=False)
         for execution_id in ids:
-            pipe.hget(self.keys.execution(execution_id), "m")
-        return [orjson.loads(meta) for meta in await pipe.execute() if meta]
+            pipe.hmget(self.keys.execution(execution_id), ["m", "s"])
+        merged = (_merge({"m": m, "s": s}) for m, s in await pipe.execute())
+        return [meta for meta in merged if meta is not None]
 
     async def dead_letters(self, count: int = 1000) -> list[dict[str, str]]:
         entries = await self.redis.xrange(self.keys.dead, count=count)

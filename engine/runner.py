@@ -20,7 +20,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -70,9 +69,12 @@ class Runner:
         running: dict[asyncio.Task[None], str] = {}
         try:
             while True:
-                failed = any(run.status == "failed" for run in execution.nodes.values())
-                if not failed:
-                    await self._start_ready(flow, execution, running)
+                ready = [] if self._failed(execution) else await self._ready(flow, execution, set(running.values()))
+                if len(ready) == 1 and not running:
+                    await self._run_node(flow, execution, ready[0])  # a linear step needs no task
+                    continue
+                for node in ready:
+                    running[asyncio.create_task(self._run_node(flow, execution, node))] = node.id
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -87,18 +89,26 @@ class Runner:
         self._settle(execution)
         return execution
 
-    async def _start_ready(self, flow: Flow, execution: Execution, running: dict[asyncio.Task[None], str]) -> None:
-        busy = set(running.values())
-        for node in flow.nodes.values():
-            run = execution.nodes[node.id]
-            if run.finished or node.id in busy or not self._needs_met(node, execution):
-                continue
-            if node.needs and all(execution.nodes[need].status == "skipped" for need in node.needs):
-                await self._finish(execution, run, "skipped", output=None)
-                continue
-            if run.status == "waiting" and self.defer_waits and (run.wake_at or 0) > self.services.clock():
-                continue
-            running[asyncio.create_task(self._run_node(flow, execution, node))] = node.id
+    @staticmethod
+    def _failed(execution: Execution) -> bool:
+        return any(run.status == "failed" for run in execution.nodes.values())
+
+    async def _ready(self, flow: Flow, execution: Execution, busy: set[str]) -> list[FlowNode]:
+        """Nodes that can start now; nodes whose needs were all skipped are skipped on the way."""
+        while True:
+            ready: list[FlowNode] = []
+            skipped_any = False
+            for node in flow.nodes.values():
+                run = execution.nodes[node.id]
+                if run.finished or node.id in busy or not self._needs_met(node, execution):
+                    continue
+                if node.needs and all(execution.nodes[need].status == "skipped" for need in node.needs):
+                    await self._finish(execution, run, "skipped", output=None)
+                    skipped_any = True
+                elif not (run.status == "waiting" and self.defer_waits and (run.wake_at or 0) > self.services.clock()):
+                    ready.append(node)
+            if not skipped_any:  # a skip can unblock a node declared above it: look again
+                return ready
 
     @staticmethod
     def _needs_met(node: FlowNode, execution: Execution) -> bool:
@@ -172,9 +182,10 @@ class Runner:
         return None
 
     async def _execute(self, node: FlowNode, ctx: NodeContext, context: dict[str, Any]) -> dict[str, Any]:
-        rendered = render_tree(node.config, context)
+        config = node.static_config
         try:
-            config = node.node.Config.model_validate(rendered)
+            if config is None:
+                config = node.node.Config.model_validate(render_tree(node.config, context))
         except ValidationError as exc:
             fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'with'}: {e['msg']}" for e in exc.errors())
             raise NodeConfigError(f"rendered config is invalid: {fields}") from exc
@@ -198,9 +209,8 @@ class Runner:
             trigger=execution.trigger,
             vars=flow.vars,
             services=self.services,
-            log=logger_for(execution.id, node.id),
             first_started_at=run.started_at or self.services.clock(),
-            flow_dir=Path(flow.file).parent,
+            flow_dir=flow.directory,
             heartbeat=self.heartbeat,
         )
 

@@ -81,8 +81,10 @@ class Scheduler:
             tick = due[-1]
             payload = {**trigger.payload, "tick": datetime.fromtimestamp(tick, UTC).isoformat(), "missed": len(due) - 1}
             await self.queue.store_flow_source(flow.name, flow.version, flow.source)
+            # keyed by wall-clock time: a tick repeated by a DST fall-back fires once, as cron does
+            wall = datetime.fromtimestamp(tick, ZoneInfo(trigger.timezone)).replace(tzinfo=None).isoformat()
             execution_id, created = await self.queue.enqueue(
-                flow.name, flow.version, payload, idempotency_key=f"tick:{int(tick)}"
+                flow.name, flow.version, payload, idempotency_key=f"tick:{wall}"
             )
             await self.queue.redis.set(key, tick)
             if created:

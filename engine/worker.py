@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from engine.catalog import Catalog
 from engine.errors import FlowChatError
@@ -69,6 +69,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.runner = Runner(services, checkpoint=self._checkpoint, defer_waits=True)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self._unsaved: dict[str, list[NodeRun]] = {}
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
 
@@ -114,6 +115,11 @@ class Worker:
                 if deliveries:
                     await self._dispatch(deliveries)
                 backoff.reset()
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("the consumer group is gone (Redis flushed or lost its data); recreating it")
+                await self.queue.setup()
             except (RedisError, OSError) as exc:
                 await backoff.wait(f"reading the queue: {exc}")
 
@@ -161,8 +167,10 @@ class Worker:
         try:
             await self._execute_loaded(loaded)
         except (RedisError, OSError, FlowChatError) as exc:
+            self._unsaved.pop(delivery.execution_id, None)
             log.warning("%s left for take-over: %s", delivery.execution_id, exc)
         except Exception:
+            self._unsaved.pop(delivery.execution_id, None)
             log.exception("%s crashed the worker task; left for take-over", delivery.execution_id)
 
     async def _execute_loaded(self, loaded: Loaded) -> None:
@@ -191,29 +199,29 @@ class Worker:
             )
             return
         if execution.started_at is None:
-            self.metrics.executions.labels(flow.name, "started").inc()
+            self.metrics.execution_event(flow.name, "started")
         execution = await self.runner.run(flow, execution)
         await self._settle(delivery, flow, execution)
 
     async def _settle(self, delivery: Delivery, flow: Flow, execution: Execution) -> None:
         if execution.status == "failed":
             error = execution.error or {}
-            self.metrics.executions.labels(flow.name, "failed").inc()
+            self.metrics.execution_event(flow.name, "failed")
             dead = {
                 "node": str(error.get("node", "")),
                 "code": str(error.get("code", "")),
                 "message": str(error.get("message", "")),
             }
-            await self.queue.finish(delivery, execution, dead=dead)
+            await self.queue.finish(delivery, execution, dead=dead, runs=self._unsaved.pop(execution.id, ()))
             return
         if execution.status == "waiting" and any(
             run.error for run in execution.nodes.values() if run.status == "waiting"
         ):
-            self.metrics.executions.labels(flow.name, "retried").inc()
+            self.metrics.execution_event(flow.name, "retried")
             await self.queue.count("retried", flow.name)
         elif execution.status == "succeeded":
-            self.metrics.executions.labels(flow.name, "succeeded").inc()
-        await self.queue.finish(delivery, execution)
+            self.metrics.execution_event(flow.name, "succeeded")
+        await self.queue.finish(delivery, execution, runs=self._unsaved.pop(execution.id, ()))
 
     async def _dead(self, delivery: Delivery, execution: Execution, code: str, message: str, node: str = "") -> None:
         log.error("%s dead-lettered: [%s] %s", execution.id, code, message)
@@ -223,7 +231,11 @@ class Worker:
 
     async def _checkpoint(self, execution: Execution, run: NodeRun) -> None:
         if run.finished or run.status == "waiting":
-            self.metrics.node_duration.labels(run.type, run.status).observe(run.duration_ms / 1000)
+            self.metrics.node_ran(run.type, run.status, run.duration_ms / 1000)
+        if all(other.finished for other in execution.nodes.values()):
+            # the last node: its state is written atomically with the outcome, one round trip less
+            self._unsaved.setdefault(execution.id, []).append(run)
+            return
         await self.queue.checkpoint(execution, run)
 
 

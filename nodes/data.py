@@ -31,7 +31,9 @@ class Log(Node):
 
     class Config(NodeConfig):
         message: str = Field(description="The line to log; a template.")
-        level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug, info, warning or error.")
+        level: Literal["debug", "info", "warning", "error"] = Field(
+            "info", description="debug, info, warning or error."
+        )
 
     async def run(self, ctx: NodeContext, config: Config) -> dict[str, Any]:
         ctx.log.log(logging.getLevelName(config.level.upper()), "%s", config.message)

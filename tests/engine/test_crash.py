@@ -27,7 +27,9 @@ def mark_flow(folder: Path, name: str, marks: Path, extra_nodes: str = "", trigg
 
 def starts(marks: Path) -> Counter[tuple[str, str]]:
     text = marks.read_text() if marks.exists() else ""
-    return Counter((parts[0], parts[1]) for parts in (line.split() for line in text.splitlines()) if parts[2] == "start")
+    return Counter(
+        (parts[0], parts[1]) for parts in (line.split() for line in text.splitlines()) if parts[2] == "start"
+    )
 
 
 async def counter(queue: Queue, name: str) -> int:
@@ -39,20 +41,22 @@ async def enqueue_many(queue: Queue, flow_file: Path, count: int) -> list[str]:
     from engine.loader import load_flow
     from engine.registry import load_registry
 
-    flow = load_flow(flow_file, load_registry(Path(__file__).parent.parent / "fixtures" / "plugins", entry_points=False))
+    flow = load_flow(
+        flow_file, load_registry(Path(__file__).parent.parent / "fixtures" / "plugins", entry_points=False)
+    )
     await queue.store_flow_source(flow.name, flow.version, flow.source)
-    ids = await asyncio.gather(*(queue.enqueue(flow.name, flow.version, {"n": n}) for n in range(count)))
-    return [execution_id for execution_id, _ in ids]
+    return await queue.enqueue_many(flow.name, flow.version, [{"n": n} for n in range(count)])
 
 
-async def test_two_worker_processes_drain_2000_executions_each_exactly_once(queue, redis_url, flows_dir, processes, tmp_path):
+async def test_two_worker_processes_drain_2000_executions_each_exactly_once(
+    queue, redis_url, flows_dir, processes, tmp_path
+):
     marks = tmp_path / "marks"
     mark_flow(flows_dir, "bulk", marks)
-    ids = await enqueue_many(queue, flows_dir / "bulk.yaml", 2000)
     env = daemon_env(redis_url)
-
     first = processes.start("worker", "--flows", str(flows_dir), "--concurrency", "16", env=env)
     second = processes.start("worker", "--flows", str(flows_dir), "--concurrency", "16", env=env)
+    ids = await enqueue_many(queue, flows_dir / "bulk.yaml", 2000)
 
     async def all_done() -> bool:
         return await counter(queue, "succeeded:bulk") >= 2000
@@ -129,7 +133,9 @@ async def test_queued_and_delayed_executions_survive_a_redis_restart(private_red
     await client.aclose()
 
 
-async def test_ingress_answers_503_while_redis_is_down_and_everything_accepted_completes(private_redis, flows_dir, processes, tmp_path):
+async def test_ingress_answers_503_while_redis_is_down_and_everything_accepted_completes(
+    private_redis, flows_dir, processes, tmp_path
+):
     marks = tmp_path / "marks"
     mark_flow(flows_dir, "hooked", marks)
     port = free_port()
@@ -172,7 +178,9 @@ async def test_ingress_answers_503_while_redis_is_down_and_everything_accepted_c
 
 async def test_sigterm_drains_in_flight_work_and_exits_zero(queue, redis_url, flows_dir, processes, tmp_path):
     marks = tmp_path / "marks"
-    mark_flow(flows_dir, "draining", marks, f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 1.5}}}}\n")
+    mark_flow(
+        flows_dir, "draining", marks, f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 1.5}}}}\n"
+    )
     worker = processes.start("worker", "--flows", str(flows_dir), env=daemon_env(redis_url))
     [execution_id] = await enqueue_many(queue, flows_dir / "draining.yaml", 1)
     await wait_for(lambda: starts(marks)[(execution_id, "slow")] == 1)

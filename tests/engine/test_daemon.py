@@ -28,11 +28,16 @@ def embedded_env(data_dir: Path) -> dict[str, str]:
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 async def post(port: int, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
-    async with aiohttp.ClientSession() as http, http.post(f"http://127.0.0.1:{port}/hooks/{path}", json=body) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"http://127.0.0.1:{port}/hooks/{path}", json=body) as response,
+    ):
         return response.status, json.loads(await response.text())
 
 

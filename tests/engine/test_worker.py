@@ -70,9 +70,15 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-async def test_an_execution_runs_to_success_and_its_entry_is_acknowledged(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+async def test_an_execution_runs_to_success_and_its_entry_is_acknowledged(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
     marks = tmp_path / "marks"
-    write_flow(flows_dir, "two", f"  - {{id: a, type: test.mark, with: {{file: '{marks}'}}}}\n  - {{id: b, type: set, with: {{values: {{x: '{{{{ a.pid }}}}'}}}}}}\n")
+    write_flow(
+        flows_dir,
+        "two",
+        f"  - {{id: a, type: test.mark, with: {{file: '{marks}'}}}}\n  - {{id: b, type: set, with: {{values: {{x: '{{{{ a.pid }}}}'}}}}}}\n",
+    )
     catalog = catalog_factory(flows_dir)
     await start_worker(catalog)
     execution_id = await enqueue(queue, catalog, "two")
@@ -88,7 +94,9 @@ async def test_an_execution_runs_to_success_and_its_entry_is_acknowledged(queue,
     assert (await queue.redis.xpending(queue.keys.ready, GROUP))["pending"] == 0
 
 
-async def test_a_retryable_failure_waits_in_the_delayed_set_without_holding_a_worker(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+async def test_a_retryable_failure_waits_in_the_delayed_set_without_holding_a_worker(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
     marker = tmp_path / "ready"
     write_flow(
         flows_dir,
@@ -165,7 +173,9 @@ async def test_exhausted_attempts_fail_the_execution(queue, flows_dir, catalog_f
     assert [letter["e"] for letter in await queue.dead_letters()] == [execution_id]
 
 
-async def test_a_message_delivered_too_often_is_dead_lettered_as_poison(queue, flows_dir, catalog_factory, start_worker):
+async def test_a_message_delivered_too_often_is_dead_lettered_as_poison(
+    queue, flows_dir, catalog_factory, start_worker
+):
     write_flow(flows_dir, "calm", "  - {id: a, type: test.noop}\n")
     catalog = catalog_factory(flows_dir)
     execution_id = await enqueue(queue, catalog, "calm")
@@ -180,7 +190,9 @@ async def test_a_message_delivered_too_often_is_dead_lettered_as_poison(queue, f
 
 
 async def test_a_delay_node_parks_the_execution_until_it_is_due(queue, flows_dir, catalog_factory, start_worker):
-    write_flow(flows_dir, "later", "  - {id: wait, type: delay, with: {for: 400ms}}\n  - {id: after, type: test.noop}\n")
+    write_flow(
+        flows_dir, "later", "  - {id: wait, type: delay, with: {for: 400ms}}\n  - {id: after, type: test.noop}\n"
+    )
     catalog = catalog_factory(flows_dir)
     worker = await start_worker(catalog, concurrency=1)
     started = time.time()
@@ -197,9 +209,13 @@ async def test_a_delay_node_parks_the_execution_until_it_is_due(queue, flows_dir
     assert meta["finished_at"] - started >= 0.4
 
 
-async def test_an_execution_finishes_on_the_flow_version_it_started_with(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+async def test_an_execution_finishes_on_the_flow_version_it_started_with(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
     marks = tmp_path / "marks"
-    path = write_flow(flows_dir, "versioned", "  - {id: wait, type: delay, with: {for: 300ms}}\n  - {id: v1, type: test.noop}\n")
+    path = write_flow(
+        flows_dir, "versioned", "  - {id: wait, type: delay, with: {for: 300ms}}\n  - {id: v1, type: test.noop}\n"
+    )
     catalog = catalog_factory(flows_dir)
     execution_id = await enqueue(queue, catalog, "versioned")
     await start_worker(catalog)
@@ -223,7 +239,9 @@ async def test_an_execution_finishes_on_the_flow_version_it_started_with(queue, 
 
 async def test_leases_are_renewed_while_a_long_node_runs(queue, flows_dir, catalog_factory, start_worker, tmp_path):
     marks = tmp_path / "marks"
-    write_flow(flows_dir, "long", f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 1.6}}, timeout: 10s}}\n")
+    write_flow(
+        flows_dir, "long", f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 1.6}}, timeout: 10s}}\n"
+    )
     catalog = catalog_factory(flows_dir)
     await start_worker(catalog, visibility_timeout=0.6)
     await start_worker(catalog, visibility_timeout=0.6)  # a second worker that would steal an expired lease

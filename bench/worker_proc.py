@@ -1,0 +1,59 @@
+"""A worker process for benchmarks: the real Worker, plus a count of Redis round trips.
+
+Every network write of a command or a pipeline is one round trip; the count and the
+process's peak RSS are printed as JSON on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import signal
+import sys
+from pathlib import Path
+
+from redis.asyncio.connection import AbstractConnection
+
+from engine.catalog import Catalog
+from engine.daemon import redis_client
+from engine.keys import Keys
+from engine.queue import Queue
+from engine.registry import load_registry
+from engine.services import open_services
+from engine.worker import DelayedMover, Worker, WorkerSettings
+
+ROUND_TRIPS = {"count": 0}
+_send = AbstractConnection.send_packed_command
+
+
+async def _counting_send(self, command, check_health=True):  # type: ignore[no-untyped-def]
+    ROUND_TRIPS["count"] += 1
+    return await _send(self, command, check_health)
+
+
+AbstractConnection.send_packed_command = _counting_send  # type: ignore[method-assign]
+
+
+async def main(url: str, flows: str, concurrency: int) -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    catalog = Catalog(Path(flows), load_registry(entry_points=False))
+    catalog.reload()
+    redis = redis_client(url)
+    async with open_services() as services:
+        queue = Queue(redis, Keys())
+        worker = Worker(queue, catalog, services, WorkerSettings(concurrency=concurrency, block_ms=200))
+        mover = asyncio.create_task(DelayedMover(queue).run())
+        task = asyncio.create_task(worker.run())
+        print("ready", flush=True)
+        await stop.wait()
+        worker.stop()
+        await task
+        mover.cancel()
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"round_trips": ROUND_TRIPS["count"], "peak_rss_mb": rss_kb / 1024}), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))

@@ -1,0 +1,378 @@
+"""Operator commands (`executions`, `dlq`, `queue`) run as real CLI processes against real queue state.
+
+Executions are enqueued with the Queue API and run by an in-process Worker; the
+CLI runs as a user runs it, in a subprocess from the repo root, on the same Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT, daemon_env, wait_for
+
+from engine.catalog import Catalog
+from engine.flow import Flow
+from engine.queue import Queue
+from engine.services import Services
+from engine.worker import Worker, WorkerSettings
+
+Cli = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
+SETTLED = ("succeeded", "failed")
+
+
+@pytest.fixture
+def cli(redis_url: str) -> Cli:
+    """Run ``python -m engine.cli ARGS`` against the test Redis (without blocking the event loop)."""
+    env = daemon_env(redis_url)
+
+    async def run(*args: str) -> subprocess.CompletedProcess[str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "engine.cli",
+            *args,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode is not None
+        return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
+
+    return run
+
+
+@dataclass
+class Lab:
+    """Flows in a folder, a queue, and a worker to run what was enqueued."""
+
+    folder: Path
+    queue: Queue
+    catalog_factory: Callable[[Path], Catalog]
+    marks: Path
+    marker: Path
+
+    def catalog(self) -> Catalog:
+        catalog = self.catalog_factory(self.folder)
+        assert not catalog.problems, catalog.problems
+        return catalog
+
+    def flow(self, name: str) -> Flow:
+        flow = self.catalog().get(name)
+        assert flow is not None
+        return flow
+
+    async def enqueue(self, name: str, payload: dict[str, Any] | None = None) -> str:
+        flow = self.flow(name)
+        await self.queue.store_flow_source(flow.name, flow.version, flow.source)
+        execution_id, created = await self.queue.enqueue(flow.name, flow.version, payload or {})
+        assert created
+        return execution_id
+
+    async def status(self, execution_id: str) -> str | None:
+        stored = await self.queue.get(execution_id)
+        return None if stored is None else stored[0]["status"]
+
+    async def work(self, *execution_ids: str, until: tuple[str, ...] = SETTLED) -> None:
+        """Run a worker until every execution has reached one of ``until``."""
+        worker = Worker(
+            self.queue,
+            self.catalog(),
+            Services(),
+            WorkerSettings(concurrency=4, visibility_timeout=2, block_ms=100),
+        )
+        task = asyncio.create_task(worker.run())
+
+        async def settled() -> bool:
+            return all([await self.status(execution_id) in until for execution_id in execution_ids])
+
+        try:
+            await wait_for(settled, timeout=10)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 10)
+
+    def mark_lines(self, execution_id: str, node: str) -> list[str]:
+        if not self.marks.exists():
+            return []
+        return [line for line in self.marks.read_text().splitlines() if line.startswith(f"{execution_id} {node} ")]
+
+
+@pytest.fixture
+def lab(flows_dir: Path, queue: Queue, catalog_factory: Callable[[Path], Catalog], tmp_path: Path) -> Lab:
+    marks, marker = tmp_path / "marks.log", tmp_path / "gate-open"
+    flows = {
+        # succeeds: two nodes that leave a trace
+        "greet": [
+            {"id": "hello", "type": "test.mark", "with": {"file": str(marks)}},
+            {"id": "bye", "type": "test.noop"},
+        ],
+        # fails for good at `gate` until the marker file exists; `before` has finished by then
+        "fragile": [
+            {"id": "before", "type": "test.mark", "with": {"file": str(marks)}},
+            {"id": "gate", "type": "test.fail_until", "with": {"exists": str(marker), "retryable": False}},
+            {"id": "after", "type": "test.mark", "with": {"file": str(marks)}},
+        ],
+        # fails retryably and waits an hour before its next attempt
+        "flaky": [
+            {
+                "id": "gate",
+                "type": "test.fail_until",
+                "with": {"exists": str(marker)},
+                "retry": {"max_attempts": 3, "backoff": 3600},
+            },
+        ],
+    }
+    for name, nodes in flows.items():
+        document = {"flow": name, "trigger": {"type": "webhook"}, "nodes": nodes}
+        (flows_dir / f"{name}.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    return Lab(flows_dir, queue, catalog_factory, marks, marker)
+
+
+def table(stdout: str) -> list[list[str]]:
+    """The rows of a CLI table, header dropped, each split on whitespace."""
+    return [line.split() for line in stdout.splitlines()[1:] if line.strip()]
+
+
+# --- executions -----------------------------------------------------------------------
+
+
+async def test_executions_list_filters_and_limits(lab, cli):
+    greet_1 = await lab.enqueue("greet", {"n": 1})
+    fragile = await lab.enqueue("fragile")
+    greet_2 = await lab.enqueue("greet", {"n": 2})
+    await lab.work(greet_1, fragile, greet_2)
+
+    everything = await cli("executions", "list")
+    by_flow = await cli("executions", "list", "--flow", "greet", "--json")
+    failed = await cli("executions", "list", "--status", "failed")
+    newest = await cli("executions", "list", "--limit", "1")
+
+    for result in (everything, by_flow, failed, newest):
+        assert result.returncode == 0, result.stderr
+    assert everything.stdout.splitlines()[0].split() == ["id", "flow", "status", "created"]
+    # newest first
+    assert [row[:3] for row in table(everything.stdout)] == [
+        [greet_2, "greet", "succeeded"],
+        [fragile, "fragile", "failed"],
+        [greet_1, "greet", "succeeded"],
+    ]
+    rows = json.loads(by_flow.stdout)
+    assert [(row["id"], row["flow"], row["status"]) for row in rows] == [
+        (greet_2, "greet", "succeeded"),
+        (greet_1, "greet", "succeeded"),
+    ]
+    assert [row["trigger"] for row in rows] == [{"n": 2}, {"n": 1}]
+    assert [row[:3] for row in table(failed.stdout)] == [[fragile, "fragile", "failed"]]
+    assert [row[0] for row in table(newest.stdout)] == [greet_2]
+
+
+async def test_executions_show_prints_every_node(lab, cli):
+    fragile = await lab.enqueue("fragile")
+    await lab.work(fragile)
+
+    shown = await cli("executions", "show", fragile)
+    as_json = await cli("executions", "show", fragile, "--json")
+
+    assert shown.returncode == 0, shown.stderr
+    first, header, *rows = shown.stdout.splitlines()
+    assert first.split() == ["execution", fragile, "flow", "fragile", "status", "failed"]
+    assert header.split() == ["node", "status", "attempts", "ms", "result"]
+    nodes = {row.split()[0]: row.split() for row in rows if not row.startswith("error:")}
+    assert set(nodes) == {"before", "gate"}  # `after` never started
+    before, gate = nodes["before"], nodes["gate"]
+    assert before[1:3] == ["ok", "1"]
+    assert float(before[3]) >= 0
+    assert json.loads(" ".join(before[4:])) == {"pid": os.getpid()}  # the worker ran in this process
+    assert gate[1:3] == ["failed", "1"]
+    assert float(gate[3]) >= 0
+    assert " ".join(gate[4:]) == f"[test-missing] {lab.marker} is missing"
+    assert rows[-1] == f"error: node gate: [test-missing] {lab.marker} is missing"
+
+    assert as_json.returncode == 0, as_json.stderr
+    execution = json.loads(as_json.stdout)
+    assert execution["id"] == fragile
+    assert execution["status"] == "failed"
+    assert execution["error"]["code"] == "test-missing"
+    assert execution["error"]["node"] == "gate"
+    assert execution["nodes"]["before"]["status"] == "ok"
+    assert execution["nodes"]["before"]["output"] == {"pid": os.getpid()}
+    assert execution["nodes"]["gate"]["status"] == "failed"
+    assert execution["nodes"]["gate"]["attempts"] == 1
+    assert execution["nodes"]["gate"]["error"]["code"] == "test-missing"
+    assert execution["nodes"]["gate"]["duration_ms"] >= 0
+
+
+async def test_executions_show_an_unknown_id_exits_1(lab, cli):
+    result = await cli("executions", "show", "no-such-execution")
+
+    assert result.returncode == 1
+    assert "no execution no-such-execution" in result.stderr
+    assert result.stdout == ""
+
+
+# --- dead letters ----------------------------------------------------------------------
+
+
+async def dead_ids(queue: Queue) -> list[str]:
+    return [entry["e"] for entry in await queue.dead_letters()]
+
+
+async def test_dlq_list_shows_the_failed_node_and_error_code(lab, cli):
+    greet = await lab.enqueue("greet")
+    fragile = await lab.enqueue("fragile")
+    await lab.work(greet, fragile)
+
+    listed = await cli("dlq", "list")
+    as_json = await cli("dlq", "list", "--json")
+
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[0].split() == ["execution", "flow", "node", "error"]
+    [row] = table(listed.stdout)
+    assert row[:4] == [fragile, "fragile", "gate", "[test-missing]"]
+    message = " ".join(row[4:])  # clipped to 80 characters
+    assert f"{lab.marker} is missing".startswith(message.removesuffix("…"))
+    assert as_json.returncode == 0, as_json.stderr
+    [entry] = json.loads(as_json.stdout)
+    assert entry["e"] == fragile
+    assert entry["flow"] == "fragile"
+    assert entry["node"] == "gate"
+    assert entry["code"] == "test-missing"
+    assert entry["message"] == f"{lab.marker} is missing"
+
+
+async def test_dlq_replay_resumes_at_the_failed_node(lab, cli):
+    fragile = await lab.enqueue("fragile")
+    await lab.work(fragile)
+    assert await lab.status(fragile) == "failed"
+    assert len(lab.mark_lines(fragile, "before")) == 2  # start and done
+    lab.marker.touch()
+
+    replayed = await cli("dlq", "replay", fragile)
+
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.strip() == f"replayed {fragile}"
+    assert await lab.status(fragile) == "queued"
+    assert await dead_ids(lab.queue) == []
+
+    await lab.work(fragile)
+
+    assert await lab.status(fragile) == "succeeded"
+    # `before` finished before the failure: not run again; `after` ran once
+    assert len(lab.mark_lines(fragile, "before")) == 2
+    assert len(lab.mark_lines(fragile, "after")) == 2
+    _, nodes = await lab.queue.get(fragile)
+    assert {node: run["status"] for node, run in nodes.items()} == {"before": "ok", "gate": "ok", "after": "ok"}
+    assert nodes["before"]["attempts"] == 1
+    assert nodes["gate"]["attempts"] == 1
+    assert await lab.queue.redis.xlen(lab.queue.keys.ready) == 0
+
+
+async def test_dlq_replay_all(lab, cli):
+    failed = [await lab.enqueue("fragile", {"n": n}) for n in range(3)]
+    greet = await lab.enqueue("greet")
+    await lab.work(*failed, greet)
+    assert sorted(await dead_ids(lab.queue)) == sorted(failed)
+    lab.marker.touch()
+
+    replayed = await cli("dlq", "replay", "--all")
+
+    assert replayed.returncode == 0, replayed.stderr
+    assert sorted(replayed.stdout.split()) == sorted(["replayed"] * 3 + failed)
+    assert await dead_ids(lab.queue) == []
+
+    await lab.work(*failed)
+
+    assert [await lab.status(execution_id) for execution_id in failed] == ["succeeded"] * 3
+    for execution_id in failed:
+        assert len(lab.mark_lines(execution_id, "before")) == 2
+        assert len(lab.mark_lines(execution_id, "after")) == 2
+    assert len(lab.mark_lines(greet, "hello")) == 2
+
+
+async def test_dlq_replay_needs_an_id_or_all(lab, cli):
+    neither = await cli("dlq", "replay")
+    unknown = await cli("dlq", "replay", "no-such-execution")
+
+    assert neither.returncode == 2
+    assert "--all" in neither.stderr
+    assert unknown.returncode == 1
+    assert await lab.queue.redis.xlen(lab.queue.keys.ready) == 0
+
+
+async def test_dlq_replay_leaves_an_execution_that_is_not_dead_alone(lab, cli):
+    queued = await lab.enqueue("greet")
+    ready_before = await lab.queue.redis.xlen(lab.queue.keys.ready)
+
+    result = await cli("dlq", "replay", queued)
+
+    # replaying what is not in the DLQ would queue it twice and run its nodes twice
+    assert result.returncode == 1, result.stdout
+    assert await lab.queue.redis.xlen(lab.queue.keys.ready) == ready_before == 1
+
+
+async def test_dlq_drop_removes_the_dead_letter(lab, cli):
+    kept, dropped = await lab.enqueue("fragile"), await lab.enqueue("fragile")
+    await lab.work(kept, dropped)
+
+    result = await cli("dlq", "drop", dropped)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"dropped 1 dead letter(s) of {dropped}"
+    assert await dead_ids(lab.queue) == [kept]
+    again = await cli("dlq", "drop", dropped)
+    assert again.returncode == 1
+    assert again.stdout.strip() == f"dropped 0 dead letter(s) of {dropped}"
+
+
+# --- queue stats -------------------------------------------------------------------------
+
+
+async def test_queue_stats_counts_each_state_and_per_flow_totals(lab, cli):
+    settled = [await lab.enqueue("greet"), await lab.enqueue("greet"), await lab.enqueue("fragile")]
+    flaky = await lab.enqueue("flaky")
+    await lab.work(*settled)
+    await lab.work(flaky, until=("waiting",))
+    in_flight, ready = await lab.enqueue("greet"), await lab.enqueue("greet")
+    # another consumer leases the first of the two and never acknowledges it
+    [leased] = await lab.queue.read("elsewhere", 1, 100)
+    assert leased.execution_id == in_flight
+
+    as_json = await cli("queue", "stats", "--json")
+    as_text = await cli("queue", "stats")
+
+    assert as_json.returncode == 0, as_json.stderr
+    stats = json.loads(as_json.stdout)
+    assert {key: stats[key] for key in ("ready", "in_flight", "delayed", "dead")} == {
+        "ready": 1,
+        "in_flight": 1,
+        "delayed": 1,
+        "dead": 1,
+    }
+    assert stats["counters"]["succeeded:greet"] == 2
+    assert stats["counters"]["dead:fragile"] == 1
+    assert stats["counters"]["retried:flaky"] == 1
+    assert "succeeded:fragile" not in stats["counters"]
+
+    assert as_text.returncode == 0, as_text.stderr
+    lines = as_text.stdout.splitlines()
+    assert [line.split() for line in lines[:4]] == [["ready", "1"], ["delayed", "1"], ["in_flight", "1"], ["dead", "1"]]
+    header = lines[lines.index("") + 1].split()
+    assert header == ["flow", "succeeded", "failed", "dead", "retried"]
+    per_flow = {row[0]: dict(zip(header[1:], map(int, row[1:]), strict=True)) for row in table("\n".join(lines[5:]))}
+    assert per_flow["greet"]["succeeded"] == 2
+    assert per_flow["fragile"]["dead"] == 1
+    assert per_flow["fragile"]["succeeded"] == 0
+    assert per_flow["flaky"]["retried"] == 1
+    assert ready not in as_text.stdout

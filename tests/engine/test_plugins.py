@@ -1,0 +1,291 @@
+"""Where node types come from: the plugins folder, installed entry points, and what goes wrong."""
+
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+import engine
+
+REPO = Path(__file__).resolve().parents[2]
+GREETING = REPO / "plugins" / "greeting.py"
+MODULE_PREFIXES = ("flowchat_plugins.", "flowchat_example_greeting")
+
+GREETING_FLOW = """\
+flow: greet
+trigger: {type: webhook}
+nodes:
+  - id: hello
+    type: example.greeting
+    with: {name: "{{ trigger.name }}", language: es}
+"""
+
+
+@pytest.fixture(autouse=True)
+def forget_plugin_modules() -> Iterator[None]:
+    """Plugin modules imported by a test do not leak into the next one."""
+    before = set(sys.modules)
+    yield
+    for name in [name for name in sys.modules if name.startswith(MODULE_PREFIXES) and name not in before]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def write_plugin(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Write ``<name>.py`` with ``source`` into a fresh plugins folder; return the file."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+
+    def write(name: str, source: str) -> Path:
+        path = folder / f"{name}.py"
+        path.write_text(textwrap.dedent(source), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_flow(tmp_path: Path) -> Callable[[str], Path]:
+    def write(text: str) -> Path:
+        path = tmp_path / "flow.yaml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def node_plugin(node_type: str, class_name: str = "Plugged") -> str:
+    return f"""
+    from engine import Node, NodeConfig, register
+
+    @register
+    class {class_name}(Node):
+        \"\"\"A test plugin node.\"\"\"
+
+        type = "{node_type}"
+
+        async def run(self, ctx, config):
+            return {{"from": __name__}}
+    """
+
+
+async def run_greeting(registry: engine.Registry, path: Path) -> engine.Execution:
+    flow = engine.load_flow(path, registry)
+    return await engine.Runner().run(flow, engine.Execution.new(flow, {"name": "Ana"}))
+
+
+# --- discovery ----------------------------------------------------------------------
+
+
+async def test_the_example_plugin_loads_from_the_folder_given_to_load_registry(write_flow):
+    registry = engine.load_registry(REPO / "plugins", entry_points=False)
+
+    assert registry.errors == []
+    assert "example.greeting" in registry.names()
+    assert registry.sources["example.greeting"] == f"plugin {GREETING}"
+    execution = await run_greeting(registry, write_flow(GREETING_FLOW))
+    assert execution.status == "succeeded"
+    assert execution.nodes["hello"].output == {"text": "Hola, Ana!"}
+
+
+def test_the_plugins_folder_comes_from_flowchat_plugins(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no ./plugins here
+    monkeypatch.delenv("FLOWCHAT_PLUGINS", raising=False)
+    assert "example.greeting" not in engine.load_registry().names()
+
+    monkeypatch.setenv("FLOWCHAT_PLUGINS", str(REPO / "plugins"))
+    registry = engine.load_registry()
+
+    assert "example.greeting" in registry.names()
+    assert str(GREETING) in registry.sources["example.greeting"]
+    assert "set" in registry.names()  # built-ins are still there
+
+
+def test_the_plugins_folder_defaults_to_plugins_in_the_working_directory(monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("FLOWCHAT_PLUGINS", raising=False)
+
+    registry = engine.load_registry()
+
+    assert "example.greeting" in registry.names()
+
+
+@pytest.fixture
+def installed_greeting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The example plugin installed as a distribution with a ``flowchat.nodes`` entry point."""
+    site = tmp_path / "site-packages"
+    dist_info = site / "flowchat_example-0.1.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: flowchat-example\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text("[flowchat.nodes]\ngreeting = flowchat_example_greeting\n")
+    (site / "flowchat_example_greeting.py").write_text(GREETING.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+async def test_an_installed_entry_point_provides_node_types(installed_greeting, tmp_path, write_flow):
+    registry = engine.load_registry(tmp_path / "no-plugins-folder")
+
+    assert registry.errors == []
+    source = registry.sources["example.greeting"]
+    assert source.startswith("entry point greeting")
+    assert "flowchat-example" in source
+    assert "flowchat_example_greeting" in source
+    assert registry.types["example.greeting"].__module__ == "flowchat_example_greeting"
+    execution = await run_greeting(registry, write_flow(GREETING_FLOW))
+    assert execution.nodes["hello"].output == {"text": "Hola, Ana!"}
+
+
+def test_entry_points_can_be_turned_off(installed_greeting, tmp_path):
+    registry = engine.load_registry(tmp_path / "no-plugins-folder", entry_points=False)
+
+    assert "example.greeting" not in registry.names()
+
+
+# --- broken and clashing plugins ----------------------------------------------------
+
+
+def test_a_plugin_that_fails_to_import_is_reported_and_flows_needing_it_are_refused(write_plugin, write_flow):
+    broken = write_plugin("fc_broken_crm", 'raise RuntimeError("CRM_URL is not set")\n')
+    write_plugin("fc_fine_neighbour", node_plugin("fc.fine"))
+
+    registry = engine.load_registry(broken.parent, entry_points=False)
+
+    (error,) = registry.errors
+    assert error.code == "plugin-import-failed"
+    assert str(broken) in error.message
+    assert "RuntimeError: CRM_URL is not set" in error.message
+    assert isinstance(error.__cause__, RuntimeError)
+    assert "flowchat_plugins.fc_broken_crm" not in sys.modules
+    assert "fc.fine" in registry.names()  # one broken plugin does not take the others down
+
+    path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: sync, type: fc.crm_sync}\n")
+    with pytest.raises(engine.FlowInvalid) as caught:
+        engine.load_flow(path, registry)
+    (problem,) = caught.value.errors
+    assert problem.code == "unknown-node-type"
+    assert "'fc.crm_sync'" in problem.message
+    assert "failed to import" in problem.message
+    assert str(broken) in problem.message
+    assert (problem.location.file, problem.location.line) == (str(path), 4)
+
+
+def test_two_modules_declaring_one_type_clash_and_flows_using_it_are_refused(write_plugin, write_flow):
+    first = write_plugin("fc_dup_first", node_plugin("fc.dup", "First"))
+    second = write_plugin("fc_dup_second", node_plugin("fc.dup", "Second"))
+    write_plugin("fc_dup_bystander", node_plugin("fc.bystander"))
+
+    registry = engine.load_registry(first.parent, entry_points=False)
+
+    (error,) = registry.errors
+    assert error.code == "plugin-duplicate-type"
+    assert "'fc.dup'" in error.message
+    assert str(first) in error.message
+    assert str(second) in error.message
+    assert "fc.dup" not in registry.names()
+    assert registry.get("fc.dup") is None
+    assert "fc.bystander" in registry.names()
+
+    path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: x, type: fc.dup}\n")
+    with pytest.raises(engine.FlowInvalid) as caught:
+        engine.load_flow(path, registry)
+    (problem,) = caught.value.errors
+    assert problem.code == "node-type-conflict"
+    assert str(second) in problem.message
+
+
+def test_a_plugin_cannot_silently_replace_a_built_in(write_plugin, write_flow):
+    plugin = write_plugin("fc_own_log", node_plugin("log"))
+
+    registry = engine.load_registry(plugin.parent, entry_points=False)
+
+    (error,) = registry.errors
+    assert error.code == "plugin-duplicate-type"
+    assert "built-in nodes.data" in error.message
+    path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: x, type: log, with: {message: hi}}\n")
+    with pytest.raises(engine.FlowInvalid) as caught:
+        engine.load_flow(path, registry)
+    assert [problem.code for problem in caught.value.errors] == ["node-type-conflict"]
+
+
+# --- engine.register checks the declaration -----------------------------------------
+
+
+def test_register_accepts_a_well_formed_node():
+    class Fine(engine.Node):
+        type = "fc.register_fine"
+
+        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+            return {}
+
+    assert engine.register(Fine) is Fine
+
+
+def test_register_rejects_a_node_whose_run_is_not_async():
+    class Sync(engine.Node):
+        type = "fc.register_sync"
+
+        def run(self, ctx, config):  # type: ignore[override]
+            return {}
+
+    with pytest.raises(engine.PluginError) as caught:
+        engine.register(Sync)
+
+    assert caught.value.code == "plugin-invalid-node"
+    assert "Sync.run must be an `async def`" in caught.value.message
+
+
+def test_register_rejects_a_node_without_run():
+    class Lazy(engine.Node):
+        type = "fc.register_lazy"
+
+    with pytest.raises(engine.PluginError) as caught:
+        engine.register(Lazy)
+
+    assert caught.value.code == "plugin-invalid-node"
+
+
+def test_register_rejects_a_node_without_a_type():
+    class Nameless(engine.Node):
+        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+            return {}
+
+    with pytest.raises(engine.PluginError) as caught:
+        engine.register(Nameless)
+
+    assert caught.value.code == "plugin-invalid-node"
+    assert "must set a `type` string" in caught.value.message
+
+
+def test_register_rejects_a_config_that_allows_extra_keys():
+    class Loose(engine.Node):
+        type = "fc.register_loose"
+
+        class Config(BaseModel):
+            name: str
+
+        async def run(self, ctx: engine.NodeContext, config: BaseModel) -> dict:
+            return {}
+
+    with pytest.raises(engine.PluginError) as caught:
+        engine.register(Loose)
+
+    assert caught.value.code == "plugin-invalid-node"
+    assert "forbid extra keys" in caught.value.message
+
+
+def test_register_rejects_a_class_that_is_not_a_node():
+    class Stranger:
+        type = "fc.register_stranger"
+
+        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+            return {}
+
+    with pytest.raises(engine.PluginError) as caught:
+        engine.register(Stranger)  # type: ignore[type-var]
+
+    assert caught.value.code == "plugin-invalid-node"
+    assert "must subclass engine.Node" in caught.value.message

@@ -1,0 +1,75 @@
+"""Factories for node tests: load a flow from YAML text, run it with real services,
+and start local HTTP servers (no test ever reaches the internet)."""
+
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+import engine
+
+RunFlow = Callable[..., Awaitable[engine.Execution]]
+StartServer = Callable[[Iterable[web.RouteDef]], Awaitable[str]]
+
+
+@pytest.fixture(scope="session")
+def builtin_registry() -> engine.Registry:
+    """The built-in node types only: no plugins folder, no entry points."""
+    registry = engine.Registry()
+    registry.load_builtins()
+    assert registry.errors == []
+    return registry
+
+
+@pytest.fixture
+def write_flow(tmp_path: Path) -> Callable[..., Path]:
+    """Write a flow file (a header plus the given ``nodes:`` YAML) and return its path."""
+
+    def write(nodes: str, *, name: str = "flow.yaml", folder: Path | None = None, vars: str = "{}") -> Path:
+        path = (folder or tmp_path) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = f"flow: {path.stem}\nvars: {vars}\ntrigger: {{type: webhook}}\nnodes:\n"
+        path.write_text(header + textwrap.indent(textwrap.dedent(nodes).strip() + "\n", "  "), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def run_flow(write_flow: Callable[..., Path], builtin_registry: engine.Registry) -> RunFlow:
+    """Load a flow and run it over ``trigger`` with a live aiohttp session."""
+
+    async def run(
+        nodes: str | Path, trigger: dict[str, Any] | None = None, *, execution_id: str | None = None
+    ) -> engine.Execution:
+        path = nodes if isinstance(nodes, Path) else write_flow(nodes)
+        flow = engine.load_flow(path, builtin_registry)
+        async with engine.open_services() as services:
+            execution = engine.Execution.new(flow, trigger or {}, execution_id)
+            return await engine.Runner(services).run(flow, execution)
+
+    return run
+
+
+@pytest.fixture
+async def http_server() -> AsyncIterator[StartServer]:
+    """Start a local aiohttp app with the given routes; returns its base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(routes: Iterable[web.RouteDef]) -> str:
+        app = web.Application()
+        app.add_routes(list(routes))
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()

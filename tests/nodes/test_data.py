@@ -1,0 +1,150 @@
+"""The data nodes: ``set`` (native-typed values) and ``log`` (execution-tagged, masked lines)."""
+
+import logging
+
+import pytest
+
+from engine.logs import RedactingFilter, configure_logging, mask_phones
+
+PHONE = "+14155550123"
+MASKED = "+1415***0123"
+
+
+async def test_set_renders_templates_to_native_types(run_flow):
+    execution = await run_flow(
+        """
+        - id: lead
+          type: set
+          with:
+            values:
+              count: "{{ trigger.n + 1 }}"
+              ratio: "{{ trigger.n / 4 }}"
+              tags: "{{ trigger.tags }}"
+              hot: "{{ trigger.n > 1 }}"
+              nothing: "{{ trigger.missing | default(none) }}"
+              greeting: "hi {{ trigger.name }}"
+              literal: 7
+              nested: {n: "{{ trigger.n }}", items: ["{{ trigger.name | upper }}", 2]}
+        - id: double
+          type: set
+          with:
+            values: {count: "{{ lead.count * 2 }}", first_tag: "{{ lead.tags[0] }}"}
+        """,
+        {"n": 2, "tags": ["vip", "es"], "name": "Ann"},
+    )
+
+    assert execution.status == "succeeded"
+    assert execution.nodes["lead"].output == {
+        "count": 3,
+        "ratio": 0.5,
+        "tags": ["vip", "es"],
+        "hot": True,
+        "nothing": None,
+        "greeting": "hi Ann",
+        "literal": 7,
+        "nested": {"n": 2, "items": ["ANN", 2]},
+    }
+    assert execution.nodes["double"].output == {"count": 6, "first_tag": "vip"}
+
+
+async def test_set_with_an_undefined_name_fails_naming_the_expression(run_flow):
+    execution = await run_flow(
+        """
+        - id: lead
+          type: set
+          with: {values: {phone: "{{ trigger.phone }}"}}
+        """,
+        {},
+    )
+
+    assert execution.status == "failed"
+    assert execution.error["code"] == "template-undefined"
+    assert "trigger.phone" in execution.error["message"]
+
+
+LOG_NODE = """
+- id: note
+  type: log
+  with:
+    level: warning
+    message: "new lead {{ trigger.name }} ({{ trigger.phone }})"
+"""
+
+
+async def test_log_writes_one_line_with_execution_and_node_ids(run_flow, caplog):
+    caplog.set_level(logging.DEBUG, logger="flowchat")
+
+    execution = await run_flow(LOG_NODE, {"name": "Ann", "phone": "n/a"}, execution_id="exec-log-1")
+
+    assert execution.nodes["note"].output == {"message": "new lead Ann (n/a)"}
+    lines = [record for record in caplog.records if "new lead" in record.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelname == "WARNING"
+    assert lines[0].getMessage() == "exec-log-1 note new lead Ann (n/a)"
+
+
+async def test_log_masks_phone_numbers_through_the_redacting_filter(run_flow, caplog):
+    caplog.set_level(logging.INFO, logger="flowchat")
+    caplog.handler.addFilter(RedactingFilter())
+
+    await run_flow(LOG_NODE, {"name": "Ann", "phone": PHONE}, execution_id="exec-log-2")
+
+    assert "exec-log-2 note new lead Ann" in caplog.text
+    assert MASKED in caplog.text
+    assert PHONE not in caplog.text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: masking lives only in the handler that configure_logging() installs, so an embedder's "
+    "(or pytest's) handler receives the raw phone number although ctx.log promises masked lines",
+)
+async def test_log_lines_are_masked_without_configure_logging(run_flow, caplog):
+    caplog.set_level(logging.INFO, logger="flowchat")
+
+    await run_flow(LOG_NODE, {"name": "Ann", "phone": PHONE}, execution_id="exec-log-4")
+
+    assert "exec-log-4 note new lead Ann" in caplog.text
+    assert PHONE not in caplog.text
+
+
+@pytest.fixture
+def restore_root_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+async def test_configure_logging_masks_phones_and_secrets_on_stderr(
+    run_flow, capsys, monkeypatch, restore_root_logging
+):
+    monkeypatch.setenv("CRM_API_TOKEN", "tok-5ecr3t-value")
+    configure_logging("INFO")
+    nodes = """
+    - id: note
+      type: log
+      with: {message: "calling {{ trigger.phone }} with tok-5ecr3t-value"}
+    """
+
+    await run_flow(nodes, {"phone": PHONE}, execution_id="exec-log-3")
+
+    err = capsys.readouterr().err
+    assert f"exec-log-3 note calling {MASKED} with ***" in err
+    assert PHONE not in err
+    assert "tok-5ecr3t-value" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (PHONE, MASKED),
+        (f"whatsapp:{PHONE}", f"whatsapp:{MASKED}"),
+        ("call 4155550123 now", "call 415***0123 now"),
+        ("two: +14155550123, +5511998765432", "two: +1415***0123, +5511***5432"),
+        ("order 42 at 10:30", "order 42 at 10:30"),
+    ],
+)
+def test_mask_phones_keeps_enough_to_tell_numbers_apart(text, expected):
+    assert mask_phones(text) == expected
