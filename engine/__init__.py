@@ -22,6 +22,7 @@ from engine.errors import (
 from engine.execution import Execution, NodeRun
 from engine.flow import Flow
 from engine.loader import load_flow, load_flows
+from engine.logs import mask_phones
 from engine.node import Node, NodeConfig, NodeContext, RetryPolicy, Suspend, register
 from engine.registry import Registry, load_registry
 from engine.runner import Runner
@@ -37,6 +38,7 @@ __all__ = [
     "Suspend",
     "register",
     "parse_duration",
+    "mask_phones",
     # errors
     "FlowChatError",
     "FlowError",

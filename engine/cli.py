@@ -85,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
 def _read_input(source: str | None) -> dict[str, Any]:
     if source is None:
         return {}
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {source}: {exc}") from exc
     try:
         data = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as exc:

@@ -47,7 +47,7 @@ class Flow:
     @cached_property
     def directory(self) -> Path:
         """The folder of the flow file: relative paths in node configs start here."""
-        return Path(self.file).parent
+        return Path(self.file).resolve().parent
 
     @property
     def trigger(self) -> Any:

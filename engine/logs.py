@@ -12,13 +12,23 @@ import os
 import re
 from typing import Any
 
-_PHONE = re.compile(r"(?<![\w])(\+?\d{1,4})\d{3,}(\d{4})(?!\d)")
+_PHONE = re.compile(
+    r"(?<![\w+])"
+    r"(?:(?P<head>\+\d{4})\d{1,7}"  # E.164: + and 9 to 15 digits
+    r"|(?P<national>\d{3})\d{3,4})"  # national: 10 or 11 bare digits
+    r"(?P<tail>\d{4})(?!\d)"
+)
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 
 
 def mask_phones(text: str) -> str:
-    """``+14155554567`` → ``+141***4567``: enough to tell numbers apart, not to dial."""
-    return _PHONE.sub(lambda m: f"{m.group(1)}***{m.group(2)}", text)
+    """``+14155554567`` → ``+1415***4567``: enough to tell numbers apart, not to dial.
+
+    E.164 numbers (a ``+`` and 9 to 15 digits) and national numbers (10 or 11 bare
+    digits) are masked; shorter and longer digit runs (order numbers, millisecond
+    timestamps) are left alone.
+    """
+    return _PHONE.sub(lambda m: f"{m['head'] or m['national']}***{m['tail']}", text)
 
 
 def _secret_values() -> list[str]:
@@ -50,8 +60,12 @@ class _ExecutionAdapter(logging.LoggerAdapter[logging.Logger]):
         return f"{extra.get('execution')} {extra.get('node')} {msg}", kwargs
 
 
+_EXECUTION_LOGGER = logging.getLogger("flowchat.execution")
+_EXECUTION_LOGGER.addFilter(RedactingFilter())  # masked for every handler, not only ours
+
+
 def logger_for(execution_id: str, node_id: str) -> logging.LoggerAdapter[logging.Logger]:
-    return _ExecutionAdapter(logging.getLogger("flowchat.execution"), {"execution": execution_id, "node": node_id})
+    return _ExecutionAdapter(_EXECUTION_LOGGER, {"execution": execution_id, "node": node_id})
 
 
 def configure_logging(level: int | str = logging.INFO) -> None:

@@ -189,10 +189,13 @@ class Runner:
         except ValidationError as exc:
             fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'with'}: {e['msg']}" for e in exc.errors())
             raise NodeConfigError(f"rendered config is invalid: {fields}") from exc
+        deadline = asyncio.timeout(node.timeout)
         try:
-            async with asyncio.timeout(node.timeout):
+            async with deadline:
                 output = await node.node.run(ctx, config)
         except TimeoutError as exc:
+            if not deadline.expired():
+                raise  # the node's own TimeoutError: reported as what it is
             raise NodeTimeout(f"node took longer than its timeout of {node.timeout:g}s") from exc
         if output is None:
             return {}

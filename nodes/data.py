@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from engine import Node, NodeConfig, NodeContext, register
+from engine import Node, NodeConfig, NodeContext, mask_phones, register
 
 
 @register
@@ -37,4 +37,4 @@ class Log(Node):
 
     async def run(self, ctx: NodeContext, config: Config) -> dict[str, Any]:
         ctx.log.log(logging.getLevelName(config.level.upper()), "%s", config.message)
-        return {"message": config.message}
+        return {"message": mask_phones(config.message)}

@@ -356,6 +356,19 @@ async def test_a_node_types_own_timeout_applies_by_default(make_flow):
     assert execution.error["code"] == "node-timeout"
 
 
+async def test_a_timeout_error_raised_by_the_node_itself_keeps_its_message(make_flow):
+    class Locked(engine.Node):
+        type = "test.locked"
+
+        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+            raise TimeoutError("CRM lock wait timed out")
+
+    execution = await run(make_flow("- {id: n, type: test.locked}", Locked))
+
+    assert execution.status == "failed"
+    assert "CRM lock wait timed out" in execution.error["message"]
+
+
 async def test_a_rendered_config_that_does_not_fit_fails_with_node_config_invalid(make_flow):
     class Count(engine.Node):
         type = "test.count"
