@@ -110,6 +110,7 @@ class Bench:
         ids = asyncio.run(self._enqueue(flow_name, count))
         worker = self.spawn("-m", "bench.worker_proc", self.url, str(self.flows), "64", ready="ready")
         client = sync_redis.Redis.from_url(self.url)
+        redis_cpu_before = self._redis_cpu(client)
         key = f"{Keys().counters}"
         deadline = time.time() + 300
         while int(client.hget(key, f"succeeded:{flow_name}") or 0) < count and time.time() < deadline:
@@ -117,6 +118,7 @@ class Bench:
         worker.send_signal(signal.SIGTERM)
         out, _ = worker.communicate(timeout=60)
         stats = json.loads(out.strip().splitlines()[-1])
+        redis_cpu = self._redis_cpu(client) - redis_cpu_before
         started, finished = self._span(client, ids)
         rate = count / (finished - started)
         return {
@@ -124,7 +126,14 @@ class Bench:
             "executions_per_s": rate,
             "round_trips_per_execution": stats["round_trips"] / count,
             "worker_peak_rss_mb": stats["peak_rss_mb"],
+            "worker_cpu_us_per_execution": stats["cpu_seconds"] / count * 1e6,
+            "redis_cpu_us_per_execution": redis_cpu / count * 1e6,
         }
+
+    @staticmethod
+    def _redis_cpu(client: sync_redis.Redis) -> float:
+        info = client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     async def _enqueue(self, flow_name: str, count: int, payload_size: int = 0) -> list[str]:
         client = Redis.from_url(self.url)

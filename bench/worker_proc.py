@@ -51,8 +51,17 @@ async def main(url: str, flows: str, concurrency: int) -> None:
         worker.stop()
         await task
         mover.cancel()
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"round_trips": ROUND_TRIPS["count"], "peak_rss_mb": rss_kb / 1024}), flush=True)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        json.dumps(
+            {
+                "round_trips": ROUND_TRIPS["count"],
+                "peak_rss_mb": usage.ru_maxrss / 1024,
+                "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

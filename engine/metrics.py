@@ -1,12 +1,62 @@
-"""Prometheus metrics of one process, plus queue depths read from Redis at scrape time."""
+"""Prometheus metrics of one process, plus queue depths read from Redis at scrape time.
+
+Execution and node counts sit on the hot path, so they are kept in plain dicts and
+turned into metric families only when ``/metrics`` is scraped.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-NODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+NODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(NODE_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(NODE_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        buckets, running = [], 0
+        for bound, count in zip([*map(str, NODE_BUCKETS), "+Inf"], self.counts, strict=True):
+            running += count
+            buckets.append((bound, float(running)))
+        return buckets
+
+
+class _EngineCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        executions = CounterMetricFamily(
+            "flowchat_executions",
+            "Executions by flow and event (started, succeeded, failed, retried)",
+            labels=["flow", "event"],
+        )
+        for (flow, event), count in sorted(self.metrics.events.items()):
+            executions.add_metric([flow, event], count)
+        yield executions
+        durations = HistogramMetricFamily(
+            "flowchat_node_duration_seconds",
+            "Time spent running a node attempt, by node type",
+            labels=["type", "status"],
+        )
+        for (node_type, status), histogram in sorted(self.metrics.durations.items()):
+            durations.add_metric([node_type, status], histogram.cumulative(), histogram.total)
+        yield durations
 
 
 class Metrics:
@@ -14,39 +64,25 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._children: dict[tuple[str, ...], Any] = {}
-        r = self.registry
-        self.executions = Counter(
-            "flowchat_executions",
-            "Executions by flow and event (started, succeeded, failed, retried)",
-            ["flow", "event"],
-            registry=r,
+        self.events: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.durations: defaultdict[tuple[str, str], _Histogram] = defaultdict(_Histogram)
+        self.registry.register(_EngineCollector(self))
+        self.queue_depth = Gauge(
+            "flowchat_queue_depth", "Executions in the queue by state", ["state"], registry=self.registry
         )
-        self.node_duration = Histogram(
-            "flowchat_node_duration_seconds",
-            "Time spent running a node attempt, by node type",
-            ["type", "status"],
-            buckets=NODE_BUCKETS,
-            registry=r,
-        )
-        self.queue_depth = Gauge("flowchat_queue_depth", "Executions in the queue by state", ["state"], registry=r)
-        self.dead_letters = Gauge("flowchat_dead_letters", "Entries on the dead-letter stream", registry=r)
+        self.dead_letters = Gauge("flowchat_dead_letters", "Entries on the dead-letter stream", registry=self.registry)
         self.ingress = Counter(
-            "flowchat_ingress_requests", "Ingress requests by route and status", ["route", "status"], registry=r
+            "flowchat_ingress_requests",
+            "Ingress requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
         )
 
     def execution_event(self, flow: str, event: str) -> None:
-        """Count an execution event; label children are cached (this is on the hot path)."""
-        child = self._children.get((flow, event))
-        if child is None:
-            child = self._children[(flow, event)] = self.executions.labels(flow, event)
-        child.inc()
+        self.events[(flow, event)] += 1
 
     def node_ran(self, node_type: str, status: str, seconds: float) -> None:
-        child = self._children.get((node_type, status, "node"))
-        if child is None:
-            child = self._children[(node_type, status, "node")] = self.node_duration.labels(node_type, status)
-        child.observe(seconds)
+        self.durations[(node_type, status)].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

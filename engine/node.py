@@ -54,7 +54,9 @@ class RetryPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_attempts: int = Field(1, ge=1, le=100, description="Attempts in all, the first included.")
-    backoff: Duration = Field(1.0, description="Base wait before the second attempt (jittered to half..full); doubles each time.")
+    backoff: Duration = Field(
+        1.0, description="Base wait before the second attempt (jittered to half..full); doubles each time."
+    )
     max_backoff: Duration = Field(300.0, description="Longest wait between attempts.")
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:

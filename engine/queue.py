@@ -225,8 +225,27 @@ class Queue:
     # --- workers --------------------------------------------------------------------
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
-        reply = await self.redis.xreadgroup(GROUP, consumer, {self.keys.ready: ">"}, count=count, block=block_ms)
-        return [_delivery(message_id, fields) for _, entries in reply or [] for message_id, fields in entries]
+        command = (
+            "XREADGROUP",
+            "GROUP",
+            GROUP,
+            consumer,
+            "COUNT",
+            count,
+            "BLOCK",
+            block_ms,
+            "STREAMS",
+            self.keys.ready,
+            ">",
+        )
+        [reply] = await self.pipeliner.round_trip([command])
+        if isinstance(reply, Exception):
+            raise reply
+        return [
+            Delivery(_text(message_id), _text(fields[1]) if len(fields) > 1 else "")
+            for _, entries in reply or []
+            for message_id, fields in entries
+        ]
 
     async def load(self, deliveries: list[Delivery]) -> list[Loaded]:
         """Count a delivery and fetch the state of each execution, in one round trip."""
@@ -255,7 +274,12 @@ class Queue:
             raise QueueError(f"cannot checkpoint: {exc}") from exc
 
     async def finish(
-        self, delivery: Delivery, execution: Execution, *, dead: dict[str, str] | None = None, runs: Iterable[NodeRun] = ()
+        self,
+        delivery: Delivery,
+        execution: Execution,
+        *,
+        dead: dict[str, str] | None = None,
+        runs: Iterable[NodeRun] = (),
     ) -> None:
         """Record the outcome (and ``runs`` not yet checkpointed), acknowledge, park or dead-letter, atomically."""
         if dead is not None:

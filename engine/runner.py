@@ -36,6 +36,7 @@ Checkpoint = Callable[[Execution, NodeRun], Awaitable[None]]
 Heartbeat = Callable[[], Awaitable[None]]
 
 log = logging.getLogger("flowchat.runner")
+_node_log = logging.getLogger("flowchat.execution")
 
 
 async def _no_checkpoint(execution: Execution, run: NodeRun) -> None:
@@ -155,8 +156,8 @@ class Runner:
         run.started_at = run.started_at or self.services.clock()
         started = time.perf_counter()
         ctx = self._context(flow, execution, node, run)
-        logger = ctx.log
-        logger.debug("→ %s attempt %d", node.type, run.attempts)
+        if _node_log.isEnabledFor(logging.DEBUG):
+            ctx.log.debug("→ %s attempt %d", node.type, run.attempts)
         try:
             output = await self._execute(node, ctx, context)
         except Suspend as suspend:
@@ -172,12 +173,13 @@ class Runner:
             )
             if error.retryable and run.attempts < node.retry.max_attempts:
                 delay = node.retry.delay(run.attempts, getattr(error, "retry_after", None))
-                logger.warning("↻ %s in %.2fs: [%s] %s", node.type, delay, error.code, error.message)
+                ctx.log.warning("↻ %s in %.2fs: [%s] %s", node.type, delay, error.code, error.message)
                 return await self._wait(execution, run, self.services.clock() + delay, error)
             await self._fail(flow, execution, run, error)
             return None
         run.duration_ms += (time.perf_counter() - started) * 1000
-        logger.info("← %s ok in %.1fms", node.type, run.duration_ms)
+        if _node_log.isEnabledFor(logging.DEBUG):
+            ctx.log.debug("← %s ok in %.1fms", node.type, run.duration_ms)
         await self._finish(execution, run, "ok", output=output)
         return None
 
@@ -189,14 +191,7 @@ class Runner:
         except ValidationError as exc:
             fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'with'}: {e['msg']}" for e in exc.errors())
             raise NodeConfigError(f"rendered config is invalid: {fields}") from exc
-        deadline = asyncio.timeout(node.timeout)
-        try:
-            async with deadline:
-                output = await node.node.run(ctx, config)
-        except TimeoutError as exc:
-            if not deadline.expired():
-                raise  # the node's own TimeoutError: reported as what it is
-            raise NodeTimeout(f"node took longer than its timeout of {node.timeout:g}s") from exc
+        output = await _with_timeout(node.node.run(ctx, config), node.timeout)
         if output is None:
             return {}
         if not isinstance(output, dict):
@@ -237,6 +232,28 @@ class Runner:
             run.error = None
         run.finished_at = self.services.clock()
         await self.checkpoint(execution, run)
+
+
+async def _with_timeout(work: Awaitable[Any], seconds: float) -> Any:
+    """Await ``work`` in the current task, cancelled after ``seconds`` (a leaner asyncio.timeout)."""
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await work
+    except asyncio.CancelledError as exc:
+        if expired and task.uncancel() == 0:
+            raise NodeTimeout(f"node took longer than its timeout of {seconds:g}s") from exc
+        raise
+    finally:
+        handle.cancel()
 
 
 def template_context(flow: Flow, execution: Execution) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from engine.runner import Runner
 from engine.services import Services
 
 log = logging.getLogger("flowchat.worker")
+_execution_log = logging.getLogger("flowchat.execution")
+_ARROWS = {"succeeded": "←", "failed": "!", "waiting": "↻"}
 
 
 @dataclass
@@ -204,6 +206,8 @@ class Worker:
         await self._settle(delivery, flow, execution)
 
     async def _settle(self, delivery: Delivery, flow: Flow, execution: Execution) -> None:
+        if _execution_log.isEnabledFor(logging.INFO):
+            _log_outcome(flow, execution)
         if execution.status == "failed":
             error = execution.error or {}
             self.metrics.execution_event(flow.name, "failed")
@@ -237,6 +241,24 @@ class Worker:
             self._unsaved.setdefault(execution.id, []).append(run)
             return
         await self.queue.checkpoint(execution, run)
+
+
+def _log_outcome(flow: Flow, execution: Execution) -> None:
+    """One line per execution event: ``<execution> * ← flow succeeded in 3.1ms``."""
+    spent = sum(run.duration_ms for run in execution.nodes.values())
+    if execution.status == "failed" and execution.error:
+        error = execution.error
+        _execution_log.warning(
+            "%s %s ! %s failed: [%s] %s",
+            execution.id,
+            error.get("node"),
+            flow.name,
+            error.get("code"),
+            error.get("message"),
+        )
+    else:
+        arrow = _ARROWS.get(execution.status, "·")
+        _execution_log.info("%s * %s %s %s in %.1fms", execution.id, arrow, flow.name, execution.status, spent)
 
 
 def _order(flow: Flow | None, stored: dict[str, dict[str, object]]) -> list[tuple[str, str]]:
