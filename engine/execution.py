@@ -6,8 +6,8 @@ trace and what the durable queue checkpoints after every node.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -80,4 +80,4 @@ class Execution:
 
 def new_execution_id() -> str:
     """Time-ordered, unique ids: sortable by creation, safe in URLs."""
-    return f"{time.time_ns() // 1_000_000:013x}{uuid.uuid4().hex[:12]}"
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"

@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from engine.errors import QueueError
@@ -160,6 +161,14 @@ class Queue:
         self._requeue = redis.register_script(_REQUEUE)
         self._stored_versions: set[tuple[str, str]] = set()
 
+    async def _run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA through the auto-pipeline; load the script once if Redis lost it (a restart)."""
+        try:
+            return await self.pipeliner.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.redis.script_load(script.script)
+            return await self.pipeliner.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
     async def setup(self) -> None:
         """Create the consumer group if it is missing (idempotent)."""
         try:
@@ -197,7 +206,7 @@ class Queue:
             _state(execution),
         ]
         try:
-            execution_id, created = await self._enqueue(keys=keys, args=args)
+            execution_id, created = await self._run_script(self._enqueue, keys, args)
         except RedisError as exc:
             raise QueueError(f"cannot enqueue: {exc}") from exc
         return _text(execution_id), bool(created)
@@ -312,10 +321,7 @@ class Queue:
         ]
         for run in runs:
             args += [f"n:{run.id}", dumps(run.__dict__)]
-        try:
-            await self.pipeliner.execute("EVALSHA", self._finish.sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted and lost its script cache
-            await self._finish(keys=keys, args=args)
+        await self._run_script(self._finish, keys, args)
 
     async def count(self, event: str, flow: str, amount: int = 1) -> None:
         await self.pipeliner.execute("HINCRBY", self.keys.counters, f"{event}:{flow}", amount)
