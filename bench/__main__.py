@@ -88,6 +88,11 @@ class Bench:
                 raise RuntimeError(f"{args} did not start: {line!r}")
         return process
 
+    def serve(self, port: int, *options: str) -> subprocess.Popen[str]:
+        """`flowchat serve` as an operator runs it, on the bench's flows and Redis."""
+        args = ["-m", "engine.cli", "--log-level", "ERROR", "serve", "--flows", str(self.flows), "--port", str(port)]
+        return self.spawn(*args, *options, ready="flowchat:")
+
     # --- baseline ----------------------------------------------------------------
 
     def baseline(self) -> None:
@@ -179,19 +184,7 @@ class Bench:
         count, concurrency = self.n(20_000, 3_000), 32
         self.flush()
         port = free_port()
-        serve = self.spawn(
-            "-m",
-            "engine.cli",
-            "--log-level",
-            "ERROR",
-            "serve",
-            "--flows",
-            str(self.flows),
-            "--port",
-            str(port),
-            "--no-workers",
-            ready="flowchat:",
-        )
+        serve = self.serve(port, "--no-workers")
         self.load(port, 500, concurrency)  # warm up
         ours = self.load(port, count, concurrency)
         serve.send_signal(signal.SIGTERM)
@@ -212,20 +205,7 @@ class Bench:
     def latency(self) -> None:
         self.flush()
         port = free_port()
-        serve = self.spawn(
-            "-m",
-            "engine.cli",
-            "--log-level",
-            "ERROR",
-            "serve",
-            "--flows",
-            str(self.flows),
-            "--port",
-            str(port),
-            "--concurrency",
-            "64",
-            ready="flowchat:",
-        )
+        serve = self.serve(port, "--concurrency", "64")
         client = sync_redis.Redis.from_url(self.url)
         burst = self.load(port, self.n(6_000, 1_500), 32)
         self._wait_done(client, len(burst["ids"]))

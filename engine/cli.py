@@ -200,18 +200,18 @@ def _with_queue(action: Callable[[Any], Any]) -> Any:
 
 @command("executions")
 def executions(args: argparse.Namespace) -> int:
-    from engine import operator
+    from engine import operations
 
     if args.action == "list":
-        rows = _with_queue(lambda q: operator.list_executions(q, args.flow, args.status, args.limit))
+        rows = _with_queue(lambda q: operations.list_executions(q, args.flow, args.status, args.limit))
         if args.json:
             print(json.dumps(rows, indent=2, default=str))
             return 0
         print(f"{'id':<26} {'flow':<20} {'status':<10} created")
         for row in rows:
-            print(f"{row['id']:<26} {row['flow']:<20} {row['status']:<10} {operator.age(row['created_at'])}")
+            print(f"{row['id']:<26} {row['flow']:<20} {row['status']:<10} {operations.age(row['created_at'])}")
         return 0
-    execution = _with_queue(lambda q: operator.load_execution(q, args.id))
+    execution = _with_queue(lambda q: operations.load_execution(q, args.id))
     if execution is None:
         print(f"error: no execution {args.id}", file=sys.stderr)
         return 1
@@ -221,7 +221,7 @@ def executions(args: argparse.Namespace) -> int:
 
 @command("dlq")
 def dlq(args: argparse.Namespace) -> int:
-    from engine import operator
+    from engine import operations
 
     if args.action == "list":
         entries = _with_queue(lambda q: q.dead_letters())
@@ -246,7 +246,7 @@ def dlq(args: argparse.Namespace) -> int:
         ids = [entry["e"] for entry in await queue.dead_letters(100_000)] if args.all else [args.id]
         done = []
         for execution_id in dict.fromkeys(ids):
-            if await operator.replay(queue, execution_id):
+            if await operations.replay(queue, execution_id):
                 done.append(execution_id)
         return done
 

