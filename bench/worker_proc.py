@@ -46,6 +46,7 @@ async def main(url: str, flows: str, concurrency: int) -> None:
         worker = Worker(queue, catalog, services, WorkerSettings(concurrency=concurrency, block_ms=200))
         mover = asyncio.create_task(DelayedMover(queue).run())
         task = asyncio.create_task(worker.run())
+        at_ready = resource.getrusage(resource.RUSAGE_SELF)
         print("ready", flush=True)
         await stop.wait()
         worker.stop()
@@ -57,7 +58,7 @@ async def main(url: str, flows: str, concurrency: int) -> None:
             {
                 "round_trips": ROUND_TRIPS["count"],
                 "peak_rss_mb": usage.ru_maxrss / 1024,
-                "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                "cpu_seconds": usage.ru_utime + usage.ru_stime - at_ready.ru_utime - at_ready.ru_stime,
             }
         ),
         flush=True,

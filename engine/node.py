@@ -109,6 +109,8 @@ class Node:
     Config: ClassVar[builtins.type[BaseModel]] = NodeConfig
     retry: ClassVar[RetryPolicy] = RetryPolicy()
     timeout: ClassVar[float] = 30.0
+    instant: ClassVar[bool] = False
+    """True for nodes that do no I/O and cannot hang: they run without a timeout timer."""
 
     async def run(self, ctx: NodeContext, config: Any) -> dict[str, Any]:
         raise NotImplementedError

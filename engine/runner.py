@@ -133,7 +133,8 @@ class Runner:
 
     async def _run_node(self, flow: Flow, execution: Execution, node: FlowNode) -> None:
         run = execution.nodes[node.id]
-        context = template_context(flow, execution)
+        needs_context = isinstance(node.when, Template) or node.static_config is None
+        context = template_context(flow, execution) if needs_context else {}
         try:
             if not _truthy(node.when, context):
                 await self._finish(execution, run, "skipped", output=None)
@@ -191,7 +192,10 @@ class Runner:
         except ValidationError as exc:
             fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'with'}: {e['msg']}" for e in exc.errors())
             raise NodeConfigError(f"rendered config is invalid: {fields}") from exc
-        output = await _with_timeout(node.node.run(ctx, config), node.timeout)
+        if node.node.instant:
+            output = await node.node.run(ctx, config)
+        else:
+            output = await _with_timeout(node.node.run(ctx, config), node.timeout)
         if output is None:
             return {}
         if not isinstance(output, dict):
