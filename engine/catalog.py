@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engine.errors import FlowChatError, FlowInvalid
 from engine.flow import Flow
-from engine.loader import flow_files, load_flow, load_flow_text
+from engine.loader import find_clash, flow_files, load_flow, load_flow_text, webhook_path
 from engine.registry import Registry
 
 log = logging.getLogger("flowchat.catalog")
@@ -40,11 +40,7 @@ class Catalog:
         return self.flows.get(name)
 
     def webhook(self, path: str) -> Flow | None:
-        for flow in self.by_file.values():
-            trigger = flow.trigger
-            if trigger.type == "webhook" and (trigger.path or flow.name) == path:
-                return flow
-        return None
+        return next((flow for flow in self.by_file.values() if webhook_path(flow) == path), None)
 
     def by_trigger(self, trigger_type: str) -> list[Flow]:
         return [flow for flow in self.by_file.values() if flow.trigger.type == trigger_type]
@@ -73,15 +69,14 @@ class Catalog:
             keeping = " (the previous version keeps serving)" if path in self.by_file else ""
             log.error("flow %s rejected%s:\n%s", path, keeping, invalid)
             return False
-        clash = next((f for p, f in self.by_file.items() if f.name == flow.name and p != path), None)
+        clash = find_clash(flow, self.by_file.values())
         if clash is not None:
-            self.problems[path] = [
-                FlowChatError(
-                    f"flow name {flow.name!r} is already served from {clash.file}", code="flow-duplicate-name"
-                )
-            ]
-            log.error("flow %s rejected: name %r already served from %s", path, flow.name, clash.file)
+            self.problems[path] = [clash]
+            log.error("flow %s rejected: %s", path, clash.message)
             return False
+        route = webhook_path(flow)
+        if route and not (flow.trigger.secret_env or flow.trigger.token_env):
+            log.warning("flow %s: /hooks/%s has no secret_env or token_env; anyone who reaches it can trigger it", flow.name, route)
         self.problems.pop(path, None)
         self.by_file[path] = flow
         self._versions[(flow.name, flow.version)] = flow

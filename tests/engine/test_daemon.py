@@ -105,4 +105,26 @@ def test_catalog_reload_reports_what_changed(flows_dir, registry):
     assert catalog.get("a").version != version  # type: ignore[union-attr]
     (flows_dir / "b.yaml").write_text(FLOW.format(name="a", path="b", version=1))
     assert catalog.reload() is False
-    assert "already served" in str(catalog.problems[flows_dir / "b.yaml"][0])
+    assert catalog.problems[flows_dir / "b.yaml"][0].code == "flow-duplicate-name"
+
+
+def test_two_flows_cannot_share_a_webhook_path(flows_dir, registry):
+    (flows_dir / "a.yaml").write_text(FLOW.format(name="a", path="shared", version=1))
+    (flows_dir / "b.yaml").write_text(FLOW.format(name="b", path="shared", version=1))
+    catalog = Catalog(flows_dir, registry)
+    catalog.reload()
+
+    assert set(catalog.flows) == {"a"}
+    [problem] = catalog.problems[flows_dir / "b.yaml"]
+    assert problem.code == "webhook-path-taken" and "/hooks/shared" in problem.message
+    assert catalog.webhook("shared") is catalog.get("a")
+
+
+def test_validate_reports_a_webhook_path_used_twice(flows_dir):
+    (flows_dir / "a.yaml").write_text(FLOW.format(name="a", path="shared", version=1))
+    (flows_dir / "b.yaml").write_text(FLOW.format(name="b", path="shared", version=1))
+
+    result = cli("validate", str(flows_dir), env=daemon_env("unused"))
+
+    assert result.returncode == 1
+    assert f"{flows_dir / 'b.yaml'}:1:1: [webhook-path-taken]" in result.stderr
