@@ -112,6 +112,9 @@ class Worker:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            if free < self.settings.concurrency // 4:
+                await asyncio.sleep(0.001)  # let a few more finish: one read for several slots
+                free = self.settings.concurrency - len(self.in_flight)
             try:
                 deliveries = await self.queue.read(self.settings.consumer, free, self.settings.block_ms)
                 if deliveries:
