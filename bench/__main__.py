@@ -109,29 +109,32 @@ class Bench:
 
     # --- queue -------------------------------------------------------------------
 
-    def queue_drain(self, flow_name: str) -> dict[str, Any]:
+    def queue_drain(self, flow_name: str, workers: int = 1) -> dict[str, Any]:
         self.flush()
         count = self.n(50_000, 8_000)
         ids = asyncio.run(self._enqueue(flow_name, count))
-        worker = self.spawn("-m", "bench.worker_proc", self.url, str(self.flows), "64", ready="ready")
         client = sync_redis.Redis.from_url(self.url)
         redis_cpu_before = self._redis_cpu(client)
-        key = f"{Keys().counters}"
+        procs = [
+            self.spawn("-m", "bench.worker_proc", self.url, str(self.flows), "64", ready="ready") for _ in range(workers)
+        ]
         deadline = time.time() + 300
-        while int(client.hget(key, f"succeeded:{flow_name}") or 0) < count and time.time() < deadline:
+        while int(client.hget(Keys().counters, f"succeeded:{flow_name}") or 0) < count and time.time() < deadline:
             time.sleep(0.05)
-        worker.send_signal(signal.SIGTERM)
-        out, _ = worker.communicate(timeout=60)
-        stats = json.loads(out.strip().splitlines()[-1])
+        stats = []
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+            stats.append(json.loads(out.strip().splitlines()[-1]))
         redis_cpu = self._redis_cpu(client) - redis_cpu_before
         started, finished = self._span(client, ids)
-        rate = count / (finished - started)
         return {
+            "workers": workers,
             "executions": count,
-            "executions_per_s": rate,
-            "round_trips_per_execution": stats["round_trips"] / count,
-            "worker_peak_rss_mb": stats["peak_rss_mb"],
-            "worker_cpu_us_per_execution": stats["cpu_seconds"] / count * 1e6,
+            "executions_per_s": count / (finished - started),
+            "round_trips_per_execution": sum(s["round_trips"] for s in stats) / count,
+            "worker_peak_rss_mb": max(s["peak_rss_mb"] for s in stats),
+            "worker_cpu_us_per_execution": sum(s["cpu_seconds"] for s in stats) / count * 1e6,
             "redis_cpu_us_per_execution": redis_cpu / count * 1e6,
         }
 
@@ -253,7 +256,7 @@ def verdict(ok: bool) -> str:
 
 def report(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     base = results["baseline"]["jobs_per_s"]
-    q1, q5 = results["queue_noop1"], results["queue_noop5"]
+    q1, q5, q1x2 = results["queue_noop1"], results["queue_noop5"], results["queue_noop1_2_workers"]
     ours, bare = results["ingress"]["flowchat"], results["ingress"]["bare"]
     lat, mem = results["latency"], results["memory"]
     ratio1, ratio5, ingress_ratio = (
@@ -277,6 +280,12 @@ def report(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"≥ 0.30  {verdict(t['queue_ratio_ge_0.30'])}",
         ),
         ("queue: 5-node no-op flow", f"{q5['executions_per_s']:,.0f} exec/s", f"{ratio5:.2f}x baseline", ""),
+        (
+            "queue: 1-node, 2 worker processes",
+            f"{q1x2['executions_per_s']:,.0f} exec/s",
+            f"{q1x2['executions_per_s'] / base:.2f}x baseline",
+            "",
+        ),
         (
             "  round trips / execution",
             f"{q1['round_trips_per_execution']:.2f} (1 node), {q5['round_trips_per_execution']:.2f} (5 nodes)",
@@ -308,6 +317,12 @@ def report(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"≤ 2 KB  {verdict(t['redis_bytes_le_2048'])}",
         ),
         ("memory: worker peak RSS", f"{q1['worker_peak_rss_mb']:.0f} MB", "draining the 1-node queue", ""),
+        (
+            "cpu / execution (1 node)",
+            f"worker {q1['worker_cpu_us_per_execution']:.0f} µs, Redis {q1['redis_cpu_us_per_execution']:.0f} µs",
+            "",
+            "",
+        ),
     ]
 
 
@@ -322,6 +337,7 @@ def main() -> int:
             bench.baseline()
             bench.results["queue_noop1"] = bench.queue_drain("noop1")
             bench.results["queue_noop5"] = bench.queue_drain("noop5")
+            bench.results["queue_noop1_2_workers"] = bench.queue_drain("noop1", workers=2)
             bench.ingress()
             bench.latency()
             bench.memory()
