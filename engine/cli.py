@@ -242,11 +242,16 @@ def dlq(args: argparse.Namespace) -> int:
         print("error: give an execution id or --all", file=sys.stderr)
         return 2
 
+    latest = None
+    if args.latest:
+        latest, problems = load_flows([args.flows], _registry(args))
+        _print_problems(problems)
+
     async def replay_all(queue: Any) -> list[str]:
         ids = [entry["e"] for entry in await queue.dead_letters(100_000)] if args.all else [args.id]
         done = []
         for execution_id in dict.fromkeys(ids):
-            if await operations.replay(queue, execution_id):
+            if await operations.replay(queue, execution_id, latest=latest):
                 done.append(execution_id)
         return done
 
@@ -334,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("replay", help="queue a dead execution again; it resumes at its failed node")
     a.add_argument("id", nargs="?", help="execution id")
     a.add_argument("--all", action="store_true", help="replay every dead letter")
+    a.add_argument("--latest", action="store_true", help="run on the flow's current version (after fixing the flow file)")
+    a.add_argument("--flows", default="flows", metavar="DIR", help="where --latest finds flows (default ./flows)")
     a = actions.add_parser("drop", help="remove an execution's dead letters")
     a.add_argument("id")
 

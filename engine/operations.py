@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from engine.execution import Execution
+from engine.flow import Flow
 from engine.queue import Queue, execution_from_parts
 
 
@@ -27,8 +28,12 @@ async def load_execution(queue: Queue, execution_id: str) -> Execution | None:
     return execution_from_parts(meta, nodes, [(node_id, str(run.get("type", ""))) for node_id, run in nodes.items()])
 
 
-async def replay(queue: Queue, execution_id: str, *, version: str | None = None) -> Execution | None:
-    """Put a failed execution back on the queue; it resumes at its failed node."""
+async def replay(queue: Queue, execution_id: str, *, latest: dict[str, Flow] | None = None) -> Execution | None:
+    """Put a failed execution back on the queue; it resumes at its failed node.
+
+    With ``latest`` (flows by name) it moves to the current version of its flow, so a fix
+    made in the flow file applies; nodes that already succeeded are still not run again.
+    """
     execution = await load_execution(queue, execution_id)
     if execution is None or execution.status != "failed":
         return None  # only a failed (dead) execution is replayed; anything else is still owned by the queue
@@ -36,8 +41,10 @@ async def replay(queue: Queue, execution_id: str, *, version: str | None = None)
         if run.status in ("failed", "waiting") or (run.status == "pending" and run.attempts):
             run.status, run.attempts, run.error, run.wake_at, run.finished_at = "pending", 0, None, None, None
     execution.status, execution.error, execution.finished_at = "queued", None, None
-    if version:
-        execution.flow_version = version
+    current = (latest or {}).get(execution.flow)
+    if current is not None:
+        await queue.store_flow_source(current.name, current.version, current.source)
+        execution.flow_version = current.version
     await queue.requeue(execution)
     await queue.remove_dead_letters(execution_id)
     return execution

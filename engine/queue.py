@@ -331,6 +331,10 @@ class Queue:
         moved = await self._move_due(keys=[self.keys.delayed, self.keys.ready], args=[now or time.time(), limit])
         return int(moved)
 
+    async def forget_expired(self, now: float | None = None) -> int:
+        """Drop index entries older than the retention (their hashes have expired)."""
+        return int(await self.redis.zremrangebyscore(self.keys.index, "-inf", (now or time.time()) - RETENTION))
+
     async def next_due(self) -> float | None:
         first = await self.redis.zrange(self.keys.delayed, 0, 0, withscores=True)
         return float(first[0][1]) if first else None

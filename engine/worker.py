@@ -278,16 +278,24 @@ def _last_error(execution: Execution) -> str:
 
 
 class DelayedMover:
-    """Moves due work from the delayed set to the ready stream, sleeping until the next is due."""
+    """Moves due work from the delayed set to the ready stream, sleeping until the next is due.
 
-    def __init__(self, queue: Queue, max_sleep: float = 0.25) -> None:
+    Once a minute it also drops index entries of executions past their retention.
+    """
+
+    def __init__(self, queue: Queue, max_sleep: float = 0.25, housekeeping_every: float = 60.0) -> None:
         self.queue = queue
         self.max_sleep = max_sleep
+        self.housekeeping_every = housekeeping_every
 
     async def run(self) -> None:
         backoff = Backoff()
+        next_housekeeping = time.monotonic()
         while True:
             try:
+                if time.monotonic() >= next_housekeeping:
+                    await self.queue.forget_expired()
+                    next_housekeeping = time.monotonic() + self.housekeeping_every
                 moved = await self.queue.move_due()
                 backoff.reset()
                 if moved:

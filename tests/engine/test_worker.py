@@ -251,3 +251,38 @@ async def test_leases_are_renewed_while_a_long_node_runs(queue, flows_dir, catal
 
     assert meta["status"] == "succeeded"
     assert [line.rsplit(" ", 1)[0] for line in lines(marks) if " start" in line] == [f"{execution_id} slow start"]
+
+
+async def test_index_entries_past_retention_are_forgotten(queue, flows_dir, catalog_factory):
+    from engine.queue import RETENTION
+
+    write_flow(flows_dir, "old", "  - {id: a, type: test.noop}\n")
+    catalog = catalog_factory(flows_dir)
+    kept = await enqueue(queue, catalog, "old")
+    await queue.redis.zadd(queue.keys.index, {"ancient": time.time() - RETENTION - 10})
+
+    assert await queue.forget_expired() == 1
+    assert await queue.redis.zrange(queue.keys.index, 0, -1) == [kept.encode()]
+
+
+async def test_replay_on_the_latest_version_applies_a_fix_made_in_the_flow_file(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
+    marks, missing, present = tmp_path / "marks", tmp_path / "missing", tmp_path / "present"
+    present.touch()
+    nodes = "  - {{id: first, type: test.mark, with: {{file: '{marks}'}}}}\n  - {{id: call, type: test.fail_until, with: {{exists: '{target}', retryable: false}}}}\n"
+    path = write_flow(flows_dir, "fixable", nodes.format(marks=marks, target=missing))
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    execution_id = await enqueue(queue, catalog, "fixable")
+    assert (await settled(queue, execution_id))["status"] == "failed"
+    old_version = catalog.get("fixable").version  # type: ignore[union-attr]
+
+    path.write_text(path.read_text().replace(str(missing), str(present)))
+    assert catalog.reload()
+    assert await replay(queue, execution_id, latest=catalog.flows) is not None
+    meta = await settled(queue, execution_id)
+
+    assert meta["status"] == "succeeded"
+    assert meta["flow_version"] != old_version
+    assert [line.split()[1] for line in lines(marks) if " start" in line] == ["first"]
