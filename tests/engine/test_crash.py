@@ -191,3 +191,25 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(queue, redis_url, fl
     stored = await queue.get(execution_id)
     assert stored is not None and stored[0]["status"] == "succeeded"
     assert (await queue.stats())["in_flight"] == 0
+
+
+async def test_work_left_after_the_grace_period_is_taken_over_not_lost(queue, redis_url, flows_dir, processes, tmp_path):
+    marks = tmp_path / "marks"
+    slow = f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 30, sleep_first_run_only: true}}, timeout: 60s}}\n"
+    mark_flow(flows_dir, "overdue", marks, slow)
+    env = daemon_env(redis_url, FLOWCHAT_GRACE="0.3", FLOWCHAT_VISIBILITY_TIMEOUT="1")
+    leaving = processes.start("worker", "--flows", str(flows_dir), env=env)
+    [execution_id] = await enqueue_many(queue, flows_dir / "overdue.yaml", 1)
+    await wait_for(lambda: starts(marks)[(execution_id, "slow")] == 1)
+
+    leaving.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(leaving.wait, 15) == 0
+    processes.start("worker", "--flows", str(flows_dir), env=env)
+
+    async def succeeded() -> bool:
+        stored = await queue.get(execution_id)
+        return stored is not None and stored[0]["status"] == "succeeded"
+
+    await wait_for(succeeded, timeout=30)
+    assert starts(marks)[(execution_id, "first")] == 1
+    assert starts(marks)[(execution_id, "slow")] == 2
