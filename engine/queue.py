@@ -274,11 +274,13 @@ class Queue:
             loaded.append(Loaded(delivery, _merge(fields), nodes, int(count)))
         return loaded
 
-    async def checkpoint(self, execution: Execution, run: NodeRun) -> None:
-        """Persist one node's state (batched with other executions' checkpoints)."""
-        key = self.keys.execution(execution.id)
+    async def checkpoint(self, execution: Execution, runs: Iterable[NodeRun]) -> None:
+        """Persist node states in one HSET (batched with other executions' checkpoints)."""
+        fields: list[str] = []
+        for run in runs:
+            fields += [f"n:{run.id}", dumps(run.__dict__)]
         try:
-            await self.pipeliner.execute("HSET", key, f"n:{run.id}", dumps(run.__dict__))
+            await self.pipeliner.execute("HSET", self.keys.execution(execution.id), *fields)
         except RedisError as exc:
             raise QueueError(f"cannot checkpoint: {exc}") from exc
 

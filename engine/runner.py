@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -67,21 +68,24 @@ class Runner:
         """Advance ``execution`` as far as it can go; return it settled or waiting."""
         execution.status = "running"
         execution.started_at = execution.started_at or self.services.clock()
-        running: dict[asyncio.Task[None], str] = {}
+        graph = _Frontier(flow, execution)
+        running: dict[asyncio.Task[None], FlowNode] = {}
         try:
             while True:
-                ready = [] if self._failed(execution) else await self._ready(flow, execution, set(running.values()))
+                ready = [] if graph.failed else await self._take_ready(execution, graph)
                 if len(ready) == 1 and not running:
                     await self._run_node(flow, execution, ready[0])  # a linear step needs no task
+                    graph.settled(ready[0])
                     continue
                 for node in ready:
-                    running[asyncio.create_task(self._run_node(flow, execution, node))] = node.id
+                    running[asyncio.create_task(self._run_node(flow, execution, node))] = node
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    running.pop(task)
+                    node = running.pop(task)
                     task.result()
+                    graph.settled(node)
         except BaseException:
             for task in running:
                 task.cancel()
@@ -90,30 +94,18 @@ class Runner:
         self._settle(execution)
         return execution
 
-    @staticmethod
-    def _failed(execution: Execution) -> bool:
-        return any(run.status == "failed" for run in execution.nodes.values())
-
-    async def _ready(self, flow: Flow, execution: Execution, busy: set[str]) -> list[FlowNode]:
+    async def _take_ready(self, execution: Execution, graph: _Frontier) -> list[FlowNode]:
         """Nodes that can start now; nodes whose needs were all skipped are skipped on the way."""
-        while True:
-            ready: list[FlowNode] = []
-            skipped_any = False
-            for node in flow.nodes.values():
-                run = execution.nodes[node.id]
-                if run.finished or node.id in busy or not self._needs_met(node, execution):
-                    continue
-                if node.needs and all(execution.nodes[need].status == "skipped" for need in node.needs):
-                    await self._finish(execution, run, "skipped", output=None)
-                    skipped_any = True
-                elif not (run.status == "waiting" and self.defer_waits and (run.wake_at or 0) > self.services.clock()):
-                    ready.append(node)
-            if not skipped_any:  # a skip can unblock a node declared above it: look again
-                return ready
-
-    @staticmethod
-    def _needs_met(node: FlowNode, execution: Execution) -> bool:
-        return all(execution.nodes[need].status in ("ok", "skipped") for need in node.needs)
+        ready: list[FlowNode] = []
+        while graph.unblocked:
+            node = graph.unblocked.popleft()
+            run = execution.nodes[node.id]
+            if node.needs and all(execution.nodes[need].status == "skipped" for need in node.needs):
+                await self._finish(execution, run, "skipped", output=None)
+                graph.settled(node)
+            elif not (run.status == "waiting" and self.defer_waits and (run.wake_at or 0) > self.services.clock()):
+                ready.append(node)
+        return ready
 
     def _settle(self, execution: Execution) -> None:
         runs = execution.nodes.values()
@@ -236,6 +228,38 @@ class Runner:
             run.error = None
         run.finished_at = self.services.clock()
         await self.checkpoint(execution, run)
+
+
+class _Frontier:
+    """Which nodes are unblocked, kept by counting each node's unsettled needs (Kahn's algorithm)."""
+
+    def __init__(self, flow: Flow, execution: Execution) -> None:
+        self.flow = flow
+        self.runs = execution.nodes
+        self.failed = any(run.status == "failed" for run in self.runs.values())
+        self.blocked_by: dict[str, int] = {}
+        self.unblocked: deque[FlowNode] = deque()
+        for node in flow.nodes.values():
+            if not self.runs[node.id].finished:
+                self.blocked_by[node.id] = sum(1 for need in node.needs if self.runs[need].status not in _PASSED)
+                if self.blocked_by[node.id] == 0:
+                    self.unblocked.append(node)
+
+    def settled(self, node: FlowNode) -> None:
+        """``node`` stopped running: unblock what it was holding up, if it passed."""
+        status = self.runs[node.id].status
+        if status == "failed":
+            self.failed = True
+        if status not in _PASSED:
+            return
+        for dependent in self.flow.dependents.get(node.id, ()):
+            if dependent in self.blocked_by:
+                self.blocked_by[dependent] -= 1
+                if self.blocked_by[dependent] == 0:
+                    self.unblocked.append(self.flow.nodes[dependent])
+
+
+_PASSED = frozenset({"ok", "skipped"})
 
 
 async def _with_timeout(work: Awaitable[Any], seconds: float) -> Any:

@@ -237,13 +237,24 @@ class Worker:
         await self.queue.finish(delivery, execution, dead={"node": node, "code": code, "message": message})
 
     async def _checkpoint(self, execution: Execution, run: NodeRun) -> None:
+        """Persist a settled node before anything downstream of it can run.
+
+        Two kinds of state ride along with a later write instead of costing a round trip:
+        the last node's (written atomically with the outcome) and that of instant nodes,
+        which have no side effects, so redoing one after a crash is harmless.
+        """
         if run.finished or run.status == "waiting":
             self.metrics.node_ran(run.type, run.status, run.duration_ms / 1000)
-        if all(other.finished for other in execution.nodes.values()):
-            # the last node: its state is written atomically with the outcome, one round trip less
-            self._unsaved.setdefault(execution.id, []).append(run)
+        unsaved = self._unsaved.setdefault(execution.id, [])
+        unsaved.append(run)
+        if self._can_wait(run) or all(other.finished for other in execution.nodes.values()):
             return
-        await self.queue.checkpoint(execution, run)
+        del self._unsaved[execution.id]
+        await self.queue.checkpoint(execution, unsaved)
+
+    def _can_wait(self, run: NodeRun) -> bool:
+        node = self.catalog.registry.get(run.type)
+        return run.status in ("ok", "skipped") and node is not None and node.instant
 
 
 def _log_outcome(flow: Flow, execution: Execution) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import daemon_env, wait_for
+from support import daemon_env, wait_for
 from redis.asyncio import Redis
 
 from engine.keys import Keys

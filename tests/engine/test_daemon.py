@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
-from conftest import ROOT, daemon_env, wait_for
+from support import ROOT, daemon_env, wait_for
 
 from engine.catalog import Catalog
 from engine.redis_server import free_port

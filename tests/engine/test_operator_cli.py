@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, daemon_env, wait_for
+from support import ROOT, daemon_env, wait_for
 
 from engine.catalog import Catalog
 from engine.flow import Flow

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from support import wait_for
 
 from engine import Services
 from engine.catalog import Catalog

@@ -1,0 +1,81 @@
+"""Helpers shared by tests: environments for daemon processes, a process keeper, event-driven waits."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TEST_PLUGINS = FIXTURES / "plugins"
+
+
+def daemon_env(redis_url: str, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FLOWCHAT_")}
+    env.update(
+        FLOWCHAT_REDIS_URL=redis_url,
+        FLOWCHAT_PLUGINS=str(TEST_PLUGINS),
+        FLOWCHAT_VISIBILITY_TIMEOUT="1.5",
+        FLOWCHAT_GRACE="10",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Processes:
+    """Start flowchat processes; stop (SIGTERM, then SIGKILL) whatever is left at the end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, env: dict[str, str], ready: str = "flowchat:") -> subprocess.Popen[bytes]:
+        log = open(self.tmp_path / f"proc-{len(self.running)}.log", "wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log
+        )
+        self.running.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        if ready not in line:
+            process.kill()
+            raise AssertionError(f"{args} did not start: {line!r}\n{self.log_of(process)}")
+        return process
+
+    def log_of(self, process: subprocess.Popen[bytes]) -> str:
+        index = self.running.index(process)
+        return (self.tmp_path / f"proc-{index}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for process in self.running:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in self.running:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.02) -> None:
+    """Poll an (async or sync) predicate until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        await asyncio.sleep(interval)
