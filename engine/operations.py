@@ -45,7 +45,8 @@ async def replay(queue: Queue, execution_id: str, *, latest: dict[str, Flow] | N
     if current is not None:
         await queue.store_flow_source(current.name, current.version, current.source)
         execution.flow_version = current.version
-    await queue.requeue(execution)
+    if not await queue.requeue(execution):
+        return None  # replayed meanwhile by someone else
     await queue.remove_dead_letters(execution_id)
     return execution
 

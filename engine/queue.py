@@ -57,6 +57,8 @@ return {ARGV[1], 1}
 """
 
 _FINISH = """
+local owner = redis.call('XPENDING', KEYS[2], ARGV[9], ARGV[1], ARGV[1], 1)
+if #owner == 0 or owner[1][2] ~= ARGV[13] then return 0 end
 redis.call('HSET', KEYS[1], 's', ARGV[2])
 redis.call('XACK', KEYS[2], ARGV[9], ARGV[1])
 redis.call('XDEL', KEYS[2], ARGV[1])
@@ -68,8 +70,8 @@ elseif ARGV[3] == 'dead' then
   redis.call('HINCRBY', KEYS[5], 'dead:' .. ARGV[6], 1)
 end
 if ARGV[11] ~= '' then redis.call('HINCRBY', KEYS[5], ARGV[11], 1) end
-for i = 13, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[3] ~= 'wait' and tonumber(ARGV[12]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[12]) end
+for i = 14, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[3] == 'done' and tonumber(ARGV[12]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[12]) end
 return 1
 """
 
@@ -83,12 +85,27 @@ return #due
 """
 
 _REQUEUE = """
+local state = redis.call('HGET', KEYS[1], 's')
+if not state or cjson.decode(state)['status'] ~= 'failed' then return 0 end
 redis.call('HSET', KEYS[1], 's', ARGV[2])
 for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'd', 0)
 redis.call('PERSIST', KEYS[1])
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[1])
 return 1
+"""
+
+_EXTEND = """
+local lost = {}
+for i = 3, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #entry == 1 and entry[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
 """
 
 
@@ -159,6 +176,7 @@ class Queue:
         self._finish = redis.register_script(_FINISH)
         self._move_due = redis.register_script(_MOVE_DUE)
         self._requeue = redis.register_script(_REQUEUE)
+        self._extend = redis.register_script(_EXTEND)
         self._stored_versions: set[tuple[str, str]] = set()
 
     async def _run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
@@ -288,11 +306,15 @@ class Queue:
         self,
         delivery: Delivery,
         execution: Execution,
+        consumer: str,
         *,
         dead: dict[str, str] | None = None,
         runs: Iterable[NodeRun] = (),
-    ) -> None:
-        """Record the outcome (and ``runs`` not yet checkpointed), acknowledge, park or dead-letter, atomically."""
+    ) -> bool:
+        """Record the outcome (and ``runs`` not yet checkpointed), acknowledge, park or dead-letter, atomically.
+
+        Returns False, writing nothing, when ``consumer`` no longer holds the entry's lease.
+        """
         if dead is not None:
             outcome, counter = "dead", f"failed:{execution.flow}"
         elif execution.status == "waiting":
@@ -320,10 +342,11 @@ class Queue:
             dead.get("message", ""),
             counter,
             RETENTION,
+            consumer,
         ]
         for run in runs:
             args += [f"n:{run.id}", dumps(run.__dict__)]
-        await self._run_script(self._finish, keys, args)
+        return bool(await self._run_script(self._finish, keys, args))
 
     async def count(self, event: str, flow: str, amount: int = 1) -> None:
         await self.pipeliner.execute("HINCRBY", self.keys.counters, f"{event}:{flow}", amount)
@@ -342,14 +365,25 @@ class Queue:
         return float(first[0][1]) if first else None
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int = 100) -> list[Delivery]:
-        """Take over entries whose lease expired (their worker died or hung)."""
-        reply = await self.redis.xautoclaim(self.keys.ready, GROUP, consumer, min_idle_ms, "0-0", count=count)
-        return [_delivery(message_id, fields) for message_id, fields in reply[1] if fields]
+        """Take over entries whose lease expired (their worker died or hung), scanning the whole pending list."""
+        found: list[Delivery] = []
+        cursor = "0-0"
+        while len(found) < count:
+            reply = await self.redis.xautoclaim(
+                self.keys.ready, GROUP, consumer, min_idle_ms, cursor, count=count - len(found)
+            )
+            found += [_delivery(message_id, fields) for message_id, fields in reply[1] if fields]
+            cursor = _text(reply[0])
+            if cursor == "0-0":
+                break
+        return found
 
-    async def extend(self, consumer: str, message_ids: list[str]) -> None:
-        """Renew leases on entries still being worked on."""
-        if message_ids:
-            await self.redis.xclaim(self.keys.ready, GROUP, consumer, 0, list[Any](message_ids), justid=True)
+    async def extend(self, consumer: str, message_ids: list[str]) -> list[str]:
+        """Renew leases this consumer still holds; return the ids whose lease another worker took."""
+        if not message_ids:
+            return []
+        lost = await self._run_script(self._extend, [self.keys.ready], [GROUP, consumer, *message_ids])
+        return [_text(message_id) for message_id in lost]
 
     async def drop_delivery(self, delivery: Delivery) -> None:
         pipe = self.redis.pipeline(transaction=True)
@@ -357,13 +391,13 @@ class Queue:
         pipe.xdel(self.keys.ready, delivery.message_id)
         await pipe.execute()
 
-    async def requeue(self, execution: Execution) -> None:
-        """Put a stored execution back on the ready stream with its node states."""
+    async def requeue(self, execution: Execution) -> bool:
+        """Put a failed execution back on the ready stream with its node states (False if it is not failed)."""
         node_fields: list[str] = []
         for run in execution.nodes.values():
             node_fields += [f"n:{run.id}", dumps(run.__dict__)]
         keys = [self.keys.execution(execution.id), self.keys.ready]
-        await self._requeue(keys=keys, args=[execution.id, _state(execution), *node_fields])
+        return bool(await self._requeue(keys=keys, args=[execution.id, _state(execution), *node_fields]))
 
     # --- operators ------------------------------------------------------------------
 

@@ -86,10 +86,13 @@ class Worker:
             asyncio.create_task(self._reclaim_loop(), name="reclaim"),
         ]
         await self._stopping.wait()
+        leases = loops.pop(1)  # keep renewing leases while in-flight work drains
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await self._drain()
+        leases.cancel()
+        await asyncio.gather(leases, return_exceptions=True)
 
     async def _drain(self) -> None:
         if not self.in_flight:
@@ -121,20 +124,30 @@ class Worker:
                     await self._dispatch(deliveries)
                 backoff.reset()
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                log.warning("the consumer group is gone (Redis flushed or lost its data); recreating it")
-                await self.queue.setup()
+                if "NOGROUP" in str(exc):
+                    log.warning("the consumer group is gone (Redis flushed or lost its data); recreating it")
+                    await _retrying(self.queue.setup, self._stopping)
+                else:  # OOM, READONLY after a failover, …: transient from here
+                    await backoff.wait(f"reading the queue: {exc}")
             except (RedisError, OSError) as exc:
                 await backoff.wait(f"reading the queue: {exc}")
+            except Exception:
+                log.exception("unexpected error reading the queue; retrying")
+                await backoff.wait("unexpected error")
 
     async def _lease_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.visibility_timeout / 3)
             try:
-                await self.queue.extend(self.settings.consumer, list(self.in_flight))
+                lost = await self.queue.extend(self.settings.consumer, list(self.in_flight))
             except (RedisError, OSError) as exc:
                 log.warning("cannot renew leases: %s", exc)
+                continue
+            for message_id in lost:
+                task = self.in_flight.get(message_id)
+                if task is not None:
+                    log.error("lease on %s was taken over by another worker; stopping our copy", message_id)
+                    task.cancel()
 
     async def _reclaim_loop(self) -> None:
         idle_ms = int(self.settings.visibility_timeout * 1000)
@@ -154,6 +167,8 @@ class Worker:
                     await self._dispatch(stale)
             except (RedisError, OSError) as exc:
                 log.warning("cannot reclaim stalled work: %s", exc)
+            except Exception:
+                log.exception("unexpected error reclaiming stalled work")
 
     # --- one execution ------------------------------------------------------------
 
@@ -219,7 +234,7 @@ class Worker:
                 "code": str(error.get("code", "")),
                 "message": str(error.get("message", "")),
             }
-            await self.queue.finish(delivery, execution, dead=dead, runs=self._unsaved.pop(execution.id, ()))
+            await self._finish(delivery, execution, dead=dead)
             return
         if execution.status == "waiting" and any(
             run.error for run in execution.nodes.values() if run.status == "waiting"
@@ -228,13 +243,18 @@ class Worker:
             await self.queue.count("retried", flow.name)
         elif execution.status == "succeeded":
             self.metrics.execution_event(flow.name, "succeeded")
-        await self.queue.finish(delivery, execution, runs=self._unsaved.pop(execution.id, ()))
+        await self._finish(delivery, execution)
 
     async def _dead(self, delivery: Delivery, execution: Execution, code: str, message: str, node: str = "") -> None:
         log.error("%s dead-lettered: [%s] %s", execution.id, code, message)
         execution.status = "failed"
         execution.error = {"code": code, "message": message, "node": node, "retryable": False}
-        await self.queue.finish(delivery, execution, dead={"node": node, "code": code, "message": message})
+        await self._finish(delivery, execution, dead={"node": node, "code": code, "message": message})
+
+    async def _finish(self, delivery: Delivery, execution: Execution, dead: dict[str, str] | None = None) -> None:
+        runs = self._unsaved.pop(execution.id, ())
+        if not await self.queue.finish(delivery, execution, self.settings.consumer, dead=dead, runs=runs):
+            log.error("%s: lease lost before finishing; the worker that took it over owns the outcome", execution.id)
 
     async def _checkpoint(self, execution: Execution, run: NodeRun) -> None:
         """Persist a settled node before anything downstream of it can run.

@@ -213,3 +213,20 @@ async def test_work_left_after_the_grace_period_is_taken_over_not_lost(queue, re
     await wait_for(succeeded, timeout=30)
     assert starts(marks)[(execution_id, "first")] == 1
     assert starts(marks)[(execution_id, "slow")] == 2
+
+
+async def test_draining_keeps_leases_so_no_other_worker_runs_the_same_work(queue, redis_url, flows_dir, processes, tmp_path):
+    marks = tmp_path / "marks"
+    mark_flow(flows_dir, "held", marks, f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 3}}}}\n")
+    env = daemon_env(redis_url, FLOWCHAT_GRACE="10", FLOWCHAT_VISIBILITY_TIMEOUT="1")
+    draining = processes.start("worker", "--flows", str(flows_dir), env=env)
+    [execution_id] = await enqueue_many(queue, flows_dir / "held.yaml", 1)
+    await wait_for(lambda: starts(marks)[(execution_id, "slow")] == 1)
+    processes.start("worker", "--flows", str(flows_dir), env=env)  # would take over an unrenewed lease
+
+    draining.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(draining.wait, 15) == 0
+
+    stored = await queue.get(execution_id)
+    assert stored is not None and stored[0]["status"] == "succeeded"
+    assert starts(marks)[(execution_id, "slow")] == 1

@@ -286,3 +286,24 @@ async def test_replay_on_the_latest_version_applies_a_fix_made_in_the_flow_file(
     assert meta["status"] == "succeeded"
     assert meta["flow_version"] != old_version
     assert [line.split()[1] for line in lines(marks) if " start" in line] == ["first"]
+
+
+async def test_a_worker_whose_lease_was_taken_stops_its_copy_and_writes_no_outcome(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
+    marks = tmp_path / "marks"
+    write_flow(flows_dir, "stolen", f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 3}}}}\n")
+    catalog = catalog_factory(flows_dir)
+    worker = await start_worker(catalog, visibility_timeout=0.6)
+    execution_id = await enqueue(queue, catalog, "stolen")
+    await wait_for(lambda: any(" start" in line for line in lines(marks)))
+
+    [entry] = await queue.redis.xpending_range(queue.keys.ready, "workers", "-", "+", 10)
+    await queue.redis.xclaim(queue.keys.ready, "workers", "thief", 0, [entry["message_id"]], justid=True)
+    await wait_for(lambda: not worker.in_flight, timeout=5)
+
+    assert not any(" done" in line for line in lines(marks))
+    stored = await queue.get(execution_id)
+    assert stored is not None and stored[0]["status"] == "queued"
+    [still] = await queue.redis.xpending_range(queue.keys.ready, "workers", "-", "+", 10)
+    assert still["consumer"] == b"thief"
