@@ -46,39 +46,49 @@ class Catalog:
         return [flow for flow in self.by_file.values() if flow.trigger.type == trigger_type]
 
     def reload(self) -> bool:
-        """Pick up added, edited and removed files. Returns True if anything changed."""
+        """Pick up added, edited and removed files. Returns True if anything changed.
+
+        It may run in a thread: the new set of flows is built aside and swapped in whole,
+        so readers on the event loop never see a dict change under them.
+        """
         current = {path: _signature(path) for path in flow_files([self.folder]) if path.exists()}
+        by_file, problems = dict(self.by_file), dict(self.problems)
         changed = False
         for path in set(self._signatures) - set(current):
             self._signatures.pop(path)
-            self.problems.pop(path, None)
-            if self.by_file.pop(path, None) is not None:
+            problems.pop(path, None)
+            if by_file.pop(path, None) is not None:
                 log.info("flow file removed: %s", path)
                 changed = True
         for path, signature in current.items():
             if self._signatures.get(path) != signature:
                 self._signatures[path] = signature
-                changed |= self._load(path)
+                changed |= self._load(path, by_file, problems)
+        self.by_file, self.problems = by_file, problems
         return changed
 
-    def _load(self, path: Path) -> bool:
+    def _load(self, path: Path, by_file: dict[Path, Flow], problems: dict[Path, list[FlowChatError]]) -> bool:
         try:
             flow = load_flow(path, self.registry)
         except FlowInvalid as invalid:
-            self.problems[path] = invalid.errors
-            keeping = " (the previous version keeps serving)" if path in self.by_file else ""
+            problems[path] = invalid.errors
+            keeping = " (the previous version keeps serving)" if path in by_file else ""
             log.error("flow %s rejected%s:\n%s", path, keeping, invalid)
             return False
-        clash = find_clash(flow, self.by_file.values())
+        clash = find_clash(flow, by_file.values())
         if clash is not None:
-            self.problems[path] = [clash]
+            problems[path] = [clash]
             log.error("flow %s rejected: %s", path, clash.message)
             return False
         route = webhook_path(flow)
         if route and not (flow.trigger.secret_env or flow.trigger.token_env):
-            log.warning("flow %s: /hooks/%s has no secret_env or token_env; anyone who reaches it can trigger it", flow.name, route)
-        self.problems.pop(path, None)
-        self.by_file[path] = flow
+            log.warning(
+                "flow %s: /hooks/%s has no secret_env or token_env; anyone who reaches it can trigger it",
+                flow.name,
+                route,
+            )
+        problems.pop(path, None)
+        by_file[path] = flow
         self._versions[(flow.name, flow.version)] = flow
         log.info("flow %s loaded (version %s)", flow.name, flow.version)
         return True

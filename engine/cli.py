@@ -166,16 +166,19 @@ def graph(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from engine.daemon import serve as serve_daemon
 
-    asyncio.run(serve_daemon(Path(args.flows), args.host, args.port, args.concurrency, workers=not args.no_workers))
-    return 0
+    plugins = Path(args.plugins) if args.plugins else None
+    return asyncio.run(
+        serve_daemon(
+            Path(args.flows), args.host, args.port, args.concurrency, workers=not args.no_workers, plugins=plugins
+        )
+    )
 
 
 @command("worker")
 def worker(args: argparse.Namespace) -> int:
     from engine.daemon import work
 
-    asyncio.run(work(Path(args.flows), args.concurrency))
-    return 0
+    return asyncio.run(work(Path(args.flows), args.concurrency, Path(args.plugins) if args.plugins else None))
 
 
 # --- operators ---------------------------------------------------------------------------
@@ -339,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("replay", help="queue a dead execution again; it resumes at its failed node")
     a.add_argument("id", nargs="?", help="execution id")
     a.add_argument("--all", action="store_true", help="replay every dead letter")
-    a.add_argument("--latest", action="store_true", help="run on the flow's current version (after fixing the flow file)")
+    a.add_argument(
+        "--latest", action="store_true", help="run on the flow's current version (after fixing the flow file)"
+    )
     a.add_argument("--flows", default="flows", metavar="DIR", help="where --latest finds flows (default ./flows)")
     a = actions.add_parser("drop", help="remove an execution's dead letters")
     a.add_argument("id")

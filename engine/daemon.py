@@ -14,9 +14,10 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -45,11 +46,15 @@ class Runtime:
 
 
 def redis_client(url: str) -> Redis:
-    return Redis.from_url(url, socket_connect_timeout=2, health_check_interval=15)
+    """A client that notices a dead connection: no call waits on a half-open socket forever."""
+    options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 30, "health_check_interval": 15}
+    if not url.startswith("unix://"):
+        options["socket_keepalive"] = True
+    return Redis.from_url(url, **options)
 
 
 @contextlib.asynccontextmanager
-async def runtime(flows: Path) -> AsyncIterator[Runtime]:
+async def runtime(flows: Path, plugins: Path | None = None) -> AsyncIterator[Runtime]:
     """Redis, registry, catalog and services, set up and torn down in order."""
     embedded: RedisServer | None = None
     url = os.environ.get(REDIS_URL_ENV)
@@ -59,7 +64,7 @@ async def runtime(flows: Path) -> AsyncIterator[Runtime]:
         log.info("embedded redis-server with AOF in %s", embedded.data_dir)
     redis = redis_client(url)
     try:
-        registry = load_registry()
+        registry = load_registry(plugins)
         for error in registry.errors:
             log.error("[%s] %s", error.code, error.message)
         catalog = Catalog(flows, registry)
@@ -82,53 +87,81 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve(flows: Path, host: str, port: int, concurrency: int, workers: bool) -> None:
+async def serve(flows: Path, host: str, port: int, concurrency: int, workers: bool, plugins: Path | None = None) -> int:
+    """Ingress, workers, scheduler and mover until SIGTERM/SIGINT; exit status 0, or 1 if a part died."""
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    async with runtime(flows) as rt:
+    async with runtime(flows, plugins) as rt:
         runner = web.AppRunner(create_app(rt.queue, rt.catalog, rt.metrics), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         log.info("listening on http://%s:%d", host, port)
         print(f"flowchat: listening on http://{host}:{port} with {len(rt.catalog.flows)} flow(s)", flush=True)
-        worker = (
-            Worker(rt.queue, rt.catalog, rt.services, WorkerSettings.from_env(concurrency=concurrency), rt.metrics)
-            if workers
-            else None
-        )
-        background = [
-            asyncio.create_task(DelayedMover(rt.queue).run()),
-            asyncio.create_task(Scheduler(rt.queue, rt.catalog).run()),
-            asyncio.create_task(rt.catalog.watch()),
-        ]
-        worker_task = asyncio.create_task(worker.run()) if worker else None
+        parts = _Parts(stop)
+        parts.start(DelayedMover(rt.queue).run(), "delayed-work mover")
+        parts.start(Scheduler(rt.queue, rt.catalog).run(), "scheduler")
+        parts.start(rt.catalog.watch(), "flow watcher")
+        worker = _worker(rt, concurrency) if workers else None
+        worker_task = parts.start(worker.run(), "worker") if worker else None
         await stop.wait()
         log.info("stopping: no new requests or work; draining in-flight executions")
         await runner.cleanup()
         if worker and worker_task:
             worker.stop()
-            await worker_task
-        await _cancel(background)
+            await asyncio.gather(worker_task, return_exceptions=True)
+        return await parts.stop()
 
 
-async def work(flows: Path, concurrency: int) -> None:
+async def work(flows: Path, concurrency: int, plugins: Path | None = None) -> int:
+    """Workers and the mover until SIGTERM/SIGINT; exit status 0, or 1 if a part died."""
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    async with runtime(flows) as rt:
-        worker = Worker(rt.queue, rt.catalog, rt.services, WorkerSettings.from_env(concurrency=concurrency), rt.metrics)
-        background = [asyncio.create_task(DelayedMover(rt.queue).run()), asyncio.create_task(rt.catalog.watch())]
-        worker_task = asyncio.create_task(worker.run())
+    async with runtime(flows, plugins) as rt:
+        parts = _Parts(stop)
+        parts.start(DelayedMover(rt.queue).run(), "delayed-work mover")
+        parts.start(rt.catalog.watch(), "flow watcher")
+        worker = _worker(rt, concurrency)
+        worker_task = parts.start(worker.run(), "worker")
         print(f"flowchat: worker {worker.settings.consumer} running {len(rt.catalog.flows)} flow(s)", flush=True)
         await stop.wait()
         worker.stop()
-        await worker_task
-        await _cancel(background)
+        await asyncio.gather(worker_task, return_exceptions=True)
+        return await parts.stop()
 
 
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+def _worker(rt: Runtime, concurrency: int) -> Worker:
+    return Worker(rt.queue, rt.catalog, rt.services, WorkerSettings.from_env(concurrency=concurrency), rt.metrics)
+
+
+class _Parts:
+    """The daemon's long-running tasks. One that dies stops the daemon, loudly, with status 1."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop_event = stop
+        self.tasks: list[asyncio.Task[None]] = []
+        self.failed = False
+
+    def start(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._ended)
+        self.tasks.append(task)
+        return task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.stop_event.is_set():
+            return
+        error = task.exception()
+        log.critical(
+            "the %s stopped unexpectedly (%r); shutting down so a supervisor can restart us", task.get_name(), error
+        )
+        self.failed = True
+        self.stop_event.set()
+
+    async def stop(self) -> int:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        return 1 if self.failed else 0
 
 
 @contextlib.asynccontextmanager

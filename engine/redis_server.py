@@ -8,11 +8,14 @@ ships.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from engine.errors import QueueError
@@ -48,6 +51,7 @@ class RedisServer:
         self.port = port
         self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock: int | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -84,54 +88,113 @@ class RedisServer:
         return args
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        """Start the server, or use the one another FlowChat process already runs here."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self._answers():
-            return self
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise QueueError(f"redis-server exited: {self._stderr()}", retryable=False)
-            if self._answers():
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise QueueError("redis-server did not start in time", retryable=False)
+        """Start the server, or share the one another FlowChat process runs on this data.
 
-    def _answers(self) -> bool:
+        Every process using the data directory holds a shared lock on ``users.lock``;
+        starting and stopping happen under the exclusive ``start.lock``, so two processes
+        never start two servers on the same files, and the last user out stops it.
+        """
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self._starting():
+            if self._state() is None:
+                self._spawn(timeout)
+            else:
+                self._wait_loaded(timeout)
+            self._lock = os.open(self.data_dir / "users.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(self._lock, fcntl.LOCK_SH)
+        return self
+
+    @contextlib.contextmanager
+    def _starting(self) -> Iterator[None]:
+        guard = os.open(self.data_dir / "start.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(guard)
+
+    def _spawn(self, timeout: float) -> None:
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_loaded(timeout)
+
+    def _wait_loaded(self, timeout: float) -> None:
+        """Wait until it answers PING; a server still loading its AOF may take as long as it needs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise QueueError(f"redis-server exited: {self._log_tail()}", retryable=False)
+            state = self._state()
+            if state == "ready":
+                return
+            if state == "loading":
+                deadline = time.monotonic() + timeout
+            elif time.monotonic() > deadline:
+                self.stop(force=True)
+                raise QueueError(f"redis-server did not start in time: {self._log_tail()}", retryable=False)
+            time.sleep(0.02)
+
+    def _state(self) -> str | None:
+        """ "ready", "loading" (replaying its AOF), or None when nothing answers."""
+        reply = self._send(b"PING\r\n")
+        if reply.startswith(b"+PONG"):
+            return "ready"
+        if reply.startswith(b"-LOADING"):
+            return "loading"
+        return None
+
+    def _send(self, command: bytes) -> bytes:
         try:
             if self.port:
-                conn = socket.create_connection(("127.0.0.1", self.port), timeout=0.2)
+                conn = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
             else:
                 if not self.socket_path.exists():
-                    return False
+                    return b""
                 conn = socket.socket(socket.AF_UNIX)
-                conn.settimeout(0.2)
+                conn.settimeout(0.5)
                 conn.connect(str(self.socket_path))
             with conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
+                conn.sendall(command)
+                return conn.recv(64)
         except OSError:
-            return False
+            return b""
 
-    def _stderr(self) -> str:
-        if self.process and self.process.stderr:
-            return self.process.stderr.read().decode(errors="replace").strip()
-        return ""
+    def _log_tail(self) -> str:
+        log_file = self.data_dir / "redis.log"
+        lines = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
+        return " | ".join(lines[-3:])
 
-    def stop(self, *, kill: bool = False) -> None:
-        if self.process is None or self.process.poll() is not None:
+    def stop(self, *, force: bool = False, kill: bool = False) -> None:
+        """Stop the server if no other process still uses it (or ``force``)."""
+        if force or self._lock is None:
+            self._terminate(kill=kill)
             return
-        if kill:
-            self.process.kill()
-        else:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        with self._starting():
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._release()  # another FlowChat process still uses it; the last one out stops it
+                return
+            self._terminate(kill=kill)
+
+    def _terminate(self, *, kill: bool = False) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill() if kill else self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        elif self.process is None and self._lock is not None:
+            self._send(b"SHUTDOWN\r\n")  # started by a process that has gone; AOF is flushed on shutdown
+            deadline = time.monotonic() + 30
+            while self._state() is not None and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 def data_dir() -> Path:

@@ -23,6 +23,7 @@ from croniter import croniter
 from redis.exceptions import RedisError
 
 from engine.catalog import Catalog
+from engine.errors import FlowChatError
 from engine.flow import Flow
 from engine.queue import Queue
 
@@ -56,8 +57,11 @@ class Scheduler:
         while True:
             try:
                 wake = await self.tick(time.time())
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, FlowChatError) as exc:
                 log.warning("scheduler cannot reach Redis: %s", exc)
+                wake = time.time() + 1
+            except Exception:
+                log.exception("scheduler tick failed; trying again in a second")
                 wake = time.time() + 1
             await asyncio.sleep(min(1.0, max(0.01, wake - time.time())))
 

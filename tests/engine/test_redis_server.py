@@ -1,0 +1,29 @@
+"""The embedded redis-server: one per data directory, shared by every FlowChat process using it."""
+
+from __future__ import annotations
+
+from engine.redis_server import RedisServer
+
+
+def test_processes_on_one_data_dir_share_one_server_and_the_last_one_out_stops_it(tmp_path):
+    first = RedisServer(tmp_path).start()
+    second = RedisServer(tmp_path).start()
+
+    assert first.process is not None and second.process is None  # the second shared the first's server
+    first.stop()
+    assert first.process.poll() is None  # still in use by the second
+    assert second._state() == "ready"
+
+    second.stop()
+    first.process.wait(timeout=10)
+    assert second._state() is None
+
+
+def test_a_server_whose_owner_left_is_stopped_by_the_last_user(tmp_path):
+    owner = RedisServer(tmp_path).start()
+    user = RedisServer(tmp_path).start()
+    owner.stop()
+
+    user.stop()
+
+    assert owner.process is not None and owner.process.wait(timeout=10) == 0
