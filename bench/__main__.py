@@ -148,7 +148,7 @@ class Bench:
         queue = Queue(client, Keys())
         await queue.setup()
         flow = load_flow(self.flows / f"{flow_name}.yaml", load_registry(entry_points=False))
-        await queue.store_flow_source(flow.name, flow.version, flow.source)
+        await queue.store_flow(flow)
         ids: list[str] = []
         trigger = {"phone": "+14155550123", "name": "Ada Lovelace", "source": "web", "pad": "x" * payload_size}
         for start in range(0, count, 1000):

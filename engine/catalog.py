@@ -20,7 +20,7 @@ from engine.loader import find_clash, flow_files, load_flow, load_flow_text, web
 from engine.registry import Registry
 
 log = logging.getLogger("flowchat.catalog")
-SourceLookup = Callable[[str, str], Awaitable[str | None]]
+SourceLookup = Callable[[str, str], Awaitable[tuple[str, str] | None]]
 
 
 @dataclass
@@ -98,11 +98,12 @@ class Catalog:
         flow = self._versions.get((name, version))
         if flow is not None:
             return flow
-        source = await lookup(name, version)
-        if source is None:
+        stored = await lookup(name, version)
+        if stored is None:
             return None
+        file, source = stored
         try:
-            flow = load_flow_text(source, f"{name}@{version}", self.registry)
+            flow = load_flow_text(source, file, self.registry)
         except FlowInvalid as invalid:
             log.error("stored version %s of flow %s no longer loads:\n%s", version, name, invalid)
             return None

@@ -170,7 +170,7 @@ async def _enqueue(
     request: web.Request, flow: Flow, payload: dict[str, Any], idempotency_key: str | None
 ) -> tuple[str, bool]:
     queue = request.app[QUEUE_KEY]
-    await queue.store_flow_source(flow.name, flow.version, flow.source)
+    await queue.store_flow(flow)
     return await queue.enqueue(flow.name, flow.version, payload, idempotency_key=idempotency_key)
 
 

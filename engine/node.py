@@ -63,7 +63,8 @@ class RetryPolicy(BaseModel):
         """Seconds to wait after failed ``attempt`` (1-based): exponential, equal jitter."""
         ceiling = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
         wait = ceiling / 2 + random.uniform(0, ceiling / 2)
-        return max(wait, retry_after or 0.0)
+        # honour Retry-After, but a server cannot park an execution longer than max_backoff
+        return max(wait, min(retry_after or 0.0, self.max_backoff))
 
 
 class Suspend(Exception):

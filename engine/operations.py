@@ -43,7 +43,7 @@ async def replay(queue: Queue, execution_id: str, *, latest: dict[str, Flow] | N
     execution.status, execution.error, execution.finished_at = "queued", None, None
     current = (latest or {}).get(execution.flow)
     if current is not None:
-        await queue.store_flow_source(current.name, current.version, current.source)
+        await queue.store_flow(current)
         execution.flow_version = current.version
     if not await queue.requeue(execution):
         return None  # replayed meanwhile by someone else

@@ -38,6 +38,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from engine.errors import QueueError
 from engine.execution import Execution, NodeRun, new_execution_id
+from engine.flow import Flow
 from engine.keys import GROUP, Keys
 from engine.pipeliner import Pipeliner
 
@@ -197,16 +198,21 @@ class Queue:
 
     # --- ingress --------------------------------------------------------------------
 
-    async def store_flow_source(self, flow: str, version: str, source: str) -> None:
-        """Keep a flow version's YAML so its executions survive a reload."""
-        if (flow, version) in self._stored_versions:
+    async def store_flow(self, flow: Flow) -> None:
+        """Keep a flow version's YAML (and where it lives) so its executions survive a reload."""
+        if (flow.name, flow.version) in self._stored_versions:
             return
-        await self.redis.set(self.keys.flow_source(flow, version), source, nx=True)
-        self._stored_versions.add((flow, version))
+        stored = dumps({"file": flow.file, "source": flow.source})
+        await self.redis.set(self.keys.flow_source(flow.name, flow.version), stored, nx=True)
+        self._stored_versions.add((flow.name, flow.version))
 
-    async def flow_source(self, flow: str, version: str) -> str | None:
+    async def flow_source(self, flow: str, version: str) -> tuple[str, str] | None:
+        """The (file, YAML) of a stored flow version."""
         value = await self.redis.get(self.keys.flow_source(flow, version))
-        return value.decode() if isinstance(value, bytes) else value
+        if value is None:
+            return None
+        stored = orjson.loads(value)
+        return str(stored["file"]), str(stored["source"])
 
     async def enqueue(
         self, flow: str, version: str, trigger: dict[str, Any], *, idempotency_key: str | None = None

@@ -84,7 +84,7 @@ class Scheduler:
         if due:
             tick = due[-1]
             payload = {**trigger.payload, "tick": datetime.fromtimestamp(tick, UTC).isoformat(), "missed": len(due) - 1}
-            await self.queue.store_flow_source(flow.name, flow.version, flow.source)
+            await self.queue.store_flow(flow)
             # keyed by wall-clock time: a tick repeated by a DST fall-back fires once, as cron does
             wall = datetime.fromtimestamp(tick, ZoneInfo(trigger.timezone)).replace(tzinfo=None).isoformat()
             execution_id, created = await self.queue.enqueue(

@@ -46,6 +46,19 @@ class WebhookTrigger(_Strict):
     token_env: str | None = Field(None, description="Env var with the bearer token (Authorization: Bearer).")
     max_body: int = Field(1024 * 1024, ge=1, description="Largest accepted body in bytes.")
 
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        if schema is not None:
+            try:
+                Draft202012Validator.check_schema(schema)
+            except SchemaError as exc:
+                raise ValueError(f"not a valid JSON Schema: {exc.message}") from exc
+        return schema
+
 
 class ScheduleTrigger(_Strict):
     """A cron schedule; each tick fires once across all replicas."""

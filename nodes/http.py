@@ -27,6 +27,7 @@ class HttpRequest(Node):
         json_: Any = Field(None, alias="json", description="JSON body.")
         body: str | None = Field(None, description="Raw text body.")
         timeout: Duration = Field(10.0, description="Timeout of one request.")
+        max_response: int = Field(1024 * 1024, ge=1, description="Largest response body kept, in bytes.")
 
         @model_validator(mode="after")
         def _one_body(self) -> HttpRequest.Config:
@@ -45,8 +46,13 @@ class HttpRequest(Node):
             request["data"] = config.body.encode()
         try:
             async with session.request(config.method, config.url, **request) as response:
-                text = await response.text()
-                return _result(response, text)
+                body = await response.content.read(config.max_response + 1)
+                if len(body) > config.max_response:
+                    raise NodeError(
+                        f"{config.method} {config.url}: response is over max_response ({config.max_response} bytes)",
+                        code="http-response-too-large",
+                    )
+                return _result(response, body.decode(response.charset or "utf-8", errors="replace"))
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise RetryableError(
                 f"{config.method} {config.url}: {type(exc).__name__}: {exc}", code="http-connection"

@@ -44,7 +44,7 @@ async def enqueue_many(queue: Queue, flow_file: Path, count: int) -> list[str]:
     flow = load_flow(
         flow_file, load_registry(Path(__file__).parent.parent / "fixtures" / "plugins", entry_points=False)
     )
-    await queue.store_flow_source(flow.name, flow.version, flow.source)
+    await queue.store_flow(flow)
     return await queue.enqueue_many(flow.name, flow.version, [{"n": n} for n in range(count)])
 
 

@@ -75,7 +75,7 @@ class Lab:
 
     async def enqueue(self, name: str, payload: dict[str, Any] | None = None) -> str:
         flow = self.flow(name)
-        await self.queue.store_flow_source(flow.name, flow.version, flow.source)
+        await self.queue.store_flow(flow)
         execution_id, created = await self.queue.enqueue(flow.name, flow.version, payload or {})
         assert created
         return execution_id

@@ -42,7 +42,7 @@ async def test_executions_retry_wait_and_finish_on_redis_6_2(redis_62, registry,
     client = Redis.from_url(redis_62.url)
     queue = Queue(client, Keys())
     await queue.setup()
-    await queue.store_flow_source(flow.name, flow.version, flow.source)
+    await queue.store_flow(flow)
     first, _ = await queue.enqueue(flow.name, flow.version, {}, idempotency_key="k1")
     again, created = await queue.enqueue(flow.name, flow.version, {}, idempotency_key="k1")
     assert (again, created) == (first, False)

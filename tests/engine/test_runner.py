@@ -262,7 +262,8 @@ def test_retry_delays_double_with_jitter_up_to_max_backoff():
     for attempt, ceiling in enumerate([1, 2, 4, 8, 8, 8], start=1):
         delays = [policy.delay(attempt) for _ in range(50)]
         assert all(ceiling / 2 <= delay <= ceiling for delay in delays)
-    assert policy.delay(1, retry_after=30) == 30
+    assert policy.delay(1, retry_after=6) == 6  # Retry-After is honoured…
+    assert policy.delay(1, retry_after=30) == 8  # …up to max_backoff: a server cannot park an execution for days
 
 
 async def test_exhausting_the_attempts_fails_the_execution(make_flow):

@@ -47,7 +47,7 @@ async def start_worker(queue: Queue) -> AsyncIterator[Callable[..., Any]]:
 async def enqueue(queue: Queue, catalog: Catalog, flow_name: str, payload: dict[str, Any] | None = None) -> str:
     flow = catalog.get(flow_name)
     assert flow is not None, catalog.problems
-    await queue.store_flow_source(flow.name, flow.version, flow.source)
+    await queue.store_flow(flow)
     execution_id, _ = await queue.enqueue(flow.name, flow.version, payload or {})
     return execution_id
 
@@ -307,3 +307,21 @@ async def test_a_worker_whose_lease_was_taken_stops_its_copy_and_writes_no_outco
     assert stored is not None and stored[0]["status"] == "queued"
     [still] = await queue.redis.xpending_range(queue.keys.ready, "workers", "-", "+", 10)
     assert still["consumer"] == b"thief"
+
+
+async def test_a_stored_version_rebuilt_by_another_worker_finds_files_next_to_its_flow(
+    queue, flows_dir, catalog_factory, start_worker
+):
+    (flows_dir / "lead.schema.json").write_text('{"type": "object", "required": ["phone"]}')
+    path = write_flow(flows_dir, "schema_v", "  - {id: check, type: validate, with: {schema_file: lead.schema.json}}\n")
+    first_catalog = catalog_factory(flows_dir)
+    execution_id = await enqueue(queue, first_catalog, "schema_v", {"phone": "+14155550123"})
+    path.write_text(path.read_text() + "  - {id: extra, type: test.noop}\n")  # a new version on disk
+
+    fresh_catalog = catalog_factory(flows_dir)  # a worker that never saw the first version
+    await start_worker(fresh_catalog)
+    meta = await settled(queue, execution_id)
+
+    assert meta["status"] == "succeeded", meta
+    execution = await load_execution(queue, execution_id)
+    assert execution is not None and set(execution.nodes) == {"check"}

@@ -219,3 +219,17 @@ async def test_a_relative_url_is_refused_once_rendered(run_flow):
     assert execution.error["code"] == "node-config-invalid"
     assert "url" in execution.error["message"]
     assert execution.nodes["fetch"].attempts == 1
+
+
+async def test_a_response_over_max_response_fails_instead_of_filling_memory(run_flow, http_server):
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 5000)
+
+    base = await http_server([web.get("/huge", huge)])
+    execution = await run_flow(
+        "- {id: fetch, type: http.request, with: {url: '{{ trigger.url }}', max_response: 1000}}",
+        {"url": f"{base}/huge"},
+    )
+
+    assert execution.status == "failed"
+    assert execution.error["code"] == "http-response-too-large"
