@@ -12,11 +12,12 @@ import os
 import re
 from typing import Any
 
+_SEP = r"[\s.-]?"
 _PHONE = re.compile(
-    r"(?<![\w+])"
-    r"(?:(?P<head>\+\d{4})\d{1,7}"  # E.164: + and 9 to 15 digits
-    r"|(?P<national>\d{3})\d{3,4})"  # national: 10 or 11 bare digits
-    r"(?P<tail>\d{4})(?!\d)"
+    r"(?<![\w+%])(?:"
+    rf"(?P<plus>\+|%2[Bb])(?P<e164>\d(?:{_SEP}\d){{8,14}})"  # E.164, spaced or not, URL-encoded too
+    rf"|(?P<national>\(?\d{{3}}\)?{_SEP}\d{{3}}{_SEP}\d{{4,5}})"  # 415 555 0123, (415) 555-0123, 4155550123
+    r")(?![\d])"
 )
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 
@@ -24,11 +25,25 @@ SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 def mask_phones(text: str) -> str:
     """``+14155554567`` → ``+1415***4567``: enough to tell numbers apart, not to dial.
 
-    E.164 numbers (a ``+`` and 9 to 15 digits) and national numbers (10 or 11 bare
-    digits) are masked; shorter and longer digit runs (order numbers, millisecond
-    timestamps) are left alone.
+    E.164 numbers (``+`` or ``%2B`` then 9 to 15 digits, spaces, dots or dashes
+    allowed between them) and national numbers (``415 555 0123``, ``(415) 555-0123``,
+    10 or 11 bare digits) are masked; order numbers, dates and timestamps are not.
     """
-    return _PHONE.sub(lambda m: f"{m['head'] or m['national']}***{m['tail']}", text)
+    return _PHONE.sub(_mask, text)
+
+
+def _mask(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group("e164") or match.group("national"))
+    head = f"+{digits[:4]}" if match.group("plus") else digits[:3]
+    return f"{head}***{digits[-4:]}"
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """Phone numbers masked and secret values replaced, in any text bound for a log."""
+    text = mask_phones(text)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def _secret_values() -> list[str]:
@@ -40,18 +55,26 @@ def _secret_values() -> list[str]:
 
 
 class RedactingFilter(logging.Filter):
-    """Masks phone numbers and the values of secret environment variables."""
+    """Masks phone numbers and secret values in a record's message (for any handler)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.secrets = _secret_values()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = mask_phones(record.getMessage())
-        for secret in self.secrets:
-            message = message.replace(secret, "***")
-        record.msg, record.args = message, None
+        record.msg, record.args = redact(record.getMessage(), self.secrets), None
         return True
+
+
+class RedactingFormatter(logging.Formatter):
+    """Redacts the whole formatted line, tracebacks included (they are added after filters run)."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self.secrets = _secret_values()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secrets)
 
 
 class _ExecutionAdapter(logging.LoggerAdapter[logging.Logger]):
@@ -71,8 +94,7 @@ def logger_for(execution_id: str, node_id: str) -> logging.LoggerAdapter[logging
 def configure_logging(level: int | str = logging.INFO) -> None:
     """Root logging for the CLI and daemon, with redaction on every handler."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s %(message)s"))
-    handler.addFilter(RedactingFilter())
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -1,6 +1,7 @@
 """The data nodes: ``set`` (native-typed values) and ``log`` (execution-tagged, masked lines)."""
 
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -156,3 +157,29 @@ async def test_configure_logging_masks_phones_and_secrets_on_stderr(run_flow, ca
 )
 def test_mask_phones_keeps_enough_to_tell_numbers_apart(text, expected):
     assert mask_phones(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("%2B14155550123", "+1415***0123"),
+        ("+1 415 555 0123", "+1415***0123"),
+        ("(415) 555-0123", "415***0123"),
+        ("on 2026-11-27 at 12:33:54", "on 2026-11-27 at 12:33:54"),
+    ],
+)
+def test_mask_phones_sees_numbers_written_with_separators_but_not_dates(text, expected):
+    assert mask_phones(text) == expected
+
+
+def test_tracebacks_are_masked_by_the_daemon_formatter():
+    from engine.logs import RedactingFormatter
+
+    try:
+        raise ValueError("cannot reach +14155550123")
+    except ValueError:
+        record = logging.LogRecord("flowchat", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    line = RedactingFormatter("%(message)s").format(record)
+
+    assert "ValueError: cannot reach +1415***0123" in line
+    assert "4155550123" not in line
