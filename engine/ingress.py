@@ -186,25 +186,25 @@ async def twilio_status(request: web.Request) -> web.Response:
 
 
 async def _twilio(request: web.Request, trigger_type: str, dedupe_field: str | None) -> web.Response:
-    flows = request.app[CATALOG_KEY].by_trigger(trigger_type)
     params = dict(
         parse_qsl((await _read_body(request, 1024 * 1024)).decode("utf-8", "replace"), keep_blank_values=True)
     )
+    flows = [flow for flow in request.app[CATALOG_KEY].by_trigger(trigger_type) if _addressed_to(flow, params)]
     if flows:
-        _check_twilio_signature(request, params, flows[0].trigger.auth_token_env)
+        flows = _signed_flows(request, params, flows)
     for flow in flows:
-        to = getattr(flow.trigger, "to", None)
-        if to and params.get("To", "").removeprefix("whatsapp:") != to.removeprefix("whatsapp:"):
-            continue
-        if dedupe_field:
-            key = params.get(dedupe_field)
-        else:
-            key = f"{params.get('MessageSid')}:{params.get('MessageStatus')}"
+        key = params.get(dedupe_field) if dedupe_field else f"{params.get('MessageSid')}:{params.get('MessageStatus')}"
         await _enqueue(request, flow, params, key)
     return web.Response(text=TWIML_EMPTY, content_type="text/xml")
 
 
-def _check_twilio_signature(request: web.Request, params: dict[str, str], token_env: str) -> None:
+def _addressed_to(flow: Flow, params: dict[str, str]) -> bool:
+    to = getattr(flow.trigger, "to", None)
+    return not to or params.get("To", "").removeprefix("whatsapp:") == to.removeprefix("whatsapp:")
+
+
+def _signed_flows(request: web.Request, params: dict[str, str], flows: list[Flow]) -> list[Flow]:
+    """The flows whose account's auth token signed this request; each flow checks its own token."""
     from twilio.request_validator import RequestValidator
 
     signature = request.headers.get("X-Twilio-Signature")
@@ -212,8 +212,19 @@ def _check_twilio_signature(request: web.Request, params: dict[str, str], token_
         raise HttpProblem(401, "missing X-Twilio-Signature header")
     base = os.environ.get("FLOWCHAT_PUBLIC_URL", "").rstrip("/")
     url = f"{base}{request.path_qs}" if base else str(request.url)
-    if not RequestValidator(_secret(token_env)).validate(url, params, signature):
+    verdicts: dict[str, bool] = {}
+    for env_name in {flow.trigger.auth_token_env for flow in flows}:
+        token = os.environ.get(env_name)
+        if token:
+            verdicts[env_name] = RequestValidator(token).validate(url, params, signature)
+        else:
+            log.error("environment variable %s is not set; its Twilio flows cannot be reached", env_name)
+    if not verdicts:
+        raise HttpProblem(503, "Twilio authentication is not configured (set the flows' auth_token_env)")
+    signed = [flow for flow in flows if verdicts.get(flow.trigger.auth_token_env)]
+    if not signed:
         raise HttpProblem(403, "X-Twilio-Signature does not match")
+    return signed
 
 
 # --- health and metrics ---------------------------------------------------------------

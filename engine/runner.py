@@ -34,6 +34,8 @@ from engine.services import Services
 from engine.templates import Template, render_tree
 
 Checkpoint = Callable[[Execution, NodeRun], Awaitable[None]]
+CLOCK_SKEW_TOLERANCE = 1.0
+"""Seconds a woken execution may be early by (clocks of different boxes disagree a little)."""
 Heartbeat = Callable[[], Awaitable[None]]
 
 log = logging.getLogger("flowchat.runner")
@@ -103,9 +105,13 @@ class Runner:
             if node.needs and all(execution.nodes[need].status == "skipped" for need in node.needs):
                 await self._finish(execution, run, "skipped", output=None)
                 graph.settled(node)
-            elif not (run.status == "waiting" and self.defer_waits and (run.wake_at or 0) > self.services.clock()):
+            elif not (run.status == "waiting" and self.defer_waits and (run.wake_at or 0) > self._now_with_skew()):
                 ready.append(node)
         return ready
+
+    def _now_with_skew(self) -> float:
+        # the mover's clock decided this is due; trust it within a second of ours, not ping-pong
+        return self.services.clock() + CLOCK_SKEW_TOLERANCE
 
     def _settle(self, execution: Execution) -> None:
         runs = execution.nodes.values()

@@ -30,8 +30,8 @@ from engine.queue import Queue
 log = logging.getLogger("flowchat.scheduler")
 
 
-def ticks_between(cron: str, timezone: str, after: float, until: float) -> list[float]:
-    """Tick times in (after, until], as epoch seconds."""
+def ticks_between(cron: str, timezone: str, after: float, until: float, limit: int = 100_000) -> list[float]:
+    """Tick times in (after, until], as epoch seconds; at most the first ``limit`` of them."""
     start = datetime.fromtimestamp(after, ZoneInfo(timezone))
     itr = croniter(cron, start)
     ticks: list[float] = []
@@ -40,12 +40,21 @@ def ticks_between(cron: str, timezone: str, after: float, until: float) -> list[
         if tick > until:
             return ticks
         ticks.append(tick)
-        if len(ticks) > 100_000:
+        if len(ticks) >= limit:
             return ticks
 
 
 def next_tick(cron: str, timezone: str, after: float) -> float:
     return float(croniter(cron, datetime.fromtimestamp(after, ZoneInfo(timezone))).get_next(float))
+
+
+def latest_tick(cron: str, timezone: str, at: float) -> float:
+    """The most recent tick at or before ``at``, found directly however long ago the last one fired."""
+    probe = croniter(cron, datetime.fromtimestamp(at + 0.001, ZoneInfo(timezone)))
+    return float(probe.get_prev(float))
+
+
+MISSED_COUNT_CAP = 10_000
 
 
 class Scheduler:
@@ -80,10 +89,12 @@ class Scheduler:
             # first sight: start from now, never fire for the past
             await self.queue.redis.set(key, now, nx=True)
             return next_tick(trigger.cron, trigger.timezone, now)
-        due = ticks_between(trigger.cron, trigger.timezone, float(last), now)
-        if due:
-            tick = due[-1]
-            payload = {**trigger.payload, "tick": datetime.fromtimestamp(tick, UTC).isoformat(), "missed": len(due) - 1}
+        tick = latest_tick(trigger.cron, trigger.timezone, now)
+        if tick > float(last):
+            # after a long outage this counts at most MISSED_COUNT_CAP ticks: never a blocking loop
+            skipped = ticks_between(trigger.cron, trigger.timezone, float(last), tick, limit=MISSED_COUNT_CAP)
+            missed = len(skipped) - 1
+            payload = {**trigger.payload, "tick": datetime.fromtimestamp(tick, UTC).isoformat(), "missed": missed}
             await self.queue.store_flow(flow)
             # keyed by wall-clock time: a tick repeated by a DST fall-back fires once, as cron does
             wall = datetime.fromtimestamp(tick, ZoneInfo(trigger.timezone)).replace(tzinfo=None).isoformat()
@@ -96,7 +107,7 @@ class Scheduler:
                     "schedule %s fired tick %s (%d missed) as %s",
                     flow.name,
                     payload["tick"],
-                    len(due) - 1,
+                    missed,
                     execution_id,
                 )
         return next_tick(trigger.cron, trigger.timezone, now)

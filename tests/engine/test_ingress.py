@@ -580,3 +580,23 @@ def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     ]
+
+
+async def test_each_twilio_flow_is_reached_only_with_its_own_account_s_signature(
+    write_flow, client_factory, queue, monkeypatch
+):
+    write_flow("ours", {"type": "twilio.message"})
+    write_flow("theirs", {"type": "twilio.message", "auth_token_env": "OTHER_TWILIO_TOKEN"})
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", TWILIO_TOKEN)
+    monkeypatch.setenv("OTHER_TWILIO_TOKEN", "another-account-token")
+    client = await client_factory()
+    monkeypatch.setenv("FLOWCHAT_PUBLIC_URL", str(client.make_url("")).rstrip("/"))
+    params = twilio_params("SM-ours")
+
+    response = await client.post(
+        "/twilio/message", data=params, headers={"X-Twilio-Signature": twilio_signature(client, params)}
+    )
+
+    assert response.status == 200
+    flows = [(await queue.get(execution_id))[0]["flow"] for execution_id in await ready_ids(queue)]
+    assert flows == ["ours"]

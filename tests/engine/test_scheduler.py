@@ -166,6 +166,17 @@ async def test_ticks_missed_while_down_are_coalesced(schedule_flow, queue):
     assert latest["trigger"] == {"tick": iso(T0 + 300), "missed": 0}
 
 
+async def test_a_months_long_outage_fires_the_latest_tick_at_once(schedule_flow, queue):
+    scheduler = Scheduler(queue, schedule_flow(cron="* * * * *"))
+    await queue.redis.set(queue.keys.schedule_last("report"), T0 - 100 * 86400)
+
+    await scheduler.tick(T0 + 30)
+
+    [only] = await executions(queue)
+    assert only["trigger"]["tick"] == iso(T0)  # the latest tick, not one from weeks ago
+    assert only["trigger"]["missed"] >= 9_999  # counted up to a cap, never walked minute by minute
+
+
 async def test_coalesced_ticks_fire_once_across_replicas(schedule_flow, replica, queue):
     catalog = schedule_flow()
     await queue.redis.set(queue.keys.schedule_last("report"), T0 - 3600)
