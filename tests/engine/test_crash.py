@@ -11,8 +11,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import daemon_env, wait_for
 from redis.asyncio import Redis
+from support import daemon_env, wait_for
 
 from engine.keys import Keys
 from engine.queue import Queue
