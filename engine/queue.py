@@ -43,6 +43,7 @@ from engine.keys import GROUP, Keys
 from engine.pipeliner import Pipeliner
 
 DEDUPE_TTL = 7 * 24 * 3600
+STORE_AGAIN_AFTER = 60.0
 RETENTION = 7 * 24 * 3600
 
 _ENQUEUE = """
@@ -178,7 +179,7 @@ class Queue:
         self._move_due = redis.register_script(_MOVE_DUE)
         self._requeue = redis.register_script(_REQUEUE)
         self._extend = redis.register_script(_EXTEND)
-        self._stored_versions: set[tuple[str, str]] = set()
+        self._stored_versions: dict[tuple[str, str], float] = {}
 
     async def _run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA through the auto-pipeline; load the script once if Redis lost it (a restart)."""
@@ -200,11 +201,15 @@ class Queue:
 
     async def store_flow(self, flow: Flow) -> None:
         """Keep a flow version's YAML (and where it lives) so its executions survive a reload."""
-        if (flow.name, flow.version) in self._stored_versions:
+        # re-stored now and then, so a Redis that lost its data (failover, flush) gets it back
+        if (
+            time.monotonic() - self._stored_versions.get((flow.name, flow.version), -STORE_AGAIN_AFTER)
+            < STORE_AGAIN_AFTER
+        ):
             return
         stored = dumps({"file": flow.file, "source": flow.source})
         await self.redis.set(self.keys.flow_source(flow.name, flow.version), stored, nx=True)
-        self._stored_versions.add((flow.name, flow.version))
+        self._stored_versions[(flow.name, flow.version)] = time.monotonic()
 
     async def flow_source(self, flow: str, version: str) -> tuple[str, str] | None:
         """The (file, YAML) of a stored flow version."""
