@@ -292,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowchat",
         description="FlowChat: a reactive, low-code flow engine for WhatsApp CRM automation.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  flowchat validate flows                          check every flow, with file:line:col errors
+  flowchat run flows/lead_intake.yaml --input p.json
+  flowchat serve                                   the daemon on embedded Redis (./.flowchat)
+  flowchat executions show ID                      what happened, node by node
+
+environment:
+  FLOWCHAT_REDIS_URL           Redis to use (unset: a private redis-server with AOF)
+  FLOWCHAT_DATA_DIR            where the embedded Redis keeps its data (default ./.flowchat)
+  FLOWCHAT_PLUGINS             folder of plugin nodes (default ./plugins)
+  FLOWCHAT_VISIBILITY_TIMEOUT  seconds before a silent worker's execution is taken over (30)
+  FLOWCHAT_GRACE               seconds in-flight work may take to finish on SIGTERM (30)
+  FLOWCHAT_PUBLIC_URL          public base URL, for Twilio signatures behind a proxy""",
     )
     parser.add_argument("--plugins", metavar="DIR", help="plugins folder (default: $FLOWCHAT_PLUGINS or ./plugins)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for serve/worker)")
