@@ -20,6 +20,7 @@ from engine.errors import (
     TemplateSecurityError,
 )
 from engine.execution import Execution, NodeRun
+from engine.fields import JsonSchema
 from engine.flow import Flow
 from engine.loader import load_flow, load_flows
 from engine.logs import mask_phones
@@ -35,6 +36,7 @@ __all__ = [
     "NodeContext",
     "RetryPolicy",
     "Duration",
+    "JsonSchema",
     "Suspend",
     "register",
     "parse_duration",
