@@ -19,9 +19,10 @@ from redis.exceptions import ResponseError
 class Pipeliner:
     """Send commands issued close together in one pipeline (not a transaction)."""
 
-    def __init__(self, redis: Redis, max_batch: int = 1000) -> None:
+    def __init__(self, redis: Redis, max_batch: int = 1000, deadline: float = 30.0) -> None:
         self.redis = redis
         self.max_batch = max_batch
+        self.deadline = deadline
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -65,13 +66,14 @@ class Pipeliner:
         pool = self.redis.connection_pool
         connection = await pool.get_connection()
         try:
-            await connection.send_packed_command(b"".join(hiredis.pack_command(command) for command in commands))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as error:
-                    replies.append(error)
+            async with asyncio.timeout(self.deadline):  # one deadline per batch, not a timer per reply
+                await connection.send_packed_command(b"".join(hiredis.pack_command(command) for command in commands))
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await connection.read_response())
+                    except ResponseError as error:
+                        replies.append(error)
             return replies
         except BaseException:
             await connection.disconnect()
