@@ -27,7 +27,6 @@ import builtins
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -75,10 +74,6 @@ class Suspend(Exception):
         self.until = until
 
 
-async def _no_heartbeat() -> None:
-    return None
-
-
 @dataclass
 class NodeContext:
     """Everything a running node may use besides its config."""
@@ -92,7 +87,6 @@ class NodeContext:
     services: Services
     first_started_at: float
     flow_dir: Path = Path(".")
-    heartbeat: Callable[[], Awaitable[None]] = _no_heartbeat
 
     def now(self) -> float:
         return self.services.clock()

@@ -8,7 +8,8 @@ The seams between them:
 - ``defer_waits``: when a node must wait (retry backoff, a ``delay``), the
   in-process runner sleeps; a durable worker instead returns the execution as
   ``waiting`` with ``wake_at`` so the queue can park it without holding a worker.
-- ``heartbeat`` is handed to nodes so long ones can extend their lease.
+- Leases need nothing from nodes: the worker renews the lease of every execution it
+  runs, however long a node takes.
 
 Per node the steps are: decide (``when``) → render → validate config → execute
 (with timeout) → classify the outcome → checkpoint.
@@ -36,17 +37,12 @@ from engine.templates import Template, render_tree
 Checkpoint = Callable[[Execution, NodeRun], Awaitable[None]]
 CLOCK_SKEW_TOLERANCE = 1.0
 """Seconds a woken execution may be early by (clocks of different boxes disagree a little)."""
-Heartbeat = Callable[[], Awaitable[None]]
 
 log = logging.getLogger("flowchat.runner")
 _node_log = logging.getLogger("flowchat.execution")
 
 
 async def _no_checkpoint(execution: Execution, run: NodeRun) -> None:
-    return None
-
-
-async def _no_heartbeat() -> None:
     return None
 
 
@@ -59,12 +55,10 @@ class Runner:
         *,
         checkpoint: Checkpoint = _no_checkpoint,
         defer_waits: bool = False,
-        heartbeat: Heartbeat = _no_heartbeat,
     ) -> None:
         self.services = services or Services()
         self.checkpoint = checkpoint
         self.defer_waits = defer_waits
-        self.heartbeat = heartbeat
 
     async def run(self, flow: Flow, execution: Execution) -> Execution:
         """Advance ``execution`` as far as it can go; return it settled or waiting."""
@@ -211,7 +205,6 @@ class Runner:
             services=self.services,
             first_started_at=run.started_at or self.services.clock(),
             flow_dir=flow.directory,
-            heartbeat=self.heartbeat,
         )
 
     async def _wait(
