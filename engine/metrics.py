@@ -9,6 +9,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -71,6 +72,12 @@ class Metrics:
             "flowchat_queue_depth", "Executions in the queue by state", ["state"], registry=self.registry
         )
         self.dead_letters = Gauge("flowchat_dead_letters", "Entries on the dead-letter stream", registry=self.registry)
+        self.cluster_executions = Gauge(
+            "flowchat_cluster_executions",
+            "Executions finished by every worker on this Redis, by flow and outcome (succeeded, failed, dead, retried)",
+            ["flow", "event"],
+            registry=self.registry,
+        )
         self.ingress = Counter(
             "flowchat_ingress_requests",
             "Ingress requests by route and status",
@@ -87,7 +94,10 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def set_queue(self, stats: dict[str, int]) -> None:
+    def set_queue(self, stats: dict[str, Any]) -> None:
         for state in ("ready", "in_flight", "delayed"):
             self.queue_depth.labels(state).set(stats[state])
         self.dead_letters.set(stats["dead"])
+        for name, count in stats.get("counters", {}).items():
+            event, _, flow = name.partition(":")
+            self.cluster_executions.labels(flow, event).set(count)

@@ -325,3 +325,40 @@ async def test_a_stored_version_rebuilt_by_another_worker_finds_files_next_to_it
     assert meta["status"] == "succeeded", meta
     execution = await load_execution(queue, execution_id)
     assert execution is not None and set(execution.nodes) == {"check"}
+
+
+async def test_metrics_count_executions_and_time_nodes_and_any_process_sees_cluster_totals(
+    queue, flows_dir, catalog_factory
+):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from engine.metrics import Metrics
+
+    write_flow(flows_dir, "counted", "  - {id: a, type: test.noop}\n  - {id: b, type: set, with: {values: {}}}\n")
+    catalog = catalog_factory(flows_dir)
+    worker_metrics = Metrics()
+    worker = Worker(queue, catalog, Services(), WorkerSettings(concurrency=4, block_ms=50), worker_metrics)
+    task = asyncio.create_task(worker.run())
+    ids = [await enqueue(queue, catalog, "counted") for _ in range(3)]
+    for execution_id in ids:
+        await settled(queue, execution_id)
+    worker.stop()
+    await task
+
+    def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(metrics.render().decode())
+            for sample in family.samples
+        }
+
+    seen = samples(worker_metrics)
+    assert seen[("flowchat_executions_total", (("event", "started"), ("flow", "counted")))] == 3
+    assert seen[("flowchat_executions_total", (("event", "succeeded"), ("flow", "counted")))] == 3
+    assert seen[("flowchat_node_duration_seconds_count", (("status", "ok"), ("type", "test.noop")))] == 3
+    assert seen[("flowchat_node_duration_seconds_bucket", (("le", "+Inf"), ("status", "ok"), ("type", "set")))] == 3
+
+    ingress_metrics = Metrics()  # e.g. `serve --no-workers` on another box
+    ingress_metrics.set_queue(await queue.stats())
+    cluster = samples(ingress_metrics)
+    assert cluster[("flowchat_cluster_executions", (("event", "succeeded"), ("flow", "counted")))] == 3
