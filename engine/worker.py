@@ -187,11 +187,11 @@ class Worker:
         try:
             await self._execute_loaded(loaded)
         except (RedisError, OSError, FlowChatError) as exc:
-            self._unsaved.pop(delivery.execution_id, None)
             log.warning("%s left for take-over: %s", delivery.execution_id, exc)
         except Exception:
-            self._unsaved.pop(delivery.execution_id, None)
             log.exception("%s crashed the worker task; left for take-over", delivery.execution_id)
+        finally:  # also when cancelled (lease lost, or shutdown past the grace period)
+            self._unsaved.pop(delivery.execution_id, None)
 
     async def _execute_loaded(self, loaded: Loaded) -> None:
         delivery, meta = loaded.delivery, loaded.meta
