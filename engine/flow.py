@@ -7,6 +7,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from jsonschema import Draft202012Validator
+
 from engine.node import Node, RetryPolicy
 from engine.spec import FlowSpec
 from engine.templates import Template
@@ -48,6 +50,12 @@ class Flow:
     def directory(self) -> Path:
         """The folder of the flow file: relative paths in node configs start here."""
         return Path(self.file).resolve().parent
+
+    @cached_property
+    def trigger_validator(self) -> Draft202012Validator | None:
+        """The trigger's ``schema`` compiled once for this version (webhooks only)."""
+        schema = getattr(self.spec.trigger, "schema_", None)
+        return Draft202012Validator(schema) if schema is not None else None
 
     @property
     def trigger(self) -> Any:

@@ -22,7 +22,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from jsonschema import Draft202012Validator
 from redis.exceptions import RedisError
 
 from engine.catalog import Catalog
@@ -152,14 +151,9 @@ def _parse_body(raw: bytes, content_type: str) -> dict[str, Any]:
     return payload
 
 
-_validators: dict[tuple[str, str], Draft202012Validator] = {}
-
-
 def _check_schema(flow: Flow, payload: dict[str, Any]) -> None:
-    key = (flow.name, flow.version)
-    validator = _validators.get(key)
-    if validator is None:
-        validator = _validators[key] = Draft202012Validator(flow.trigger.schema_)
+    validator = flow.trigger_validator
+    assert validator is not None
     errors = sorted(validator.iter_errors(payload), key=lambda e: e.json_path)
     if errors:
         listed = [{"path": error.json_path, "message": error.message} for error in errors]
