@@ -243,3 +243,17 @@ def test_each_subcommand_help_says_what_it_does(helps, name):
     assert result.returncode == 0
     assert result.stdout.startswith(f"usage: flowchat {name}")
     assert SUBCOMMAND_PURPOSES[name].lower() in " ".join(result.stdout.split()).lower()
+
+
+def test_the_committed_flow_schema_is_what_flowchat_schema_prints():
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--plugins", "plugins", "schema"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    committed = (REPO / "flowchat.schema.json").read_text()
+    assert json.loads(committed) == json.loads(result.stdout), (
+        "run: flowchat --plugins plugins schema > flowchat.schema.json"
+    )
