@@ -128,3 +128,31 @@ def test_validate_reports_a_webhook_path_used_twice(flows_dir):
 
     assert result.returncode == 1
     assert f"{flows_dir / 'b.yaml'}:1:1: [webhook-path-taken]" in result.stderr
+
+
+async def test_the_readme_quickstart_works_against_the_shipped_flows(redis_url, processes):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"curl -s -X POST http://127\.0\.0\.1:8080/hooks/(\S+) \\\n(.*?)\n#", readme, re.S)
+    assert command, "the README's quickstart curl moved"
+    path, rest = command.group(1), command.group(2)
+    token = re.search(r"Authorization: Bearer ([\w-]+)", rest).group(1)  # type: ignore[union-attr]
+    body = json.loads(re.search(r"-d '(.*?)'", rest).group(1))  # type: ignore[union-attr]
+    assert f"FLOWCHAT_WEBHOOK_TOKEN={token} flowchat serve" in readme
+    port = free_port()
+    env = daemon_env(redis_url, FLOWCHAT_WEBHOOK_TOKEN=token)
+    env["FLOWCHAT_PLUGINS"] = str(ROOT / "plugins")
+    processes.start("serve", "--flows", str(ROOT / "flows"), "--port", str(port), env=env)
+
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "lead-1"}
+        async with http.post(f"http://127.0.0.1:{port}/hooks/{path}", json=body, headers=headers) as response:
+            assert response.status == 202
+            execution_id = (await response.json())["execution_id"]
+
+    def succeeded() -> bool:
+        result = cli("executions", "show", execution_id, "--json", env=env)
+        return result.returncode == 0 and json.loads(result.stdout)["status"] == "succeeded"
+
+    await wait_for(succeeded, timeout=30, interval=0.2)
