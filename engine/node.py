@@ -105,7 +105,9 @@ class Node:
     retry: ClassVar[RetryPolicy] = RetryPolicy()
     timeout: ClassVar[float] = 30.0
     instant: ClassVar[bool] = False
-    """True for nodes that do no I/O and cannot hang: they run without a timeout timer."""
+    """True for nodes that do no I/O and have no side effects (``set``, ``log``): they run
+    without a timeout timer, and their checkpoint rides with the next write, so after a
+    crash they may simply run again."""
 
     async def run(self, ctx: NodeContext, config: Any) -> dict[str, Any]:
         raise NotImplementedError
