@@ -8,12 +8,13 @@ Guarantees:
 - **At-least-once delivery, exactly-once nodes.** Workers read the ready stream
   through one consumer group. A read entry is *leased* to its worker: it stays
   in the group's pending list until the worker acknowledges it. Workers renew
-  their leases (``XCLAIM … JUSTID``) while they run; a lease idle for longer
-  than the visibility timeout is taken over with ``XAUTOCLAIM`` by another
-  worker. State is checkpointed after every node, so a taken-over execution
-  resumes at its first unfinished node and never re-runs a finished one. The
-  only window for a repeat is a crash between a node's side effect and its
-  checkpoint (one round trip).
+  the leases they still hold while they run (a lease found taken stops their
+  copy); a lease idle for longer than the visibility timeout is taken over with
+  ``XAUTOCLAIM`` by another worker, and only the holder may write the outcome.
+  State is checkpointed after every node, so a taken-over execution resumes at
+  its first unfinished node and never re-runs a finished one. The only window
+  for a repeat is a crash between a node's side effect and its checkpoint (one
+  round trip); instant nodes, which have none, share the next checkpoint.
 - **Waiting holds no worker.** Retry backoff and ``delay`` nodes park the
   execution in the delayed sorted set; a Lua script moves due ones back onto
   the ready stream atomically.
