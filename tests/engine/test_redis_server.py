@@ -27,3 +27,26 @@ def test_a_server_whose_owner_left_is_stopped_by_the_last_user(tmp_path):
     user.stop()
 
     assert owner.process is not None and owner.process.wait(timeout=10) == 0
+
+
+def test_a_system_redis_server_is_preferred_to_the_older_copy_the_wheel_puts_in_the_venv(monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.redis_server import redis_binary
+
+    system = next(
+        (found for folder in ("/usr/bin", "/usr/local/bin") if (found := shutil.which("redis-server", path=folder))),
+        None,
+    )
+    venv_copy = Path(sys.executable).parent / "redis-server"
+    if system is None or not venv_copy.exists():
+        return  # nothing to choose between on this machine
+    monkeypatch.setenv("PATH", f"{venv_copy.parent}:{Path(system).parent}")
+
+    chosen = redis_binary()
+
+    assert chosen == system
+    assert "v=6.2" not in subprocess.run([chosen, "--version"], capture_output=True, text=True).stdout
