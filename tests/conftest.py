@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 from support import TEST_PLUGINS, Processes
 
+from engine import Services
 from engine.catalog import Catalog
 from engine.keys import Keys
 from engine.queue import Queue
 from engine.redis_server import RedisServer, free_port
 from engine.registry import Registry, load_registry
+from engine.worker import DelayedMover, Worker, WorkerSettings
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +78,22 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     procs = Processes(tmp_path)
     yield procs
     procs.stop_all()
+
+
+@pytest.fixture
+async def start_worker(queue: Queue) -> AsyncIterator[Callable[..., Any]]:
+    started: list[tuple[Worker, asyncio.Task[None]]] = []
+    mover = asyncio.create_task(DelayedMover(queue, max_sleep=0.02).run())
+
+    async def start(catalog: Catalog, **settings: Any) -> Worker:
+        options = {"concurrency": 8, "visibility_timeout": 2.0, "block_ms": 50, "grace": 5.0, **settings}
+        worker = Worker(queue, catalog, Services(), WorkerSettings(**options))
+        started.append((worker, asyncio.create_task(worker.run())))
+        return worker
+
+    yield start
+    for worker, task in started:
+        worker.stop()
+        await task
+    mover.cancel()
+    await asyncio.gather(mover, return_exceptions=True)

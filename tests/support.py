@@ -11,6 +11,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from engine.catalog import Catalog
+from engine.queue import Queue
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -79,3 +83,38 @@ async def wait_for(predicate: Callable[[], object], timeout: float = 20.0, inter
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
         await asyncio.sleep(interval)
+
+
+# --- queue helpers ---------------------------------------------------------------------
+
+
+def write_flow(folder: Path, name: str, nodes: str, trigger: str = "{type: webhook}") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(f"flow: {name}\ntrigger: {trigger}\nnodes:\n{nodes}")
+    return path
+
+
+async def enqueue(queue: Queue, catalog: Catalog, flow_name: str, payload: dict[str, Any] | None = None) -> str:
+    flow = catalog.get(flow_name)
+    assert flow is not None, catalog.problems
+    await queue.store_flow(flow)
+    execution_id, _ = await queue.enqueue(flow.name, flow.version, payload or {})
+    return execution_id
+
+
+async def settled(queue: Queue, execution_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    async def done() -> bool:
+        stored = await queue.get(execution_id)
+        if stored and stored[0]["status"] in ("succeeded", "failed"):
+            found.update(stored[0])
+            return True
+        return False
+
+    await wait_for(done)
+    return found
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []

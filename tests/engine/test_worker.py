@@ -4,70 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from typing import Any
 
-import pytest
-from support import wait_for
+from support import enqueue, lines, settled, wait_for, write_flow
 
 from engine import Services
-from engine.catalog import Catalog
 from engine.keys import GROUP
 from engine.operations import load_execution, replay
-from engine.queue import Queue
-from engine.worker import DelayedMover, Worker, WorkerSettings
-
-
-def write_flow(folder: Path, name: str, nodes: str, trigger: str = "{type: webhook}") -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(f"flow: {name}\ntrigger: {trigger}\nnodes:\n{nodes}")
-    return path
-
-
-@pytest.fixture
-async def start_worker(queue: Queue) -> AsyncIterator[Callable[..., Any]]:
-    started: list[tuple[Worker, asyncio.Task[None]]] = []
-    mover = asyncio.create_task(DelayedMover(queue, max_sleep=0.02).run())
-
-    async def start(catalog: Catalog, **settings: Any) -> Worker:
-        options = {"concurrency": 8, "visibility_timeout": 2.0, "block_ms": 50, "grace": 5.0, **settings}
-        worker = Worker(queue, catalog, Services(), WorkerSettings(**options))
-        started.append((worker, asyncio.create_task(worker.run())))
-        return worker
-
-    yield start
-    for worker, task in started:
-        worker.stop()
-        await task
-    mover.cancel()
-    await asyncio.gather(mover, return_exceptions=True)
-
-
-async def enqueue(queue: Queue, catalog: Catalog, flow_name: str, payload: dict[str, Any] | None = None) -> str:
-    flow = catalog.get(flow_name)
-    assert flow is not None, catalog.problems
-    await queue.store_flow(flow)
-    execution_id, _ = await queue.enqueue(flow.name, flow.version, payload or {})
-    return execution_id
-
-
-async def settled(queue: Queue, execution_id: str) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-
-    async def done() -> bool:
-        stored = await queue.get(execution_id)
-        if stored and stored[0]["status"] in ("succeeded", "failed"):
-            found.update(stored[0])
-            return True
-        return False
-
-    await wait_for(done)
-    return found
-
-
-def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
+from engine.worker import Worker, WorkerSettings
 
 
 async def test_an_execution_runs_to_success_and_its_entry_is_acknowledged(

@@ -1,0 +1,149 @@
+"""Queue guarantees in isolation: lease ownership, reclaim scans, the delayed set, poison limits, retention, replay races."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from support import enqueue, settled, write_flow
+
+from engine.keys import GROUP
+from engine.operations import load_execution, replay
+from engine.queue import RETENTION, execution_from_parts
+
+
+async def test_finish_by_a_consumer_that_lost_its_lease_writes_nothing(queue, flows_dir, catalog_factory):
+    write_flow(flows_dir, "owned", "  - {id: a, type: test.noop}\n")
+    catalog = catalog_factory(flows_dir)
+    execution_id = await enqueue(queue, catalog, "owned")
+    [delivery] = await queue.read("a", 1, 50)
+    await queue.redis.xclaim(queue.keys.ready, GROUP, "b", 0, [delivery.message_id], justid=True)
+    [loaded] = await queue.load([delivery])
+    flow = catalog.get("owned")
+    execution = execution_from_parts(loaded.meta, loaded.nodes, [(n.id, n.type) for n in flow.nodes.values()])
+    execution.status = "succeeded"
+    assert await queue.finish(delivery, execution, "a") is False
+    stored = await queue.get(execution_id)
+    assert stored is not None and stored[0]["status"] == "queued"
+    [entry] = await queue.redis.xpending_range(queue.keys.ready, GROUP, "-", "+", 10)
+    assert entry["consumer"] == b"b"
+    assert await queue.redis.hget(queue.keys.counters, "succeeded:owned") is None
+
+
+async def test_reclaim_finds_an_expired_lease_behind_many_live_ones(queue, flows_dir, catalog_factory):
+    write_flow(flows_dir, "many", "  - {id: a, type: test.noop}\n")
+    catalog = catalog_factory(flows_dir)
+    ids = [await enqueue(queue, catalog, "many") for _ in range(25)]
+    deliveries = await queue.read("a", 25, 50)
+    await asyncio.sleep(0.3)
+    await queue.redis.xclaim(queue.keys.ready, GROUP, "a", 0, [d.message_id for d in deliveries[:-1]], justid=True)
+    found = await queue.reclaim("b", 200, count=1)
+    assert [d.execution_id for d in found] == [ids[-1]]
+
+
+async def test_the_mover_leaves_work_that_is_not_due(queue):
+    now = time.time()
+    await queue.redis.zadd(queue.keys.delayed, {"later": now + 60, "due": now - 1})
+    assert await queue.move_due(now) == 1
+    assert [f[b"e"] for _, f in await queue.redis.xrange(queue.keys.ready)] == [b"due"]
+    assert await queue.redis.zscore(queue.keys.delayed, "later") == pytest.approx(now + 60)
+
+
+async def test_a_retry_is_parked_until_its_wake_at(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+    write_flow(
+        flows_dir,
+        "slowretry",
+        f"  - {{id: call, type: test.fail_until, with: {{exists: '{tmp_path / 'never'}'}}, retry: {{max_attempts: 3, backoff: 10s, max_backoff: 10s}}}}\n",
+    )
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog, concurrency=1)
+    execution_id = await enqueue(queue, catalog, "slowretry")
+
+    async def parked() -> bool:
+        return await queue.redis.zscore(queue.keys.delayed, execution_id) is not None
+
+    await wait_for_parked(parked)
+    score = await queue.redis.zscore(queue.keys.delayed, execution_id)
+    stored = await load_execution(queue, execution_id)
+    assert stored is not None and score == pytest.approx(stored.nodes["call"].wake_at)
+    assert score > time.time() + 5
+    await asyncio.sleep(0.5)
+    assert await queue.redis.zscore(queue.keys.delayed, execution_id) == score
+    assert await queue.redis.hget(queue.keys.execution(execution_id), "d") == b"0"
+
+
+async def wait_for_parked(predicate):
+    from support import wait_for
+
+    await wait_for(predicate)
+
+
+async def test_a_replayed_execution_cannot_be_requeued_twice(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+    write_flow(
+        flows_dir,
+        "once",
+        f"  - {{id: call, type: test.fail_until, with: {{exists: '{tmp_path / 'never'}', retryable: false}}}}\n",
+    )
+    catalog = catalog_factory(flows_dir)
+    worker = await start_worker(catalog)
+    execution_id = await enqueue(queue, catalog, "once")
+    assert (await settled(queue, execution_id))["status"] == "failed"
+    worker.stop()
+    await asyncio.sleep(0.2)
+    results = await asyncio.gather(replay(queue, execution_id), replay(queue, execution_id))
+    assert sum(result is not None for result in results) == 1
+    assert await queue.redis.xlen(queue.keys.ready) == 1
+
+
+async def test_replaying_a_poison_execution_runs_it(queue, flows_dir, catalog_factory, start_worker):
+    write_flow(flows_dir, "calm", "  - {id: a, type: test.noop}\n")
+    catalog = catalog_factory(flows_dir)
+    execution_id = await enqueue(queue, catalog, "calm")
+    await queue.redis.hset(queue.keys.execution(execution_id), "d", queue.max_deliveries)
+    await start_worker(catalog)
+    assert (await settled(queue, execution_id))["error"]["code"] == "poison"
+
+    assert await replay(queue, execution_id) is not None
+    meta = await settled(queue, execution_id)
+    assert meta["status"] == "succeeded", meta
+
+
+async def test_exactly_max_deliveries_still_runs(queue, flows_dir, catalog_factory, start_worker):
+    write_flow(flows_dir, "edge", "  - {id: a, type: test.noop}\n")
+    catalog = catalog_factory(flows_dir)
+    execution_id = await enqueue(queue, catalog, "edge")
+    await queue.redis.hset(queue.keys.execution(execution_id), "d", queue.max_deliveries - 1)
+    await start_worker(catalog)
+    meta = await settled(queue, execution_id)
+    assert meta["status"] == "succeeded", meta
+    assert await queue.dead_letters() == []
+
+
+async def test_finished_executions_expire_after_the_retention_failed_ones_do_not(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
+    write_flow(flows_dir, "ok", "  - {id: a, type: test.noop}\n")
+    write_flow(
+        flows_dir,
+        "bad",
+        f"  - {{id: a, type: test.fail_until, with: {{exists: '{tmp_path / 'x'}', retryable: false}}}}\n",
+    )
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    good, bad = await enqueue(queue, catalog, "ok"), await enqueue(queue, catalog, "bad")
+    await settled(queue, good)
+    await settled(queue, bad)
+    assert 0 < await queue.redis.ttl(queue.keys.execution(good)) <= RETENTION
+    assert await queue.redis.ttl(queue.keys.execution(bad)) == -1
+
+
+async def test_an_execution_of_an_unknown_flow_version_is_dead_lettered_as_flow_missing(
+    queue, flows_dir, catalog_factory, start_worker
+):
+    catalog = catalog_factory(flows_dir)
+    execution_id, _ = await queue.enqueue("ghost", "v0", {})
+    await start_worker(catalog, visibility_timeout=0.5)
+    meta = await settled(queue, execution_id)
+    assert meta["status"] == "failed" and meta["error"]["code"] == "flow-missing"
+    assert [letter["code"] for letter in await queue.dead_letters()] == ["flow-missing"]
