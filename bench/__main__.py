@@ -24,11 +24,11 @@ import orjson
 import redis as sync_redis
 from redis.asyncio import Redis
 
-from engine.keys import Keys
-from engine.loader import load_flow
-from engine.queue import Queue
-from engine.redis_server import RedisServer, free_port
-from engine.registry import load_registry
+from flowchat.keys import Keys
+from flowchat.loader import load_flow
+from flowchat.queue import Queue
+from flowchat.redis_server import RedisServer, free_port
+from flowchat.registry import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
@@ -90,7 +90,7 @@ class Bench:
 
     def serve(self, port: int, *options: str) -> subprocess.Popen[str]:
         """`flowchat serve` as an operator runs it, on the bench's flows and Redis."""
-        args = ["-m", "engine.cli", "--log-level", "ERROR", "serve", "--flows", str(self.flows), "--port", str(port)]
+        args = ["-m", "flowchat.cli", "--log-level", "ERROR", "serve", "--flows", str(self.flows), "--port", str(port)]
         return self.spawn(*args, *options, ready="flowchat:")
 
     # --- baseline ----------------------------------------------------------------

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from redis.asyncio.connection import AbstractConnection
 
-from engine.catalog import Catalog
-from engine.daemon import redis_client
-from engine.keys import Keys
-from engine.queue import Queue
-from engine.registry import load_registry
-from engine.services import open_services
-from engine.worker import DelayedMover, Worker, WorkerSettings
+from flowchat.catalog import Catalog
+from flowchat.daemon import redis_client
+from flowchat.keys import Keys
+from flowchat.queue import Queue
+from flowchat.registry import load_registry
+from flowchat.services import open_services
+from flowchat.worker import DelayedMover, Worker, WorkerSettings
 
 ROUND_TRIPS = {"count": 0}
 _send = AbstractConnection.send_packed_command

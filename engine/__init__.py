@@ -4,8 +4,8 @@ The public surface for plugin authors and embedders. Built-in nodes in
 ``nodes/`` use exactly this surface and nothing else.
 """
 
-from engine.durations import Duration, parse_duration
-from engine.errors import (
+from flowchat.durations import Duration, parse_duration
+from flowchat.errors import (
     FlowChatError,
     FlowError,
     FlowInvalid,
@@ -19,15 +19,15 @@ from engine.errors import (
     TemplateError,
     TemplateSecurityError,
 )
-from engine.execution import Execution, NodeRun
-from engine.fields import JsonSchema
-from engine.flow import Flow
-from engine.loader import load_flow, load_flows
-from engine.logs import mask_phones
-from engine.node import Node, NodeConfig, NodeContext, RetryPolicy, Suspend, register
-from engine.registry import Registry, load_registry
-from engine.runner import Runner
-from engine.services import Services, open_services
+from flowchat.execution import Execution, NodeRun
+from flowchat.fields import JsonSchema
+from flowchat.flow import Flow
+from flowchat.loader import load_flow, load_flows
+from flowchat.logs import mask_phones
+from flowchat.node import Node, NodeConfig, NodeContext, RetryPolicy, Suspend, register
+from flowchat.registry import Registry, load_registry
+from flowchat.runner import Runner
+from flowchat.services import Services, open_services
 
 __all__ = [
     # writing nodes

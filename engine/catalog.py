@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import FlowChatError, FlowInvalid
-from engine.flow import Flow
-from engine.loader import find_clash, flow_files, load_flow, load_flow_text, webhook_path
-from engine.registry import Registry
+from flowchat.errors import FlowChatError, FlowInvalid
+from flowchat.flow import Flow
+from flowchat.loader import find_clash, flow_files, load_flow, load_flow_text, webhook_path
+from flowchat.registry import Registry
 
 log = logging.getLogger("flowchat.catalog")
 SourceLookup = Callable[[str, str], Awaitable[tuple[str, str] | None]]

@@ -10,15 +10,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.errors import FlowChatError, FlowInvalid
-from engine.execution import Execution
-from engine.graph import mermaid
-from engine.loader import load_flow, load_flows
-from engine.logs import configure_logging
-from engine.registry import Registry, load_registry
-from engine.runner import Runner
-from engine.schema import dumps, flow_schema
-from engine.services import open_services
+from flowchat.errors import FlowChatError, FlowInvalid
+from flowchat.execution import Execution
+from flowchat.graph import mermaid
+from flowchat.loader import load_flow, load_flows
+from flowchat.logs import configure_logging
+from flowchat.registry import Registry, load_registry
+from flowchat.runner import Runner
+from flowchat.schema import dumps, flow_schema
+from flowchat.services import open_services
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
@@ -164,7 +164,7 @@ def graph(args: argparse.Namespace) -> int:
 
 @command("serve")
 def serve(args: argparse.Namespace) -> int:
-    from engine.daemon import serve as serve_daemon
+    from flowchat.daemon import serve as serve_daemon
 
     plugins = Path(args.plugins) if args.plugins else None
     return asyncio.run(
@@ -176,7 +176,7 @@ def serve(args: argparse.Namespace) -> int:
 
 @command("worker")
 def worker(args: argparse.Namespace) -> int:
-    from engine.daemon import work
+    from flowchat.daemon import work
 
     return asyncio.run(work(Path(args.flows), args.concurrency, Path(args.plugins) if args.plugins else None))
 
@@ -188,7 +188,7 @@ def _with_queue(action: Callable[[Any], Any]) -> Any:
     """Run ``action(queue)`` against the configured Redis, or the embedded one."""
     from redis.exceptions import RedisError
 
-    from engine.daemon import operator_queue
+    from flowchat.daemon import operator_queue
 
     async def go() -> Any:
         async with operator_queue() as queue:
@@ -203,7 +203,7 @@ def _with_queue(action: Callable[[Any], Any]) -> Any:
 
 @command("executions")
 def executions(args: argparse.Namespace) -> int:
-    from engine import operations
+    from flowchat import operations
 
     if args.action == "list":
         rows = _with_queue(lambda q: operations.list_executions(q, args.flow, args.status, args.limit))
@@ -224,7 +224,7 @@ def executions(args: argparse.Namespace) -> int:
 
 @command("dlq")
 def dlq(args: argparse.Namespace) -> int:
-    from engine import operations
+    from flowchat import operations
 
     if args.action == "list":
         entries = _with_queue(lambda q: q.dead_letters())

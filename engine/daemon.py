@@ -23,16 +23,16 @@ from typing import Any
 from aiohttp import web
 from redis.asyncio import Redis
 
-from engine.catalog import Catalog
-from engine.ingress import create_app
-from engine.keys import Keys
-from engine.metrics import Metrics
-from engine.queue import Queue
-from engine.redis_server import RedisServer, data_dir
-from engine.registry import load_registry
-from engine.scheduler import Scheduler
-from engine.services import Services, open_services
-from engine.worker import DelayedMover, Worker, WorkerSettings
+from flowchat.catalog import Catalog
+from flowchat.ingress import create_app
+from flowchat.keys import Keys
+from flowchat.metrics import Metrics
+from flowchat.queue import Queue
+from flowchat.redis_server import RedisServer, data_dir
+from flowchat.registry import load_registry
+from flowchat.scheduler import Scheduler
+from flowchat.services import Services, open_services
+from flowchat.worker import DelayedMover, Worker, WorkerSettings
 
 log = logging.getLogger("flowchat.daemon")
 REDIS_URL_ENV = "FLOWCHAT_REDIS_URL"

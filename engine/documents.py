@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from engine.errors import FlowError, Location
+from flowchat.errors import FlowError, Location
 
 Path = tuple[str | int, ...]
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from engine.node import Node, RetryPolicy
-from engine.spec import FlowSpec
-from engine.templates import Template
+from flowchat.node import Node, RetryPolicy
+from flowchat.spec import FlowSpec
+from flowchat.templates import Template
 
 
 @dataclass(frozen=True, slots=True)

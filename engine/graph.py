@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.flow import Flow
+from flowchat.flow import Flow
 
 
 def mermaid(flow: Flow) -> str:

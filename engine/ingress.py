@@ -24,11 +24,11 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from engine.catalog import Catalog
-from engine.errors import QueueError
-from engine.flow import Flow
-from engine.metrics import Metrics
-from engine.queue import Queue
+from flowchat.catalog import Catalog
+from flowchat.errors import QueueError
+from flowchat.flow import Flow
+from flowchat.metrics import Metrics
+from flowchat.queue import Queue
 
 log = logging.getLogger("flowchat.ingress")
 SIGNATURE_HEADER = "X-FlowChat-Signature"

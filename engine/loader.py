@@ -10,13 +10,13 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from engine.documents import Document, dotted, parse_yaml
-from engine.documents import Path as DocPath
-from engine.errors import FlowChatError, FlowError, FlowInvalid, TemplateError
-from engine.flow import Flow, FlowNode, ancestors, dependents_of, find_cycle, resolve_needs
-from engine.registry import Registry
-from engine.spec import FlowSpec, NodeSpec
-from engine.templates import CONTEXT_NAMES, Template, compile_expression, compile_tree, is_template, iter_templates
+from flowchat.documents import Document, dotted, parse_yaml
+from flowchat.documents import Path as DocPath
+from flowchat.errors import FlowChatError, FlowError, FlowInvalid, TemplateError
+from flowchat.flow import Flow, FlowNode, ancestors, dependents_of, find_cycle, resolve_needs
+from flowchat.registry import Registry
+from flowchat.spec import FlowSpec, NodeSpec
+from flowchat.templates import CONTEXT_NAMES, Template, compile_expression, compile_tree, is_template, iter_templates
 
 FLOW_SUFFIXES = (".yaml", ".yml")
 M = TypeVar("M", bound=BaseModel)

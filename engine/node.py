@@ -3,7 +3,7 @@
 A node is a class with a pydantic ``Config`` and one ``async def run(ctx, config)``
 that returns a JSON-able dict, marked with :func:`register`::
 
-    from engine import Node, NodeConfig, NodeContext, register
+    from flowchat import Node, NodeConfig, NodeContext, register
 
     @register
     class Shout(Node):
@@ -33,10 +33,10 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.durations import Duration
-from engine.errors import PluginError
-from engine.logs import logger_for
-from engine.services import Services
+from flowchat.durations import Duration
+from flowchat.errors import PluginError
+from flowchat.logs import logger_for
+from flowchat.services import Services
 
 _REGISTERED = "__flowchat_node__"
 
@@ -129,7 +129,7 @@ def register(cls: N) -> N:
     """Declare ``cls`` a node type; mistakes in its declaration fail right here."""
     name = getattr(cls, "__qualname__", repr(cls))
     if not (isinstance(cls, type) and issubclass(cls, Node)):
-        raise PluginError(f"{name} must subclass engine.Node", code="plugin-invalid-node")
+        raise PluginError(f"{name} must subclass flowchat.Node", code="plugin-invalid-node")
     node_type = cls.__dict__.get("type")
     if not isinstance(node_type, str) or not node_type:
         raise PluginError(f"{name} must set a `type` string", code="plugin-invalid-node")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from engine.execution import Execution
-from engine.flow import Flow
-from engine.queue import Queue, execution_from_parts
+from flowchat.execution import Execution
+from flowchat.flow import Flow
+from flowchat.queue import Queue, execution_from_parts
 
 
 async def list_executions(queue: Queue, flow: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:

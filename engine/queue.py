@@ -37,11 +37,11 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from engine.errors import QueueError
-from engine.execution import Execution, NodeRun, new_execution_id
-from engine.flow import Flow
-from engine.keys import GROUP, Keys
-from engine.pipeliner import Pipeliner
+from flowchat.errors import QueueError
+from flowchat.execution import Execution, NodeRun, new_execution_id
+from flowchat.flow import Flow
+from flowchat.keys import GROUP, Keys
+from flowchat.pipeliner import Pipeliner
 
 DEDUPE_TTL = 7 * 24 * 3600
 STORE_AGAIN_AFTER = 60.0

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.errors import QueueError
+from flowchat.errors import QueueError
 
 
 def redis_binary() -> str:

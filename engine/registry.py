@@ -1,7 +1,7 @@
 """Where node types come from: built-ins, pip packages and the plugins folder.
 
 All three go through :meth:`Registry.load_source`: import a module, collect the
-classes marked with :func:`engine.register`. A module that fails to import, or
+classes marked with :func:`flowchat.register`. A module that fails to import, or
 a type declared twice, is recorded as a :class:`PluginError` with its source
 and cause; flows that need such a type are refused at load time.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from engine.errors import PluginError
-from engine.node import Node, is_registered
+from flowchat.errors import PluginError
+from flowchat.node import Node, is_registered
 
 ENTRY_POINT_GROUP = "flowchat.nodes"
 PLUGINS_ENV = "FLOWCHAT_PLUGINS"
@@ -68,9 +68,9 @@ class Registry:
             self.add(cls, source)
 
     def load_builtins(self) -> None:
-        import nodes
+        import flowchat.nodes as nodes
 
-        for module in pkgutil.iter_modules(nodes.__path__, prefix="nodes."):
+        for module in pkgutil.iter_modules(nodes.__path__, prefix="flowchat.nodes."):
             self.load_source(f"built-in {module.name}", lambda name=module.name: importlib.import_module(name))
 
     def load_entry_points(self) -> None:

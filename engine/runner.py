@@ -26,13 +26,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine.errors import FlowChatError, NodeConfigError, NodeError, NodeTimeout, as_flowchat_error
-from engine.execution import Execution, NodeRun
-from engine.flow import Flow, FlowNode
-from engine.logs import logger_for
-from engine.node import NodeContext, Suspend
-from engine.services import Services
-from engine.templates import Template, render_tree
+from flowchat.errors import FlowChatError, NodeConfigError, NodeError, NodeTimeout, as_flowchat_error
+from flowchat.execution import Execution, NodeRun
+from flowchat.flow import Flow, FlowNode
+from flowchat.logs import logger_for
+from flowchat.node import NodeContext, Suspend
+from flowchat.services import Services
+from flowchat.templates import Template, render_tree
 
 Checkpoint = Callable[[Execution, NodeRun], Awaitable[None]]
 CLOCK_SKEW_TOLERANCE = 1.0

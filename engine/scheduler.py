@@ -22,10 +22,10 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from redis.exceptions import RedisError
 
-from engine.catalog import Catalog
-from engine.errors import FlowChatError
-from engine.flow import Flow
-from engine.queue import Queue
+from flowchat.catalog import Catalog
+from flowchat.errors import FlowChatError
+from flowchat.flow import Flow
+from flowchat.queue import Queue
 
 log = logging.getLogger("flowchat.scheduler")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.registry import Registry
-from engine.spec import FlowSpec, NodeSpec
+from flowchat.registry import Registry
+from flowchat.spec import FlowSpec, NodeSpec
 
 TEMPLATE_STRING = {"type": "string", "pattern": r"\{[{%]", "description": "A Jinja2 template."}
 

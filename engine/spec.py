@@ -10,9 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.durations import Duration
-from engine.fields import JsonSchema
-from engine.node import RetryPolicy
+from flowchat.durations import Duration
+from flowchat.fields import JsonSchema
+from flowchat.node import RetryPolicy
 
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 FLOW_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"

@@ -18,7 +18,7 @@ from jinja2 import meta, nodes
 from jinja2.nativetypes import NativeCodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from engine.errors import TemplateError, TemplateSecurityError
+from flowchat.errors import TemplateError, TemplateSecurityError
 
 CONTEXT_NAMES = frozenset({"trigger", "vars", "flow", "execution"})
 """Names every template may use besides upstream node ids."""

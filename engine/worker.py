@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError, ResponseError
 
-from engine.catalog import Catalog
-from engine.errors import FlowChatError
-from engine.execution import Execution, NodeRun
-from engine.flow import Flow
-from engine.metrics import Metrics
-from engine.queue import Delivery, Loaded, Queue, execution_from_parts
-from engine.runner import Runner
-from engine.services import Services
+from flowchat.catalog import Catalog
+from flowchat.errors import FlowChatError
+from flowchat.execution import Execution, NodeRun
+from flowchat.flow import Flow
+from flowchat.metrics import Metrics
+from flowchat.queue import Delivery, Loaded, Queue, execution_from_parts
+from flowchat.runner import Runner
+from flowchat.services import Services
 
 log = logging.getLogger("flowchat.worker")
 _execution_log = logging.getLogger("flowchat.execution")

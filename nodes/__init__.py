@@ -1,1 +1,1 @@
-"""Built-in nodes, one module per family. They use only the public ``engine`` surface."""
+"""Built-in nodes, one module per family. They use only the public ``flowchat`` surface."""

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from engine import Node, NodeConfig, NodeContext, mask_phones, register
+from flowchat import Node, NodeConfig, NodeContext, mask_phones, register
 
 
 @register

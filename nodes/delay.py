@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from engine import Duration, Node, NodeConfig, NodeContext, NodeError, Suspend, register
+from flowchat import Duration, Node, NodeConfig, NodeContext, NodeError, Suspend, register
 
 
 @register

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import Field, model_validator
 
-from engine import Duration, Node, NodeConfig, NodeContext, NodeError, RetryableError, RetryPolicy, register
+from flowchat import Duration, Node, NodeConfig, NodeContext, NodeError, RetryableError, RetryPolicy, register
 
 
 @register

@@ -11,7 +11,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import Field, model_validator
 
-from engine import JsonSchema, Node, NodeConfig, NodeContext, NodeError, register
+from flowchat import JsonSchema, Node, NodeConfig, NodeContext, NodeError, register
 
 
 @register

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
-from engine import Node, NodeConfig, NodeContext, register
+from flowchat import Node, NodeConfig, NodeContext, register
 
 
 @register

@@ -12,13 +12,13 @@ import redis as sync_redis
 from redis.asyncio import Redis
 from support import TEST_PLUGINS, Processes
 
-from engine import Services
-from engine.catalog import Catalog
-from engine.keys import Keys
-from engine.queue import Queue
-from engine.redis_server import RedisServer, free_port
-from engine.registry import Registry, load_registry
-from engine.worker import DelayedMover, Worker, WorkerSettings
+from flowchat import Services
+from flowchat.catalog import Catalog
+from flowchat.keys import Keys
+from flowchat.queue import Queue
+from flowchat.redis_server import RedisServer, free_port
+from flowchat.registry import Registry, load_registry
+from flowchat.worker import DelayedMover, Worker, WorkerSettings
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.catalog import Catalog
-from engine.queue import Queue
+from flowchat.catalog import Catalog
+from flowchat.queue import Queue
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -44,7 +44,7 @@ class Processes:
     def start(self, *args: str, env: dict[str, str], ready: str = "flowchat:") -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"proc-{len(self.running)}.log", "wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log
+            [sys.executable, "-m", "flowchat.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log
         )
         self.running.append(process)
         assert process.stdout is not None

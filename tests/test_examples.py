@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import Execution, Runner, load_flow, load_registry, open_services
+from flowchat import Execution, Runner, load_flow, load_registry, open_services
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted([*(ROOT / "examples").glob("*.yaml"), *(ROOT / "flows").glob("*.yaml")])

@@ -21,10 +21,10 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def start(*args: str) -> subprocess.Popen[str]:
-    """Start ``python -m engine.cli ARGS`` in the repo root, with no FLOWCHAT_* settings from the environment."""
+    """Start ``python -m flowchat.cli ARGS`` in the repo root, with no FLOWCHAT_* settings from the environment."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("FLOWCHAT_")}
     return subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "flowchat.cli", *args],
         cwd=REPO,
         env=env,
         stdin=subprocess.PIPE,
@@ -247,7 +247,7 @@ def test_each_subcommand_help_says_what_it_does(helps, name):
 
 def test_the_committed_flow_schema_is_what_flowchat_schema_prints():
     result = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "--plugins", "plugins", "schema"],
+        [sys.executable, "-m", "flowchat.cli", "--plugins", "plugins", "schema"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -14,9 +14,9 @@ import pytest
 from redis.asyncio import Redis
 from support import daemon_env, wait_for
 
-from engine.keys import Keys
-from engine.queue import Queue
-from engine.redis_server import RedisServer, free_port
+from flowchat.keys import Keys
+from flowchat.queue import Queue
+from flowchat.redis_server import RedisServer, free_port
 
 
 def mark_flow(folder: Path, name: str, marks: Path, extra_nodes: str = "", trigger: str = "{type: webhook}") -> None:
@@ -38,8 +38,8 @@ async def counter(queue: Queue, name: str) -> int:
 
 
 async def enqueue_many(queue: Queue, flow_file: Path, count: int) -> list[str]:
-    from engine.loader import load_flow
-    from engine.registry import load_registry
+    from flowchat.loader import load_flow
+    from flowchat.registry import load_registry
 
     flow = load_flow(
         flow_file, load_registry(Path(__file__).parent.parent / "fixtures" / "plugins", entry_points=False)

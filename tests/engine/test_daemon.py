@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 from support import ROOT, daemon_env, wait_for
 
-from engine.catalog import Catalog
-from engine.redis_server import free_port
+from flowchat.catalog import Catalog
+from flowchat.redis_server import free_port
 
 FLOW = """flow: {name}
 trigger: {{type: webhook, path: {path}}}
@@ -29,7 +29,7 @@ def embedded_env(data_dir: Path) -> dict[str, str]:
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "flowchat.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
 
 

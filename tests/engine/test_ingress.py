@@ -16,12 +16,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 from twilio.request_validator import RequestValidator
 
-from engine.catalog import Catalog
-from engine.ingress import create_app
-from engine.keys import Keys
-from engine.metrics import Metrics
-from engine.queue import Queue
-from engine.redis_server import free_port
+from flowchat.catalog import Catalog
+from flowchat.ingress import create_app
+from flowchat.keys import Keys
+from flowchat.metrics import Metrics
+from flowchat.queue import Queue
+from flowchat.redis_server import free_port
 
 SECRET = "s3cret-hmac-key"
 TOKEN = "bearer-token-123"

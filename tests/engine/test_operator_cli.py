@@ -20,11 +20,11 @@ import pytest
 import yaml
 from support import ROOT, daemon_env, wait_for
 
-from engine.catalog import Catalog
-from engine.flow import Flow
-from engine.queue import Queue
-from engine.services import Services
-from engine.worker import Worker, WorkerSettings
+from flowchat.catalog import Catalog
+from flowchat.flow import Flow
+from flowchat.queue import Queue
+from flowchat.services import Services
+from flowchat.worker import Worker, WorkerSettings
 
 Cli = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
 SETTLED = ("succeeded", "failed")
@@ -32,14 +32,14 @@ SETTLED = ("succeeded", "failed")
 
 @pytest.fixture
 def cli(redis_url: str) -> Cli:
-    """Run ``python -m engine.cli ARGS`` against the test Redis (without blocking the event loop)."""
+    """Run ``python -m flowchat.cli ARGS`` against the test Redis (without blocking the event loop)."""
     env = daemon_env(redis_url)
 
     async def run(*args: str) -> subprocess.CompletedProcess[str]:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "engine.cli",
+            "flowchat.cli",
             *args,
             cwd=ROOT,
             env=env,

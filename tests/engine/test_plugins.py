@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-import engine
+import flowchat
 
 REPO = Path(__file__).resolve().parents[2]
 GREETING = REPO / "plugins" / "greeting.py"
@@ -59,7 +59,7 @@ def write_flow(tmp_path: Path) -> Callable[[str], Path]:
 
 def node_plugin(node_type: str, class_name: str = "Plugged") -> str:
     return f"""
-    from engine import Node, NodeConfig, register
+    from flowchat import Node, NodeConfig, register
 
     @register
     class {class_name}(Node):
@@ -72,16 +72,16 @@ def node_plugin(node_type: str, class_name: str = "Plugged") -> str:
     """
 
 
-async def run_greeting(registry: engine.Registry, path: Path) -> engine.Execution:
-    flow = engine.load_flow(path, registry)
-    return await engine.Runner().run(flow, engine.Execution.new(flow, {"name": "Ana"}))
+async def run_greeting(registry: flowchat.Registry, path: Path) -> flowchat.Execution:
+    flow = flowchat.load_flow(path, registry)
+    return await flowchat.Runner().run(flow, flowchat.Execution.new(flow, {"name": "Ana"}))
 
 
 # --- discovery ----------------------------------------------------------------------
 
 
 async def test_the_example_plugin_loads_from_the_folder_given_to_load_registry(write_flow):
-    registry = engine.load_registry(REPO / "plugins", entry_points=False)
+    registry = flowchat.load_registry(REPO / "plugins", entry_points=False)
 
     assert registry.errors == []
     assert "example.greeting" in registry.names()
@@ -94,10 +94,10 @@ async def test_the_example_plugin_loads_from_the_folder_given_to_load_registry(w
 def test_the_plugins_folder_comes_from_flowchat_plugins(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no ./plugins here
     monkeypatch.delenv("FLOWCHAT_PLUGINS", raising=False)
-    assert "example.greeting" not in engine.load_registry().names()
+    assert "example.greeting" not in flowchat.load_registry().names()
 
     monkeypatch.setenv("FLOWCHAT_PLUGINS", str(REPO / "plugins"))
-    registry = engine.load_registry()
+    registry = flowchat.load_registry()
 
     assert "example.greeting" in registry.names()
     assert str(GREETING) in registry.sources["example.greeting"]
@@ -108,7 +108,7 @@ def test_the_plugins_folder_defaults_to_plugins_in_the_working_directory(monkeyp
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("FLOWCHAT_PLUGINS", raising=False)
 
-    registry = engine.load_registry()
+    registry = flowchat.load_registry()
 
     assert "example.greeting" in registry.names()
 
@@ -127,7 +127,7 @@ def installed_greeting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 async def test_an_installed_entry_point_provides_node_types(installed_greeting, tmp_path, write_flow):
-    registry = engine.load_registry(tmp_path / "no-plugins-folder")
+    registry = flowchat.load_registry(tmp_path / "no-plugins-folder")
 
     assert registry.errors == []
     source = registry.sources["example.greeting"]
@@ -140,7 +140,7 @@ async def test_an_installed_entry_point_provides_node_types(installed_greeting, 
 
 
 def test_entry_points_can_be_turned_off(installed_greeting, tmp_path):
-    registry = engine.load_registry(tmp_path / "no-plugins-folder", entry_points=False)
+    registry = flowchat.load_registry(tmp_path / "no-plugins-folder", entry_points=False)
 
     assert "example.greeting" not in registry.names()
 
@@ -152,7 +152,7 @@ def test_a_plugin_that_fails_to_import_is_reported_and_flows_needing_it_are_refu
     broken = write_plugin("fc_broken_crm", 'raise RuntimeError("CRM_URL is not set")\n')
     write_plugin("fc_fine_neighbour", node_plugin("fc.fine"))
 
-    registry = engine.load_registry(broken.parent, entry_points=False)
+    registry = flowchat.load_registry(broken.parent, entry_points=False)
 
     (error,) = registry.errors
     assert error.code == "plugin-import-failed"
@@ -163,8 +163,8 @@ def test_a_plugin_that_fails_to_import_is_reported_and_flows_needing_it_are_refu
     assert "fc.fine" in registry.names()  # one broken plugin does not take the others down
 
     path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: sync, type: fc.crm_sync}\n")
-    with pytest.raises(engine.FlowInvalid) as caught:
-        engine.load_flow(path, registry)
+    with pytest.raises(flowchat.FlowInvalid) as caught:
+        flowchat.load_flow(path, registry)
     (problem,) = caught.value.errors
     assert problem.code == "unknown-node-type"
     assert "'fc.crm_sync'" in problem.message
@@ -178,7 +178,7 @@ def test_two_modules_declaring_one_type_clash_and_flows_using_it_are_refused(wri
     second = write_plugin("fc_dup_second", node_plugin("fc.dup", "Second"))
     write_plugin("fc_dup_bystander", node_plugin("fc.bystander"))
 
-    registry = engine.load_registry(first.parent, entry_points=False)
+    registry = flowchat.load_registry(first.parent, entry_points=False)
 
     (error,) = registry.errors
     assert error.code == "plugin-duplicate-type"
@@ -190,8 +190,8 @@ def test_two_modules_declaring_one_type_clash_and_flows_using_it_are_refused(wri
     assert "fc.bystander" in registry.names()
 
     path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: x, type: fc.dup}\n")
-    with pytest.raises(engine.FlowInvalid) as caught:
-        engine.load_flow(path, registry)
+    with pytest.raises(flowchat.FlowInvalid) as caught:
+        flowchat.load_flow(path, registry)
     (problem,) = caught.value.errors
     assert problem.code == "node-type-conflict"
     assert str(second) in problem.message
@@ -200,78 +200,78 @@ def test_two_modules_declaring_one_type_clash_and_flows_using_it_are_refused(wri
 def test_a_plugin_cannot_silently_replace_a_built_in(write_plugin, write_flow):
     plugin = write_plugin("fc_own_log", node_plugin("log"))
 
-    registry = engine.load_registry(plugin.parent, entry_points=False)
+    registry = flowchat.load_registry(plugin.parent, entry_points=False)
 
     (error,) = registry.errors
     assert error.code == "plugin-duplicate-type"
-    assert "built-in nodes.data" in error.message
+    assert "built-in flowchat.nodes.data" in error.message
     path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: x, type: log, with: {message: hi}}\n")
-    with pytest.raises(engine.FlowInvalid) as caught:
-        engine.load_flow(path, registry)
+    with pytest.raises(flowchat.FlowInvalid) as caught:
+        flowchat.load_flow(path, registry)
     assert [problem.code for problem in caught.value.errors] == ["node-type-conflict"]
 
 
-# --- engine.register checks the declaration -----------------------------------------
+# --- flowchat.register checks the declaration -----------------------------------------
 
 
 def test_register_accepts_a_well_formed_node():
-    class Fine(engine.Node):
+    class Fine(flowchat.Node):
         type = "fc.register_fine"
 
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
             return {}
 
-    assert engine.register(Fine) is Fine
+    assert flowchat.register(Fine) is Fine
 
 
 def test_register_rejects_a_node_whose_run_is_not_async():
-    class Sync(engine.Node):
+    class Sync(flowchat.Node):
         type = "fc.register_sync"
 
         def run(self, ctx, config):  # type: ignore[override]
             return {}
 
-    with pytest.raises(engine.PluginError) as caught:
-        engine.register(Sync)
+    with pytest.raises(flowchat.PluginError) as caught:
+        flowchat.register(Sync)
 
     assert caught.value.code == "plugin-invalid-node"
     assert "Sync.run must be an `async def`" in caught.value.message
 
 
 def test_register_rejects_a_node_without_run():
-    class Lazy(engine.Node):
+    class Lazy(flowchat.Node):
         type = "fc.register_lazy"
 
-    with pytest.raises(engine.PluginError) as caught:
-        engine.register(Lazy)
+    with pytest.raises(flowchat.PluginError) as caught:
+        flowchat.register(Lazy)
 
     assert caught.value.code == "plugin-invalid-node"
 
 
 def test_register_rejects_a_node_without_a_type():
-    class Nameless(engine.Node):
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+    class Nameless(flowchat.Node):
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
             return {}
 
-    with pytest.raises(engine.PluginError) as caught:
-        engine.register(Nameless)
+    with pytest.raises(flowchat.PluginError) as caught:
+        flowchat.register(Nameless)
 
     assert caught.value.code == "plugin-invalid-node"
     assert "must set a `type` string" in caught.value.message
 
 
 def test_register_rejects_a_config_that_allows_extra_keys():
-    class Loose(engine.Node):
+    class Loose(flowchat.Node):
         type = "fc.register_loose"
 
         class Config(BaseModel):
             name: str
 
-        async def run(self, ctx: engine.NodeContext, config: BaseModel) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: BaseModel) -> dict:
             return {}
 
-    with pytest.raises(engine.PluginError) as caught:
-        engine.register(Loose)
+    with pytest.raises(flowchat.PluginError) as caught:
+        flowchat.register(Loose)
 
     assert caught.value.code == "plugin-invalid-node"
     assert "forbid extra keys" in caught.value.message
@@ -281,11 +281,11 @@ def test_register_rejects_a_class_that_is_not_a_node():
     class Stranger:
         type = "fc.register_stranger"
 
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
             return {}
 
-    with pytest.raises(engine.PluginError) as caught:
-        engine.register(Stranger)  # type: ignore[type-var]
+    with pytest.raises(flowchat.PluginError) as caught:
+        flowchat.register(Stranger)  # type: ignore[type-var]
 
     assert caught.value.code == "plugin-invalid-node"
-    assert "must subclass engine.Node" in caught.value.message
+    assert "must subclass flowchat.Node" in caught.value.message

@@ -8,9 +8,9 @@ import time
 import pytest
 from support import enqueue, settled, write_flow
 
-from engine.keys import GROUP
-from engine.operations import load_execution, replay
-from engine.queue import RETENTION, execution_from_parts
+from flowchat.keys import GROUP
+from flowchat.operations import load_execution, replay
+from flowchat.queue import RETENTION, execution_from_parts
 
 
 async def test_finish_by_a_consumer_that_lost_its_lease_writes_nothing(queue, flows_dir, catalog_factory):

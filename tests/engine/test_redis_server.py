@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.redis_server import RedisServer
+from flowchat.redis_server import RedisServer
 
 
 def test_processes_on_one_data_dir_share_one_server_and_the_last_one_out_stops_it(tmp_path):
@@ -35,7 +35,7 @@ def test_a_system_redis_server_is_preferred_to_the_older_copy_the_wheel_puts_in_
     import sys
     from pathlib import Path
 
-    from engine.redis_server import redis_binary
+    from flowchat.redis_server import redis_binary
 
     system = next(
         (found for folder in ("/usr/bin", "/usr/local/bin") if (found := shutil.which("redis-server", path=folder))),

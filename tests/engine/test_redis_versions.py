@@ -8,12 +8,12 @@ import subprocess
 import pytest
 from redis.asyncio import Redis
 
-from engine import Services
-from engine.catalog import Catalog
-from engine.keys import Keys
-from engine.queue import Queue
-from engine.redis_server import RedisServer, bundled_redis_binary, free_port
-from engine.worker import DelayedMover, Worker, WorkerSettings
+from flowchat import Services
+from flowchat.catalog import Catalog
+from flowchat.keys import Keys
+from flowchat.queue import Queue
+from flowchat.redis_server import RedisServer, bundled_redis_binary, free_port
+from flowchat.worker import DelayedMover, Worker, WorkerSettings
 
 
 @pytest.fixture

@@ -10,41 +10,41 @@ from pathlib import Path
 
 import pytest
 
-import engine
+import flowchat
 
-MakeFlow = Callable[..., engine.Flow]
+MakeFlow = Callable[..., flowchat.Flow]
 
 
 @pytest.fixture
 def make_flow(tmp_path: Path) -> MakeFlow:
     """Load a flow made of the given ``nodes:`` YAML, with the given node classes registered."""
 
-    def make(nodes: str, *classes: type[engine.Node]) -> engine.Flow:
-        registry = engine.Registry()
+    def make(nodes: str, *classes: type[flowchat.Node]) -> flowchat.Flow:
+        registry = flowchat.Registry()
         for cls in classes:
-            registry.add(engine.register(cls), "test")
+            registry.add(flowchat.register(cls), "test")
         path = tmp_path / "flow.yaml"
         body = textwrap.indent(textwrap.dedent(nodes).strip() + "\n", "  ")
         path.write_text(f"flow: test\ntrigger: {{type: webhook}}\nnodes:\n{body}", encoding="utf-8")
-        return engine.load_flow(path, registry)
+        return flowchat.load_flow(path, registry)
 
     return make
 
 
-async def run(flow: engine.Flow, trigger: dict | None = None, **runner_options) -> engine.Execution:
-    return await engine.Runner(**runner_options).run(flow, engine.Execution.new(flow, trigger or {}))
+async def run(flow: flowchat.Flow, trigger: dict | None = None, **runner_options) -> flowchat.Execution:
+    return await flowchat.Runner(**runner_options).run(flow, flowchat.Execution.new(flow, trigger or {}))
 
 
-def sleep_node(events: list[tuple[str, str, float]]) -> type[engine.Node]:
+def sleep_node(events: list[tuple[str, str, float]]) -> type[flowchat.Node]:
     """A node that sleeps ``seconds`` and records when it started and ended."""
 
-    class Sleep(engine.Node):
+    class Sleep(flowchat.Node):
         type = "test.sleep"
 
-        class Config(engine.NodeConfig):
+        class Config(flowchat.NodeConfig):
             seconds: float = 0.0
 
-        async def run(self, ctx: engine.NodeContext, config: Config) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: Config) -> dict:
             events.append(("start", ctx.node_id, time.perf_counter()))
             await asyncio.sleep(config.seconds)
             events.append(("end", ctx.node_id, time.perf_counter()))
@@ -133,10 +133,10 @@ async def test_independent_roots_run_concurrently(make_flow):
 async def test_when_false_skips_the_node_and_nodes_needing_only_skipped_ones(make_flow):
     ran: list[str] = []
 
-    class Mark(engine.Node):
+    class Mark(flowchat.Node):
         type = "test.mark"
 
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
             ran.append(ctx.node_id)
             return {"id": ctx.node_id}
 
@@ -170,10 +170,10 @@ async def test_when_false_skips_the_node_and_nodes_needing_only_skipped_ones(mak
 
 
 async def test_a_literal_false_when_skips_the_node(make_flow):
-    class Mark(engine.Node):
+    class Mark(flowchat.Node):
         type = "test.mark"
 
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
             return {}
 
     flow = make_flow("- {id: muted, type: test.mark, when: false}\n- {id: loud, type: test.mark, needs: []}", Mark)
@@ -185,10 +185,10 @@ async def test_a_literal_false_when_skips_the_node(make_flow):
 
 
 async def test_skips_propagate_whatever_the_declaration_order(make_flow):
-    class Mark(engine.Node):
+    class Mark(flowchat.Node):
         type = "test.mark"
 
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
             return {}
 
     flow = make_flow(
@@ -213,21 +213,21 @@ async def test_skips_propagate_whatever_the_declaration_order(make_flow):
 # --- retries ------------------------------------------------------------------------
 
 
-def flaky_node(stamps: list[float]) -> type[engine.Node]:
+def flaky_node(stamps: list[float]) -> type[flowchat.Node]:
     """Fails with a retryable error until attempt ``succeed_on`` (0: never)."""
 
-    class Flaky(engine.Node):
+    class Flaky(flowchat.Node):
         type = "test.flaky"
 
-        class Config(engine.NodeConfig):
+        class Config(flowchat.NodeConfig):
             succeed_on: int = 0
             retry_after: float | None = None
 
-        async def run(self, ctx: engine.NodeContext, config: Config) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: Config) -> dict:
             stamps.append(time.perf_counter())
             if config.succeed_on and ctx.attempt >= config.succeed_on:
                 return {"attempt": ctx.attempt}
-            raise engine.RetryableError("upstream busy", code="upstream-busy", retry_after=config.retry_after)
+            raise flowchat.RetryableError("upstream busy", code="upstream-busy", retry_after=config.retry_after)
 
     return Flaky
 
@@ -257,7 +257,7 @@ async def test_a_retryable_error_is_retried_with_exponential_backoff(make_flow):
 
 
 def test_retry_delays_double_with_jitter_up_to_max_backoff():
-    policy = engine.RetryPolicy(max_attempts=10, backoff="1s", max_backoff="8s")
+    policy = flowchat.RetryPolicy(max_attempts=10, backoff="1s", max_backoff="8s")
 
     for attempt, ceiling in enumerate([1, 2, 4, 8, 8, 8], start=1):
         delays = [policy.delay(attempt) for _ in range(50)]
@@ -291,13 +291,13 @@ async def test_exhausting_the_attempts_fails_the_execution(make_flow):
 async def test_a_non_retryable_node_error_is_not_retried(make_flow):
     calls = 0
 
-    class Reject(engine.Node):
+    class Reject(flowchat.Node):
         type = "test.reject"
 
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
             nonlocal calls
             calls += 1
-            raise engine.NodeError("contact opted out", code="opted-out")
+            raise flowchat.NodeError("contact opted out", code="opted-out")
 
     flow = make_flow("- {id: send, type: test.reject, retry: {max_attempts: 5, backoff: 1ms}}", Reject)
 
@@ -344,11 +344,11 @@ async def test_a_node_running_past_its_timeout_fails_with_node_timeout(make_flow
 
 
 async def test_a_node_types_own_timeout_applies_by_default(make_flow):
-    class Hang(engine.Node):
+    class Hang(flowchat.Node):
         type = "test.hang"
         timeout = 0.05
 
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
             await asyncio.sleep(5)
             return {}
 
@@ -358,10 +358,10 @@ async def test_a_node_types_own_timeout_applies_by_default(make_flow):
 
 
 async def test_a_timeout_error_raised_by_the_node_itself_keeps_its_message(make_flow):
-    class Locked(engine.Node):
+    class Locked(flowchat.Node):
         type = "test.locked"
 
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
             raise TimeoutError("CRM lock wait timed out")
 
     execution = await run(make_flow("- {id: n, type: test.locked}", Locked))
@@ -371,13 +371,13 @@ async def test_a_timeout_error_raised_by_the_node_itself_keeps_its_message(make_
 
 
 async def test_a_rendered_config_that_does_not_fit_fails_with_node_config_invalid(make_flow):
-    class Count(engine.Node):
+    class Count(flowchat.Node):
         type = "test.count"
 
-        class Config(engine.NodeConfig):
+        class Config(flowchat.NodeConfig):
             count: int
 
-        async def run(self, ctx: engine.NodeContext, config: Config) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: Config) -> dict:
             return {"count": config.count}
 
     flow = make_flow(
@@ -396,10 +396,10 @@ async def test_a_rendered_config_that_does_not_fit_fails_with_node_config_invali
 
 
 async def test_a_plain_exception_becomes_node_crashed(make_flow):
-    class Buggy(engine.Node):
+    class Buggy(flowchat.Node):
         type = "test.buggy"
 
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
             raise ZeroDivisionError("division by zero")
 
     flow = make_flow("- {id: bug, type: test.buggy, retry: {max_attempts: 3, backoff: 1ms}}", Buggy)
@@ -414,13 +414,13 @@ async def test_a_plain_exception_becomes_node_crashed(make_flow):
 
 
 async def test_run_must_return_a_dict_and_none_means_empty_output(make_flow):
-    class Shape(engine.Node):
+    class Shape(flowchat.Node):
         type = "test.shape"
 
-        class Config(engine.NodeConfig):
+        class Config(flowchat.NodeConfig):
             kind: str
 
-        async def run(self, ctx: engine.NodeContext, config: Config) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: Config) -> dict:
             return {"list": [1, 2], "none": None}[config.kind]  # type: ignore[return-value]
 
     empty = await run(make_flow("- {id: n, type: test.shape, with: {kind: none}}", Shape))
@@ -436,16 +436,16 @@ async def test_run_must_return_a_dict_and_none_means_empty_output(make_flow):
 
 
 async def test_the_trace_has_status_attempts_duration_output_and_error_per_node(make_flow):
-    class Step(engine.Node):
+    class Step(flowchat.Node):
         type = "test.step"
 
-        class Config(engine.NodeConfig):
+        class Config(flowchat.NodeConfig):
             fail: bool = False
 
-        async def run(self, ctx: engine.NodeContext, config: Config) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: Config) -> dict:
             await asyncio.sleep(0.02)
             if config.fail:
-                raise engine.NodeError("CRM said no", code="crm-rejected")
+                raise flowchat.NodeError("CRM said no", code="crm-rejected")
             return {"greeting": f"hi {ctx.trigger['name']}"}
 
     flow = make_flow(
@@ -477,11 +477,11 @@ async def test_the_trace_has_status_attempts_duration_output_and_error_per_node(
 async def test_a_failure_stops_downstream_nodes_but_not_running_siblings(make_flow):
     events: list[tuple[str, str, float]] = []
 
-    class Boom(engine.Node):
+    class Boom(flowchat.Node):
         type = "test.boom"
 
-        async def run(self, ctx: engine.NodeContext, config: engine.NodeConfig) -> dict:
-            raise engine.NodeError("boom", code="boom")
+        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
+            raise flowchat.NodeError("boom", code="boom")
 
     flow = make_flow(
         """
@@ -509,15 +509,15 @@ async def test_a_failure_stops_downstream_nodes_but_not_running_siblings(make_fl
 
 
 async def test_checkpoint_is_awaited_once_per_settled_node_with_its_final_status(make_flow):
-    class Step(engine.Node):
+    class Step(flowchat.Node):
         type = "test.step"
 
-        class Config(engine.NodeConfig):
+        class Config(flowchat.NodeConfig):
             fail: bool = False
 
-        async def run(self, ctx: engine.NodeContext, config: Config) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: Config) -> dict:
             if config.fail:
-                raise engine.NodeError("no")
+                raise flowchat.NodeError("no")
             return {}
 
     flow = make_flow(
@@ -531,7 +531,7 @@ async def test_checkpoint_is_awaited_once_per_settled_node_with_its_final_status
     )
     seen: list[tuple[str, str]] = []
 
-    async def checkpoint(execution: engine.Execution, node_run: engine.NodeRun) -> None:
+    async def checkpoint(execution: flowchat.Execution, node_run: flowchat.NodeRun) -> None:
         await asyncio.sleep(0)
         seen.append((node_run.id, node_run.status))
         assert execution.nodes[node_run.id] is node_run
@@ -549,13 +549,13 @@ async def test_checkpoint_is_awaited_once_per_settled_node_with_its_final_status
 async def test_a_resumed_execution_does_not_rerun_finished_nodes(make_flow):
     calls: list[str] = []
 
-    class Count(engine.Node):
+    class Count(flowchat.Node):
         type = "test.count"
 
-        class Config(engine.NodeConfig):
+        class Config(flowchat.NodeConfig):
             value: int = 1
 
-        async def run(self, ctx: engine.NodeContext, config: Config) -> dict:
+        async def run(self, ctx: flowchat.NodeContext, config: Config) -> dict:
             calls.append(ctx.node_id)
             return {"value": config.value}
 
@@ -566,11 +566,11 @@ async def test_a_resumed_execution_does_not_rerun_finished_nodes(make_flow):
         """,
         Count,
     )
-    saved = engine.Execution.new(flow, {})
+    saved = flowchat.Execution.new(flow, {})
     saved.nodes["first"].status, saved.nodes["first"].output, saved.nodes["first"].attempts = "ok", {"value": 41}, 1
-    resumed = engine.Execution.from_dict(json.loads(json.dumps(saved.to_dict())))
+    resumed = flowchat.Execution.from_dict(json.loads(json.dumps(saved.to_dict())))
 
-    execution = await engine.Runner().run(flow, resumed)
+    execution = await flowchat.Runner().run(flow, resumed)
 
     assert calls == ["second"]
     assert execution.status == "succeeded"
@@ -591,9 +591,9 @@ async def test_defer_waits_returns_waiting_with_wake_at_instead_of_sleeping(make
         flaky_node(stamps),
     )
     now = [1_000_000.0]
-    services = engine.Services(clock=lambda: now[0])
-    runner = engine.Runner(services, defer_waits=True)
-    execution = engine.Execution.new(flow, {})
+    services = flowchat.Services(clock=lambda: now[0])
+    runner = flowchat.Runner(services, defer_waits=True)
+    execution = flowchat.Execution.new(flow, {})
 
     started = time.perf_counter()
     await runner.run(flow, execution)

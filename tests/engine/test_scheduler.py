@@ -15,10 +15,10 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
-from engine.catalog import Catalog
-from engine.keys import Keys
-from engine.queue import Queue
-from engine.scheduler import Scheduler, next_tick, ticks_between
+from flowchat.catalog import Catalog
+from flowchat.keys import Keys
+from flowchat.queue import Queue
+from flowchat.scheduler import Scheduler, next_tick, ticks_between
 
 EVERY_5_MIN = "*/5 * * * *"
 NOOP = [{"id": "noop", "type": "test.noop"}]

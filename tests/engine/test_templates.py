@@ -1,4 +1,4 @@
-"""engine.templates: native types, strict undefined, and the sandbox (statically and at run time)."""
+"""flowchat.templates: native types, strict undefined, and the sandbox (statically and at run time)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from jinja2.sandbox import SecurityError
 
-from engine import Execution, FlowInvalid, Registry, Runner, TemplateError, TemplateSecurityError, load_registry
-from engine.loader import load_flow_text
-from engine.templates import ENVIRONMENT, compile_expression, compile_template, render_tree
+from flowchat import Execution, FlowInvalid, Registry, Runner, TemplateError, TemplateSecurityError, load_registry
+from flowchat.loader import load_flow_text
+from flowchat.templates import ENVIRONMENT, compile_expression, compile_template, render_tree
 
 REPO = Path(__file__).resolve().parents[2]
 

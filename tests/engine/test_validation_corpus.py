@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import FlowError, FlowInvalid, Registry, load_flow, load_registry
+from flowchat import FlowError, FlowInvalid, Registry, load_flow, load_registry
 
 REPO = Path(__file__).resolve().parents[2]
 BROKEN = Path(__file__).parent / "broken"
@@ -192,7 +192,7 @@ def test_every_mistake_of_a_file_is_reported_at_once_sorted_by_position(
 
 def flowchat(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *map(str, args)],
+        [sys.executable, "-m", "flowchat.cli", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -7,10 +7,10 @@ import time
 
 from support import enqueue, lines, settled, wait_for, write_flow
 
-from engine import Services
-from engine.keys import GROUP
-from engine.operations import load_execution, replay
-from engine.worker import Worker, WorkerSettings
+from flowchat import Services
+from flowchat.keys import GROUP
+from flowchat.operations import load_execution, replay
+from flowchat.worker import Worker, WorkerSettings
 
 
 async def test_an_execution_runs_to_success_and_its_entry_is_acknowledged(
@@ -197,7 +197,7 @@ async def test_leases_are_renewed_while_a_long_node_runs(queue, flows_dir, catal
 
 
 async def test_index_entries_past_retention_are_forgotten(queue, flows_dir, catalog_factory):
-    from engine.queue import RETENTION
+    from flowchat.queue import RETENTION
 
     write_flow(flows_dir, "old", "  - {id: a, type: test.noop}\n")
     catalog = catalog_factory(flows_dir)
@@ -275,7 +275,7 @@ async def test_metrics_count_executions_and_time_nodes_and_any_process_sees_clus
 ):
     from prometheus_client.parser import text_string_to_metric_families
 
-    from engine.metrics import Metrics
+    from flowchat.metrics import Metrics
 
     write_flow(flows_dir, "counted", "  - {id: a, type: test.noop}\n  - {id: b, type: set, with: {values: {}}}\n")
     catalog = catalog_factory(flows_dir)

@@ -9,16 +9,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-import engine
+import flowchat
 
-RunFlow = Callable[..., Awaitable[engine.Execution]]
+RunFlow = Callable[..., Awaitable[flowchat.Execution]]
 StartServer = Callable[[Iterable[web.RouteDef]], Awaitable[str]]
 
 
 @pytest.fixture(scope="session")
-def builtin_registry() -> engine.Registry:
+def builtin_registry() -> flowchat.Registry:
     """The built-in node types only: no plugins folder, no entry points."""
-    registry = engine.Registry()
+    registry = flowchat.Registry()
     registry.load_builtins()
     assert registry.errors == []
     return registry
@@ -39,17 +39,17 @@ def write_flow(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture
-def run_flow(write_flow: Callable[..., Path], builtin_registry: engine.Registry) -> RunFlow:
+def run_flow(write_flow: Callable[..., Path], builtin_registry: flowchat.Registry) -> RunFlow:
     """Load a flow and run it over ``trigger`` with a live aiohttp session."""
 
     async def run(
         nodes: str | Path, trigger: dict[str, Any] | None = None, *, execution_id: str | None = None
-    ) -> engine.Execution:
+    ) -> flowchat.Execution:
         path = nodes if isinstance(nodes, Path) else write_flow(nodes)
-        flow = engine.load_flow(path, builtin_registry)
-        async with engine.open_services() as services:
-            execution = engine.Execution.new(flow, trigger or {}, execution_id)
-            return await engine.Runner(services).run(flow, execution)
+        flow = flowchat.load_flow(path, builtin_registry)
+        async with flowchat.open_services() as services:
+            execution = flowchat.Execution.new(flow, trigger or {}, execution_id)
+            return await flowchat.Runner(services).run(flow, execution)
 
     return run
 

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from engine.logs import RedactingFilter, configure_logging, mask_phones
+from flowchat.logs import RedactingFilter, configure_logging, mask_phones
 
 PHONE = "+14155550123"
 MASKED = "+1415***0123"
@@ -173,7 +173,7 @@ def test_mask_phones_sees_numbers_written_with_separators_but_not_dates(text, ex
 
 
 def test_tracebacks_are_masked_by_the_daemon_formatter():
-    from engine.logs import RedactingFormatter
+    from flowchat.logs import RedactingFormatter
 
     try:
         raise ValueError("cannot reach +14155550123")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import engine
+import flowchat
 
 PHONE = r"^\\+[1-9]\\d{7,14}$"  # as written in YAML double quotes: ^\+[1-9]\d{7,14}$
 
@@ -140,8 +140,8 @@ def test_an_invalid_inline_schema_is_refused_when_the_flow_loads(write_flow, bui
         """
     )
 
-    with pytest.raises(engine.FlowInvalid) as caught:
-        engine.load_flow(path, builtin_registry)
+    with pytest.raises(flowchat.FlowInvalid) as caught:
+        flowchat.load_flow(path, builtin_registry)
 
     (problem,) = caught.value.errors
     assert problem.code == "invalid-value"
@@ -159,7 +159,7 @@ def test_exactly_one_of_schema_and_schema_file_is_required(write_flow, builtin_r
         """
     )
 
-    with pytest.raises(engine.FlowInvalid) as caught:
-        engine.load_flow(path, builtin_registry)
+    with pytest.raises(flowchat.FlowInvalid) as caught:
+        flowchat.load_flow(path, builtin_registry)
 
     assert "exactly one of schema or schema_file" in str(caught.value)
