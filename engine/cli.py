@@ -367,6 +367,17 @@ environment:
     actions = _Described(p.add_subparsers(dest="action", required=True, metavar="ACTION"))
     a = actions.add_parser("stats", help="ready, delayed, in flight and dead counts, and per-flow totals")
     a.add_argument("--json", action="store_true")
+
+    # Command families that live beside their concept: each module's add_commands(sub) adds its
+    # parsers and registers its handlers with @command. One line per family, in its section.
+    # -- crm (contacts)
+
+    # -- whatsapp (simulate, messages)
+
+    # -- analytics (analytics, sink)
+
+    # -- operations
+
     return parser
 
 

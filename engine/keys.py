@@ -62,3 +62,9 @@ class Keys:
     def schedule_last(self, flow: str) -> str:
         """String: the last schedule tick fired for ``flow`` (epoch s)."""
         return f"{self.tag}:schedule:{flow}"
+
+    # --- crm: contacts, limiter, events (each under its own hash tag) -----------------------
+
+    # --- whatsapp: message ledger ----------------------------------------------------------
+
+    # --- analytics: sink lease -------------------------------------------------------------

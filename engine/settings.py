@@ -1,0 +1,128 @@
+"""Settings: the process's configuration, read from the environment once.
+
+Every ``FLOWCHAT_*`` variable (and the Twilio credentials) is read here and
+nowhere else; the rest of the engine receives a :class:`Settings`. The README's
+"Settings" table documents each field with its variable and default. Fields are
+grouped by the part of FlowChat that owns them; add new ones to their group.
+
+A :class:`Settings` is read-only: plugins' service factories receive it too
+(``flowchat.services`` entry points), so they see the same configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+def _text(env: Mapping[str, str], name: str, default: str = "") -> str:
+    return env.get(name, default).strip() or default
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+
+
+def _size(env: Mapping[str, str], name: str, default: int) -> int:
+    return int(_number(env, name, default))
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not on/off")
+
+
+class SettingsError(ValueError):
+    """A setting in the environment that cannot be read (named in the message)."""
+
+    code = "settings-invalid"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Read-only configuration of one FlowChat process."""
+
+    # --- engine: storage, queue, workers -------------------------------------------------
+    data_dir: Path = Path(".flowchat")
+    redis_url: str = ""
+    queue: str = "fc"
+    plugins: Path = Path("plugins")
+    visibility_timeout: float = 30.0
+    grace: float = 30.0
+    max_output: int = 1024 * 1024
+
+    # --- ingress -----------------------------------------------------------------------
+    public_url: str = ""
+
+    # --- sdk: secrets ---------------------------------------------------------------------
+    secrets_file: str = ""
+
+    # --- crm: contacts, limiter, events ----------------------------------------------------
+    default_region: str = ""
+    analytics: bool = True
+
+    # --- whatsapp -----------------------------------------------------------------------
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = ""
+    twilio_api_url: str = ""
+    twilio_whatsapp_number: str = ""
+    send_rate: str = "80/1s"
+    recipient_rate: str = "1/6s"
+
+    # --- operations ---------------------------------------------------------------------
+    log_format: str = "text"
+
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    """The environment these settings were read from, for names a flow chooses (``token_env``)."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        return cls(
+            data_dir=Path(_text(env, "FLOWCHAT_DATA_DIR", ".flowchat")),
+            redis_url=_text(env, "FLOWCHAT_REDIS_URL"),
+            queue=_text(env, "FLOWCHAT_QUEUE", "fc"),
+            plugins=Path(_text(env, "FLOWCHAT_PLUGINS", "plugins")),
+            visibility_timeout=_number(env, "FLOWCHAT_VISIBILITY_TIMEOUT", 30.0),
+            grace=_number(env, "FLOWCHAT_GRACE", 30.0),
+            max_output=_size(env, "FLOWCHAT_MAX_OUTPUT", 1024 * 1024),
+            public_url=_text(env, "FLOWCHAT_PUBLIC_URL").rstrip("/"),
+            secrets_file=_text(env, "FLOWCHAT_SECRETS_FILE"),
+            default_region=_text(env, "FLOWCHAT_DEFAULT_REGION").upper(),
+            analytics=_flag(env, "FLOWCHAT_ANALYTICS", True),
+            twilio_account_sid=_text(env, "TWILIO_ACCOUNT_SID"),
+            twilio_auth_token=_text(env, "TWILIO_AUTH_TOKEN"),
+            twilio_api_url=_text(env, "FLOWCHAT_TWILIO_API_URL").rstrip("/"),
+            twilio_whatsapp_number=_text(env, "TWILIO_WHATSAPP_NUMBER"),
+            send_rate=_text(env, "FLOWCHAT_SEND_RATE", "80/1s"),
+            recipient_rate=_text(env, "FLOWCHAT_RECIPIENT_RATE", "1/6s"),
+            log_format=_text(env, "FLOWCHAT_LOG_FORMAT", "text"),
+            environ=env,
+        )
+
+    def env(self, name: str) -> str | None:
+        """A variable a flow names itself (``token_env``, ``secret_env``); None when unset or empty."""
+        return self.environ.get(name) or None
+
+    def with_changes(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (tests, command-line overrides)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return replace(self, **changes)
