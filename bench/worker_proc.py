@@ -16,12 +16,13 @@ from pathlib import Path
 from redis.asyncio.connection import AbstractConnection
 
 from flowchat.catalog import Catalog
-from flowchat.daemon import redis_client
+from flowchat.connections import redis_client
 from flowchat.keys import Keys
+from flowchat.mover import DelayedMover
 from flowchat.queue import Queue
 from flowchat.registry import load_registry
 from flowchat.services import open_services
-from flowchat.worker import DelayedMover, Worker, WorkerSettings
+from flowchat.worker import Worker, WorkerSettings
 
 ROUND_TRIPS = {"count": 0}
 _send = AbstractConnection.send_packed_command

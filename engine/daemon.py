@@ -12,30 +12,28 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
-import socket
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from flowchat.catalog import Catalog
+from flowchat.connections import open_queue, open_redis, queue_keys, redis_client
 from flowchat.ingress import create_app
-from flowchat.keys import Keys
 from flowchat.metrics import Metrics
+from flowchat.mover import DelayedMover
 from flowchat.queue import Queue
-from flowchat.redis_server import RedisServer, data_dir
 from flowchat.registry import load_registry
 from flowchat.scheduler import Scheduler
 from flowchat.services import Services, open_services
-from flowchat.worker import DelayedMover, Worker, WorkerSettings
+from flowchat.settings import Settings
+from flowchat.worker import Worker, WorkerSettings
 
 log = logging.getLogger("flowchat.daemon")
-REDIS_URL_ENV = "FLOWCHAT_REDIS_URL"
+__all__ = ["Runtime", "operator_queue", "redis_client", "runtime", "serve", "work"]
 
 
 @dataclass
@@ -44,37 +42,15 @@ class Runtime:
     catalog: Catalog
     services: Services
     metrics: Metrics
-
-
-def redis_client(url: str) -> Redis:
-    """A client that notices a dead connection: no call waits on a half-open socket for long.
-
-    TCP keepalive probes find a dead peer in about 25 s without a timer per reply (the hot
-    path's batches carry their own deadline in the Pipeliner).
-    """
-    options: dict[str, Any] = {"socket_connect_timeout": 2, "health_check_interval": 15}
-    if not url.startswith("unix://"):
-        options["socket_keepalive"] = True
-        options["socket_keepalive_options"] = {
-            socket.TCP_KEEPIDLE: 10,
-            socket.TCP_KEEPINTVL: 5,
-            socket.TCP_KEEPCNT: 3,
-        }
-    return Redis.from_url(url, **options)
+    settings: Settings
 
 
 @contextlib.asynccontextmanager
-async def runtime(flows: Path, plugins: Path | None = None) -> AsyncIterator[Runtime]:
+async def runtime(flows: Path, plugins: Path | None = None, settings: Settings | None = None) -> AsyncIterator[Runtime]:
     """Redis, registry, catalog and services, set up and torn down in order."""
-    embedded: RedisServer | None = None
-    url = os.environ.get(REDIS_URL_ENV)
-    if not url:
-        embedded = RedisServer(data_dir()).start()
-        url = embedded.url
-        log.info("embedded redis-server with AOF in %s", embedded.data_dir)
-    redis = redis_client(url)
-    try:
-        registry = load_registry(plugins)
+    settings = settings or Settings.from_env()
+    async with open_redis(settings) as redis:
+        registry = load_registry(plugins if plugins is not None else settings.plugins)
         for error in registry.errors:
             log.error("[%s] %s", error.code, error.message)
         catalog = Catalog(flows, registry)
@@ -84,11 +60,7 @@ async def runtime(flows: Path, plugins: Path | None = None) -> AsyncIterator[Run
             "serving %d flow(s) from %s: %s", len(catalog.flows), flows, ", ".join(sorted(catalog.flows)) or "none"
         )
         async with open_services() as services:
-            yield Runtime(Queue(redis, Keys(os.environ.get("FLOWCHAT_QUEUE", "fc"))), catalog, services, Metrics())
-    finally:
-        await redis.aclose()
-        if embedded is not None:
-            embedded.stop()
+            yield Runtime(Queue(redis, queue_keys(settings)), catalog, services, Metrics(), settings)
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -140,7 +112,13 @@ async def work(flows: Path, concurrency: int, plugins: Path | None = None) -> in
 
 
 def _worker(rt: Runtime, concurrency: int) -> Worker:
-    return Worker(rt.queue, rt.catalog, rt.services, WorkerSettings.from_env(concurrency=concurrency), rt.metrics)
+    return Worker(
+        rt.queue,
+        rt.catalog,
+        rt.services,
+        WorkerSettings.from_settings(rt.settings, concurrency=concurrency),
+        rt.metrics,
+    )
 
 
 class _Parts:
@@ -175,19 +153,7 @@ class _Parts:
 
 
 @contextlib.asynccontextmanager
-async def operator_queue() -> AsyncIterator[Queue]:
+async def operator_queue(settings: Settings | None = None) -> AsyncIterator[Queue]:
     """The queue for operator commands: FLOWCHAT_REDIS_URL, else the embedded server's data."""
-    embedded: RedisServer | None = None
-    url = os.environ.get(REDIS_URL_ENV)
-    if not url:
-        embedded = RedisServer(data_dir()).start()
-        url = embedded.url
-    redis = redis_client(url)
-    try:
-        queue = Queue(redis, Keys(os.environ.get("FLOWCHAT_QUEUE", "fc")))
-        await queue.setup()
+    async with open_queue(settings or Settings.from_env()) as queue:
         yield queue
-    finally:
-        await redis.aclose()
-        if embedded is not None:
-            embedded.stop()

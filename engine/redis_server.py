@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flowchat.errors import QueueError
+from flowchat.settings import Settings
 
 
 def redis_binary() -> str:
@@ -227,4 +228,5 @@ class RedisServer:
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("FLOWCHAT_DATA_DIR", ".flowchat"))
+    """The embedded server's data folder (``FLOWCHAT_DATA_DIR``, default ``./.flowchat``)."""
+    return Settings.from_env().data_dir

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-import os
 import pkgutil
 import sys
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from typing import Any
 
 from flowchat.errors import PluginError
 from flowchat.node import Node, is_registered
+from flowchat.settings import Settings
 
 ENTRY_POINT_GROUP = "flowchat.nodes"
 PLUGINS_ENV = "FLOWCHAT_PLUGINS"
@@ -114,7 +114,8 @@ def _import_file(path: Path) -> ModuleType:
 
 
 def plugins_folder() -> Path:
-    return Path(os.environ.get(PLUGINS_ENV, "plugins"))
+    """The configured plugins folder (``FLOWCHAT_PLUGINS``, default ``./plugins``)."""
+    return Settings.from_env().plugins
 
 
 def load_registry(plugins: Path | None = None, *, entry_points: bool = True) -> Registry:

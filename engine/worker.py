@@ -2,8 +2,8 @@
 
 A worker reads up to ``concurrency`` entries at a time, fetches their state in
 one round trip, runs each execution as a task, and renews the leases of what it
-is running. It also takes over entries whose lease expired and moves delayed
-work that has come due. On stop it takes no more work and lets in-flight
+is running. It also takes over entries whose lease expired (moving delayed work that
+has come due is :mod:`flowchat.mover`'s job). On stop it takes no more work and lets in-flight
 executions finish for up to a grace period; what is left stays leased and is
 taken over by another worker once the lease expires.
 """
@@ -15,21 +15,25 @@ import functools
 import logging
 import os
 import socket
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
+from flowchat.backoff import Backoff, retrying
 from flowchat.catalog import Catalog
 from flowchat.errors import FlowChatError
 from flowchat.execution import Execution, NodeRun
 from flowchat.flow import Flow
 from flowchat.metrics import Metrics
+from flowchat.mover import DelayedMover  # re-exported: it lived here before flowchat.mover
 from flowchat.queue import Delivery, Loaded, Queue, execution_from_parts
 from flowchat.runner import Runner
 from flowchat.services import Services
+from flowchat.settings import Settings
+
+__all__ = ["Backoff", "DelayedMover", "Worker", "WorkerSettings"]
 
 log = logging.getLogger("flowchat.worker")
 _execution_log = logging.getLogger("flowchat.execution")
@@ -38,6 +42,8 @@ _ARROWS = {"succeeded": "←", "failed": "!", "waiting": "↻"}
 
 @dataclass
 class WorkerSettings:
+    """How one worker runs: slots, lease timing, shutdown grace, and its consumer name."""
+
     concurrency: int = 32
     visibility_timeout: float = 30.0
     block_ms: int = 1000
@@ -45,13 +51,11 @@ class WorkerSettings:
     consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
     @classmethod
-    def from_env(cls, **overrides: object) -> WorkerSettings:
-        settings = cls(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
-        if "FLOWCHAT_VISIBILITY_TIMEOUT" in os.environ:
-            settings.visibility_timeout = float(os.environ["FLOWCHAT_VISIBILITY_TIMEOUT"])
-        if "FLOWCHAT_GRACE" in os.environ:
-            settings.grace = float(os.environ["FLOWCHAT_GRACE"])
-        return settings
+    def from_settings(cls, settings: Settings, **overrides: Any) -> WorkerSettings:
+        """Worker settings from the process's :class:`Settings`, with some fields overridden."""
+        values: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout, "grace": settings.grace}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 class Worker:
@@ -79,7 +83,7 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        await _retrying(self.queue.setup, self._stopping)
+        await retrying(self.queue.setup, self._stopping)
         loops = [
             asyncio.create_task(self._read_loop(), name="read"),
             asyncio.create_task(self._lease_loop(), name="leases"),
@@ -126,7 +130,7 @@ class Worker:
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     log.warning("the consumer group is gone (Redis flushed or lost its data); recreating it")
-                    await _retrying(self.queue.setup, self._stopping)
+                    await retrying(self.queue.setup, self._stopping)
                 else:  # OOM, READONLY after a failover, …: transient from here
                     await backoff.wait(f"reading the queue: {exc}")
             except (RedisError, OSError) as exc:
@@ -306,59 +310,3 @@ def _last_error(execution: Execution) -> str:
         if run.error:
             return run.id
     return ""
-
-
-class DelayedMover:
-    """Moves due work from the delayed set to the ready stream, sleeping until the next is due.
-
-    Once a minute it also drops index entries of executions past their retention.
-    """
-
-    def __init__(self, queue: Queue, max_sleep: float = 0.25, housekeeping_every: float = 60.0) -> None:
-        self.queue = queue
-        self.max_sleep = max_sleep
-        self.housekeeping_every = housekeeping_every
-
-    async def run(self) -> None:
-        backoff = Backoff()
-        next_housekeeping = time.monotonic()
-        while True:
-            try:
-                if time.monotonic() >= next_housekeeping:
-                    await self.queue.forget_expired()
-                    next_housekeeping = time.monotonic() + self.housekeeping_every
-                moved = await self.queue.move_due()
-                backoff.reset()
-                if moved:
-                    continue
-                due = await self.queue.next_due()
-                pause = self.max_sleep if due is None else min(self.max_sleep, max(0.005, due - time.time()))
-                await asyncio.sleep(pause)
-            except (RedisError, OSError) as exc:
-                await backoff.wait(f"moving delayed work: {exc}")
-
-
-class Backoff:
-    """Exponential pause for loops that lost Redis: 50 ms doubling to 2 s."""
-
-    def __init__(self, first: float = 0.05, ceiling: float = 2.0) -> None:
-        self.first, self.ceiling, self.current = first, ceiling, first
-
-    def reset(self) -> None:
-        self.current = self.first
-
-    async def wait(self, why: str) -> None:
-        if self.current >= self.ceiling / 2:
-            log.warning("retrying in %.1fs: %s", self.current, why)
-        await asyncio.sleep(self.current)
-        self.current = min(self.ceiling, self.current * 2)
-
-
-async def _retrying(call: Callable[[], Awaitable[None]], stopping: asyncio.Event) -> None:
-    backoff = Backoff()
-    while not stopping.is_set():
-        try:
-            await call()
-            return
-        except (RedisError, OSError) as exc:
-            await backoff.wait(str(exc))

@@ -15,10 +15,11 @@ from support import TEST_PLUGINS, Processes
 from flowchat import Services
 from flowchat.catalog import Catalog
 from flowchat.keys import Keys
+from flowchat.mover import DelayedMover
 from flowchat.queue import Queue
 from flowchat.redis_server import RedisServer, free_port
 from flowchat.registry import Registry, load_registry
-from flowchat.worker import DelayedMover, Worker, WorkerSettings
+from flowchat.worker import Worker, WorkerSettings
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,10 @@ from redis.asyncio import Redis
 from flowchat import Services
 from flowchat.catalog import Catalog
 from flowchat.keys import Keys
+from flowchat.mover import DelayedMover
 from flowchat.queue import Queue
 from flowchat.redis_server import RedisServer, bundled_redis_binary, free_port
-from flowchat.worker import DelayedMover, Worker, WorkerSettings
+from flowchat.worker import Worker, WorkerSettings
 
 
 @pytest.fixture
