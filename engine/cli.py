@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     async def execute() -> Execution:
-        async with open_services() as services:
+        async with open_services(only=flow.services) as services:
             return await Runner(services).run(flow, Execution.new(flow, trigger))
 
     execution = asyncio.run(execute())

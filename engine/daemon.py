@@ -59,8 +59,9 @@ async def runtime(flows: Path, plugins: Path | None = None, settings: Settings |
         log.info(
             "serving %d flow(s) from %s: %s", len(catalog.flows), flows, ", ".join(sorted(catalog.flows)) or "none"
         )
-        async with open_services() as services:
-            yield Runtime(Queue(redis, queue_keys(settings)), catalog, services, Metrics(), settings)
+        keys = queue_keys(settings)
+        async with open_services(settings, redis=redis, keys=keys) as services:
+            yield Runtime(Queue(redis, keys), catalog, services, Metrics(), settings)
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:

@@ -58,6 +58,11 @@ class Flow:
         return Draft202012Validator(schema) if schema is not None else None
 
     @property
+    def services(self) -> set[str]:
+        """Names of the services this flow's nodes declare they need."""
+        return {name for node in self.nodes.values() for name in type(node.node).services}
+
+    @property
     def trigger(self) -> Any:
         return self.spec.trigger
 

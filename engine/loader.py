@@ -167,6 +167,7 @@ class _FlowBuilder:
         cls = self._node_type(base, spec)
         if cls is not None:
             self._check_config(cls.Config, spec.with_, (*base, "with"))
+            self._check_services(cls, (*base, "type"))
         template_errors: list[tuple[DocPath, TemplateError]] = []
         config = compile_tree(spec.with_, (*base, "with"), template_errors)
         when = self._compile_when(spec.when, (*base, "when"), template_errors)
@@ -204,6 +205,15 @@ class _FlowBuilder:
         )
         self._problem((*base, "type"), "unknown-node-type", f"unknown node type {spec.type!r}{hint}{broken}")
         return None
+
+    def _check_services(self, cls: Any, path: DocPath) -> None:
+        for name in cls.services:
+            if name not in self.registry.services:
+                message = (
+                    f"node type {cls.type!r} needs the service {name!r}, which no installed package provides "
+                    f"(a `flowchat.services` entry point)"
+                )
+                self._problem(path, "service-missing", message)
 
     def _check_config(self, config_model: type[BaseModel], raw: dict[str, Any], base: DocPath) -> None:
         try:

@@ -108,6 +108,9 @@ class Node:
     """True for nodes that do no I/O and have no side effects (``set``, ``log``): they run
     without a timeout timer, and their checkpoint rides with the next write, so after a
     crash they may simply run again."""
+    services: ClassVar[tuple[str, ...]] = ()
+    """Names of the services ``run`` reaches through ``ctx.services.get``: a flow using this
+    node is refused at load time where one of them is not installed."""
 
     async def run(self, ctx: NodeContext, config: Any) -> dict[str, Any]:
         raise NotImplementedError
@@ -139,6 +142,8 @@ def register(cls: N) -> N:
         raise PluginError(f"{name}.Config must forbid extra keys (subclass NodeConfig)", code="plugin-invalid-node")
     if not inspect.iscoroutinefunction(cls.run) or cls.run is Node.run:
         raise PluginError(f"{name}.run must be an `async def`", code="plugin-invalid-node")
+    if not (isinstance(cls.services, tuple) and all(isinstance(name, str) and name for name in cls.services)):
+        raise PluginError(f"{name}.services must be a tuple of service names", code="plugin-invalid-node")
     setattr(cls, _REGISTERED, True)
     return cls
 

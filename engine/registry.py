@@ -21,6 +21,7 @@ from typing import Any
 
 from flowchat.errors import PluginError
 from flowchat.node import Node, is_registered
+from flowchat.services import service_names
 from flowchat.settings import Settings
 
 ENTRY_POINT_GROUP = "flowchat.nodes"
@@ -35,6 +36,8 @@ class Registry:
     sources: dict[str, str] = field(default_factory=dict)
     errors: list[PluginError] = field(default_factory=list)
     conflicts: dict[str, PluginError] = field(default_factory=dict)
+    services: set[str] = field(default_factory=set)
+    """Names of the services available to nodes (installed ``flowchat.services`` entry points)."""
 
     def get(self, node_type: str) -> type[Node] | None:
         return None if node_type in self.conflicts else self.types.get(node_type)
@@ -124,5 +127,6 @@ def load_registry(plugins: Path | None = None, *, entry_points: bool = True) -> 
     registry.load_builtins()
     if entry_points:
         registry.load_entry_points()
+        registry.services |= service_names()
     registry.load_plugins_folder(plugins if plugins is not None else plugins_folder())
     return registry

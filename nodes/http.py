@@ -37,8 +37,6 @@ class HttpRequest(Node):
 
     async def run(self, ctx: NodeContext, config: Config) -> dict[str, Any]:
         session = ctx.services.http
-        if session is None:
-            raise NodeError("no HTTP session in this runtime", code="http-unavailable")
         request: dict[str, Any] = {"headers": config.headers, "timeout": aiohttp.ClientTimeout(total=config.timeout)}
         if config.json_ is not None:
             request["json"] = config.json_

@@ -118,3 +118,26 @@ async def settled(queue: Queue, execution_id: str) -> dict[str, Any]:
 
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+# --- installed plugins -------------------------------------------------------------------
+
+
+def install_dist(site: Path, name: str, modules: dict[str, str], entry_points: dict[str, dict[str, str]]) -> Path:
+    """Lay out an installed distribution in ``site`` (modules plus a dist-info with entry points).
+
+    Put ``site`` on sys.path (or PYTHONPATH for a process) and importlib.metadata finds it
+    exactly as it finds a pip-installed package.
+    """
+    site.mkdir(parents=True, exist_ok=True)
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source, encoding="utf-8")
+    dist_info = site / f"{name.replace('-', '_')}-0.1.dist-info"
+    dist_info.mkdir(exist_ok=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    lines = []
+    for group, entries in entry_points.items():
+        lines.append(f"[{group}]")
+        lines.extend(f"{key} = {value}" for key, value in entries.items())
+    (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return site
