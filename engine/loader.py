@@ -199,6 +199,9 @@ class _FlowBuilder:
         if spec.type in self.registry.conflicts:
             self._problem((*base, "type"), "node-type-conflict", self.registry.conflicts[spec.type].message)
             return None
+        if spec.type in self.registry.unregistered:
+            self._problem((*base, "type"), "unknown-node-type", self.registry.unregistered[spec.type].message)
+            return None
         hint = _did_you_mean(spec.type, self.registry.names())
         broken = "".join(
             f"; note: {error.message}" for error in self.registry.errors if error.code == "plugin-import-failed"

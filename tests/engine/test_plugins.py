@@ -1,18 +1,21 @@
 """Where node types come from: the plugins folder, installed entry points, and what goes wrong."""
 
+import ast
 import sys
 import textwrap
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from support import install_dist
 
 import flowchat
 
 REPO = Path(__file__).resolve().parents[2]
 GREETING = REPO / "plugins" / "greeting.py"
-MODULE_PREFIXES = ("flowchat_plugins.", "flowchat_example_greeting")
+MODULE_PREFIXES = ("flowchat_plugins.", "flowchat_example_greeting", "fc_takes_set")
 
 GREETING_FLOW = """\
 flow: greet
@@ -197,18 +200,88 @@ def test_two_modules_declaring_one_type_clash_and_flows_using_it_are_refused(wri
     assert str(second) in problem.message
 
 
-def test_a_plugin_cannot_silently_replace_a_built_in(write_plugin, write_flow):
+def test_a_plugin_cannot_take_a_built_in_type_name_and_the_built_in_keeps_working(write_plugin, write_flow):
     plugin = write_plugin("fc_own_log", node_plugin("log"))
 
     registry = flowchat.load_registry(plugin.parent, entry_points=False)
 
     (error,) = registry.errors
-    assert error.code == "plugin-duplicate-type"
-    assert "built-in flowchat.nodes.data" in error.message
+    assert error.code == "plugin-builtin-type"
+    assert str(plugin) in error.message
+    assert "'log'" in error.message and "built-in flowchat.nodes.data" in error.message
+    assert registry.sources["log"] == "built-in flowchat.nodes.data"
     path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: x, type: log, with: {message: hi}}\n")
+    flow = flowchat.load_flow(path, registry)
+    assert flow.nodes["x"].node.__module__ == "flowchat.nodes.data"
+
+
+async def test_an_installed_plugin_cannot_take_a_built_in_type_name(tmp_path, monkeypatch):
+    site = install_dist(
+        tmp_path / "site",
+        "fc-takes-set",
+        {"fc_takes_set": textwrap.dedent(node_plugin("set"))},
+        {"flowchat.nodes": {"set": "fc_takes_set"}},
+    )
+    monkeypatch.syspath_prepend(str(site))
+
+    registry = flowchat.load_registry(tmp_path / "no-plugins")
+
+    (error,) = registry.errors
+    assert error.code == "plugin-builtin-type"
+    assert "fc-takes-set" in error.message
+    assert registry.types["set"].__module__ == "flowchat.nodes.data"
+
+
+def test_a_node_class_left_without_register_is_reported_by_name(write_plugin, write_flow):
+    plugin = write_plugin(
+        "fc_forgot",
+        """
+        from flowchat import Node, NodeConfig, register
+
+        class Base(Node):
+            \"\"\"A shared base without a type of its own is not a node.\"\"\"
+
+        class Forgotten(Base):
+            type = "fc.forgotten"
+
+            async def run(self, ctx, config):
+                return {}
+        """,
+    )
+
+    registry = flowchat.load_registry(plugin.parent, entry_points=False)
+
+    (error,) = registry.errors
+    assert error.code == "plugin-unregistered-node"
+    assert "class Forgotten" in error.message and "@register" in error.message and str(plugin) in error.message
+    path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: x, type: fc.forgotten}\n")
     with pytest.raises(flowchat.FlowInvalid) as caught:
         flowchat.load_flow(path, registry)
-    assert [problem.code for problem in caught.value.errors] == ["node-type-conflict"]
+    (problem,) = caught.value.errors
+    assert problem.code == "unknown-node-type"
+    assert "class Forgotten" in problem.message
+
+
+def test_built_ins_come_from_entry_points_one_per_module_of_nodes():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    declared = pyproject["project"]["entry-points"]["flowchat.nodes"]
+    modules = {path.stem for path in (REPO / "nodes").glob("*.py") if not path.name.startswith("_")}
+    assert {value.removeprefix("flowchat.nodes.") for value in declared.values()} == modules
+    registry = flowchat.Registry()
+    registry.load_builtins()
+    assert registry.errors == []
+    assert {"set", "log", "delay", "http.request", "validate"} <= registry.builtins
+    assert all(source.startswith("built-in flowchat.nodes.") for source in registry.sources.values())
+
+
+def test_the_engine_never_imports_the_nodes_package():
+    for path in (REPO / "engine").glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            assert not any(name == "flowchat.nodes" or name.startswith("flowchat.nodes.") for name in names), path
 
 
 # --- flowchat.register checks the declaration -----------------------------------------

@@ -63,7 +63,10 @@ def counter_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
         tmp_path / "site",
         "fc-test-counter",
         {"fc_test_counter": SERVICE_MODULE},
-        {"flowchat.services": {"counter": "fc_test_counter:open_counter"}, "flowchat.nodes": {"bump": "fc_test_counter"}},
+        {
+            "flowchat.services": {"counter": "fc_test_counter:open_counter"},
+            "flowchat.nodes": {"bump": "fc_test_counter"},
+        },
     )
     monkeypatch.syspath_prepend(str(site))
     yield site
