@@ -66,5 +66,25 @@ class Keys:
     # --- crm: contacts, limiter, events (each under its own hash tag) -----------------------
 
     # --- whatsapp: message ledger ----------------------------------------------------------
+    # One hash tag for the ledger, so a send's record (message hash, send marker, index) is
+    # written by one script in one slot.
+
+    @property
+    def ledger_tag(self) -> str:
+        return f"{{{self.prefix}:wa}}"
+
+    def message(self, sid: str) -> str:
+        """Hash of one WhatsApp message: sid, direction, to, from, status, error, flow, execution, node."""
+        return f"{self.ledger_tag}:m:{sid}"
+
+    @property
+    def messages(self) -> str:
+        """Sorted set of every message sid in the ledger, scored by creation time (epoch ms)."""
+        return f"{self.ledger_tag}:messages"
+
+    def send_record(self, execution_id: str, node_id: str) -> str:
+        """String: the sid one ``whatsapp.send`` node of one execution got, so it never sends twice."""
+        return f"{self.ledger_tag}:sent:{execution_id}:{node_id}"
+
 
     # --- analytics: sink lease -------------------------------------------------------------

@@ -83,6 +83,7 @@ class Settings:
     twilio_whatsapp_number: str = ""
     send_rate: str = "80/1s"
     recipient_rate: str = "1/6s"
+    twilio_timeout: float = 15.0
 
     # --- operations ---------------------------------------------------------------------
     log_format: str = "text"
@@ -111,6 +112,7 @@ class Settings:
             twilio_whatsapp_number=_text(env, "TWILIO_WHATSAPP_NUMBER"),
             send_rate=_text(env, "FLOWCHAT_SEND_RATE", "80/1s"),
             recipient_rate=_text(env, "FLOWCHAT_RECIPIENT_RATE", "1/6s"),
+            twilio_timeout=_number(env, "FLOWCHAT_TWILIO_TIMEOUT", 15.0),
             log_format=_text(env, "FLOWCHAT_LOG_FORMAT", "text"),
             environ=env,
         )

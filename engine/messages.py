@@ -1,0 +1,182 @@
+"""The message ledger: every WhatsApp message FlowChat sent (or simulated), and its delivery status.
+
+Guarantees:
+
+- **A send is recorded before its node's checkpoint.** :meth:`Ledger.record_send`
+  writes the message, the index entry and the *send record* (execution + node →
+  sid) in one script, right after Twilio answers; ``whatsapp.send`` looks the send
+  record up first, so a resumed or replayed execution never sends again. The one
+  window left is a crash between Twilio's answer and that write (one round trip).
+- **Status only moves forward.** ``simulated < queued/accepted/scheduled < sending
+  < sent < delivered < read``; ``failed``, ``undelivered`` and ``canceled`` are
+  terminal. :meth:`Ledger.advance` applies a status callback atomically and says
+  whether it changed anything, so late or repeated callbacks are no-ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from flowchat.keys import Keys
+
+SEND_RECORD_TTL = 30 * 24 * 3600
+"""How long a node's send record is kept (longer than any execution is retained or replayed)."""
+
+STATUS_RANK: dict[str, int] = {
+    "simulated": 0,
+    "accepted": 1,
+    "queued": 1,
+    "scheduled": 1,
+    "sending": 2,
+    "sent": 3,
+    "delivered": 4,
+    "partially_delivered": 4,
+    "read": 5,
+    "failed": 9,
+    "undelivered": 9,
+    "canceled": 9,
+}
+TERMINAL = 9
+
+_RANKS_LUA = "local rank = {" + ", ".join(f"{name}={value}" for name, value in STATUS_RANK.items()) + "}\n"
+
+# KEYS: message hash, send record (or a dummy when none), index. ARGV: sid, send?(1/0), ttl, then field pairs.
+# A status callback may have arrived before this (Twilio is fast): never move its status back.
+_RECORD_SEND = (
+    _RANKS_LUA
+    + """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local old = redis.call('HGET', KEYS[1], 'status')
+for i = 4, #ARGV, 2 do
+  local name, value = ARGV[i], ARGV[i + 1]
+  if not (name == 'status' and old and (rank[old] or 3) >= (rank[value] or 3)) then
+    redis.call('HSET', KEYS[1], name, value)
+  end
+end
+redis.call('HSETNX', KEYS[1], 'created_at', now)
+redis.call('HSET', KEYS[1], 'updated_at', now)
+if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
+redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1])
+return now
+"""
+)
+
+# KEYS: message hash, index. ARGV: sid, status, error code, error message, to, from.
+# Returns the message's fields after a real change, or nothing when the callback changes nothing.
+_ADVANCE = (
+    _RANKS_LUA
+    + """
+local old = redis.call('HGET', KEYS[1], 'status')
+local new = rank[ARGV[2]] or 3
+if old then
+  local before = rank[old] or 3
+  if before >= 9 or new <= before then return false end
+end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if not old then
+  redis.call('HSET', KEYS[1], 'sid', ARGV[1], 'direction', 'outbound', 'to', ARGV[5], 'from', ARGV[6],
+             'created_at', now)
+  redis.call('ZADD', KEYS[2], 'NX', now, ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated_at', now, 'at:' .. ARGV[2], now, 'previous', old or '')
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error_code', ARGV[3], 'error_message', ARGV[4]) end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SentBy:
+    """Which flow, execution and node sent a message."""
+
+    flow: str = ""
+    execution: str = ""
+    node: str = ""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(reply: Any) -> dict[str, str]:
+    if isinstance(reply, dict):
+        return {_text(k): _text(v) for k, v in reply.items()}
+    items = [_text(item) for item in reply or []]
+    return dict(zip(items[::2], items[1::2], strict=True))
+
+
+class Ledger:
+    """The message ledger on Redis (keys in the ``whatsapp`` section of :mod:`flowchat.keys`)."""
+
+    def __init__(self, redis: Redis, keys: Keys | None = None) -> None:
+        self.redis = redis
+        self.keys = keys or Keys()
+        self._record = redis.register_script(_RECORD_SEND)
+        self._advance = redis.register_script(_ADVANCE)
+
+    async def sent(self, execution_id: str, node_id: str) -> dict[str, str] | None:
+        """The message this node of this execution already sent, if any."""
+        if not execution_id:
+            return None
+        sid = await self.redis.get(self.keys.send_record(execution_id, node_id))
+        if sid is None:
+            return None
+        return await self.get(_text(sid)) or {"sid": _text(sid), "status": "queued"}
+
+    async def record_send(self, message: dict[str, Any], by: SentBy) -> None:
+        """Record an outbound message (and the node's send record) right after the provider answered."""
+        sid = str(message["sid"])
+        fields = {**message, "direction": "outbound", "flow": by.flow, "execution": by.execution, "node": by.node}
+        flat: list[str] = []
+        for name, value in fields.items():
+            if value is not None:
+                flat += [name, _field(value)]
+        has_record = bool(by.execution)
+        record_key = self.keys.send_record(by.execution, by.node) if has_record else self.keys.send_record("-", "-")
+        keys = [self.keys.message(sid), record_key, self.keys.messages]
+        await self._record(keys=keys, args=[sid, "1" if has_record else "0", SEND_RECORD_TTL, *flat])
+
+    async def advance(
+        self, sid: str, status: str, *, error_code: str = "", error_message: str = "", to: str = "", from_: str = ""
+    ) -> dict[str, str] | None:
+        """Apply a status callback; the message after a real change, None when nothing changed."""
+        reply = await self._advance(
+            keys=[self.keys.message(sid), self.keys.messages],
+            args=[sid, status, error_code, error_message, to, from_],
+        )
+        return _pairs(reply) if reply else None
+
+    async def get(self, sid: str) -> dict[str, str] | None:
+        """One message by sid."""
+        raw: dict[Any, Any] = await self.redis.hgetall(self.keys.message(sid))  # type: ignore[misc]
+        return _pairs(raw) or None
+
+    async def recent(
+        self, *, to: str = "", status: str = "", limit: int = 50, scan: int = 5000
+    ) -> list[dict[str, str]]:
+        """Newest messages first, optionally only to one phone or in one status."""
+        sids = [_text(sid) for sid in await self.redis.zrevrange(self.keys.messages, 0, scan - 1)]
+        found: list[dict[str, str]] = []
+        for start in range(0, len(sids), 200):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for sid in sids[start : start + 200]:
+                    pipe.hgetall(self.keys.message(sid))
+                replies = await pipe.execute()
+            for reply in replies:
+                message = _pairs(reply)
+                if message and (not to or message.get("to") == to) and (not status or message.get("status") == status):
+                    found.append(message)
+                    if len(found) >= limit:
+                        return found
+        return found
+
+
+def _field(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
