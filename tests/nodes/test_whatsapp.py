@@ -49,14 +49,23 @@ def twilio_settings(fake: TwilioFake, **changes: Any) -> Settings:
     )
 
 
+@pytest.fixture(scope="module")
+def wa_registry() -> flowchat.Registry:
+    """Built-ins plus the installed ``whatsapp`` service (what ``whatsapp.send`` declares it needs)."""
+    registry = flowchat.Registry()
+    registry.load_builtins()
+    registry.services.add("whatsapp")
+    return registry
+
+
 @pytest.fixture
-def send_flow(write_flow, builtin_registry, redis: Redis) -> Callable[..., Any]:
+def send_flow(write_flow, wa_registry, redis: Redis) -> Callable[..., Any]:
     """Run a flow with a ``whatsapp`` service built from ``settings`` (on the test Redis)."""
 
     async def run(
         settings: Settings, nodes: str = SEND, trigger: dict[str, Any] | None = None, execution_id: str | None = None
     ) -> flowchat.Execution:
-        flow = flowchat.load_flow(write_flow(nodes), builtin_registry)
+        flow = flowchat.load_flow(write_flow(nodes), wa_registry)
         sender = WhatsApp(settings, redis=redis, keys=Keys("fc"))
         try:
             async with flowchat.open_services(whatsapp=sender) as services:
