@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flowchat.codec import execution_json
 from flowchat.errors import FlowChatError, FlowInvalid
 from flowchat.execution import Execution
 from flowchat.graph import mermaid
@@ -19,6 +20,7 @@ from flowchat.registry import Registry, load_registry
 from flowchat.runner import Runner
 from flowchat.schema import dumps, flow_schema
 from flowchat.services import open_services
+from flowchat.settings import Settings
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
@@ -73,12 +75,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --input: {exc}", file=sys.stderr)
         return 2
 
+    max_output = Settings.from_env().max_output
+
     async def execute() -> Execution:
         async with open_services(only=flow.services) as services:
-            return await Runner(services).run(flow, Execution.new(flow, trigger))
+            return await Runner(services, max_output=max_output).run(flow, Execution.new(flow, trigger))
 
     execution = asyncio.run(execute())
-    print(json.dumps(execution.to_dict(), indent=2, default=str) if args.json else format_trace(execution))
+    print(json.dumps(execution_json(execution), indent=2, default=str) if args.json else format_trace(execution))
     return 0 if execution.status == "succeeded" else 1
 
 
@@ -218,7 +222,7 @@ def executions(args: argparse.Namespace) -> int:
     if execution is None:
         print(f"error: no execution {args.id}", file=sys.stderr)
         return 1
-    print(json.dumps(execution.to_dict(), indent=2, default=str) if args.json else format_trace(execution))
+    print(json.dumps(execution_json(execution), indent=2, default=str) if args.json else format_trace(execution))
     return 0
 
 

@@ -1,7 +1,12 @@
 """The state of one execution: one run of one flow version over one trigger payload.
 
 It is plain data, serialisable to JSON, so the same object is the in-process
-trace and what the durable queue checkpoints after every node.
+trace and what the durable queue checkpoints after every node
+(:mod:`flowchat.codec` encodes and decodes it).
+
+An execution's status is one of ``queued`` (accepted, not yet picked up), ``running``
+(a worker is on it), ``waiting`` (parked until a retry backoff or a ``delay`` is due),
+``succeeded`` or ``failed``; every failed execution has a dead letter.
 """
 
 from __future__ import annotations
@@ -68,14 +73,18 @@ class Execution:
         return min(waits) if waits else None
 
     def to_dict(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
-        data["nodes"] = {node_id: dict(run.__dict__) for node_id, run in self.nodes.items()}
-        return data
+        """The JSON shape of an execution (see :func:`flowchat.codec.execution_json`)."""
+        from flowchat.codec import execution_json  # the codec builds on this module
+
+        return execution_json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Execution:
-        runs = {node_id: NodeRun(**run) for node_id, run in data["nodes"].items()}
-        return cls(**{**data, "nodes": runs})
+        """Rebuild an execution from :meth:`to_dict`'s shape."""
+        from flowchat.codec import execution_from_parts
+
+        nodes = data["nodes"]
+        return execution_from_parts(data, nodes, [(node_id, run.get("type", "")) for node_id, run in nodes.items()])
 
 
 def new_execution_id() -> str:

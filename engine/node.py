@@ -27,6 +27,7 @@ import builtins
 import inspect
 import logging
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -104,15 +105,34 @@ class Node:
     Config: ClassVar[builtins.type[BaseModel]] = NodeConfig
     retry: ClassVar[RetryPolicy] = RetryPolicy()
     timeout: ClassVar[float] = 30.0
-    instant: ClassVar[bool] = False
+    pure: ClassVar[bool] = False
     """True for nodes that do no I/O and have no side effects (``set``, ``log``): they run
     without a timeout timer, and their checkpoint rides with the next write, so after a
     crash they may simply run again."""
+    instant: ClassVar[bool] = False
+    """Deprecated alias of :attr:`pure` (plugins written before the rename set it)."""
     services: ClassVar[tuple[str, ...]] = ()
     """Names of the services ``run`` reaches through ``ctx.services.get``: a flow using this
     node is refused at load time where one of them is not installed."""
 
     async def run(self, ctx: NodeContext, config: Any) -> dict[str, Any]:
+        """Do the node's work and return its output; the one method a node type implements.
+
+        ``config`` is an instance of the class's ``Config``, its templates already rendered
+        against the trigger, ``vars`` and upstream outputs; ``ctx`` gives the execution and
+        node ids, the attempt number, a logger and ``ctx.services`` (HTTP session, clock,
+        named services). Return a dict (or None for ``{}``): it is converted to plain JSON
+        at once (:func:`flowchat.codec.node_output` — str keys, lists, ISO-8601 datetimes,
+        lower-case header names) and checked against the output size limit; what cannot
+        be converted fails the node with ``node-output-invalid``.
+
+        Raise :class:`~flowchat.errors.RetryableError` for a transient failure (tried again
+        per the node's ``retry`` policy), :class:`~flowchat.errors.NodeError` for a final
+        one, or :class:`Suspend` to be run again later without holding a worker. Any other
+        exception fails the node as ``node-crashed``. The node runs under its ``timeout``
+        (pure nodes excepted) and must not block the event loop: run blocking code with
+        ``await asyncio.to_thread(...)``.
+        """
         raise NotImplementedError
 
     @classmethod
@@ -142,6 +162,10 @@ def register(cls: N) -> N:
         raise PluginError(f"{name}.Config must forbid extra keys (subclass NodeConfig)", code="plugin-invalid-node")
     if not inspect.iscoroutinefunction(cls.run) or cls.run is Node.run:
         raise PluginError(f"{name}.run must be an `async def`", code="plugin-invalid-node")
+    if "instant" in cls.__dict__ and "pure" not in cls.__dict__:
+        warnings.warn(f"{name}: `instant` is deprecated, set `pure = True` instead", DeprecationWarning, stacklevel=2)
+        cls.pure = cls.instant
+    cls.instant = cls.pure  # readers of the old name see the same answer
     if not (isinstance(cls.services, tuple) and all(isinstance(name, str) and name for name in cls.services)):
         raise PluginError(f"{name}.services must be a tuple of service names", code="plugin-invalid-node")
     setattr(cls, _REGISTERED, True)

@@ -5,7 +5,7 @@ Guarantees:
 - **Accepted means stored.** :meth:`Queue.enqueue` writes the execution hash,
   the index entry and the ready-stream entry in one Lua script; ingress answers
   only after it returns. A repeat of an idempotency key returns the first id.
-- **At-least-once delivery, exactly-once nodes.** Workers read the ready stream
+- **At-least-once delivery; a finished node is not run again.** Workers read the ready stream
   through one consumer group. A read entry is *leased* to its worker: it stays
   in the group's pending list until the worker acknowledges it. Workers renew
   the leases they still hold while they run (a lease found taken stops their
@@ -14,7 +14,7 @@ Guarantees:
   State is checkpointed after every node, so a taken-over execution resumes at
   its first unfinished node and never re-runs a finished one. The only window
   for a repeat is a crash between a node's side effect and its checkpoint (one
-  round trip); instant nodes, which have none, share the next checkpoint.
+  round trip); pure nodes, which have none, share the next checkpoint.
 - **Waiting holds no worker.** Retry backoff and ``delay`` nodes park the
   execution in the delayed sorted set; a Lua script moves due ones back onto
   the ready stream atomically.
@@ -37,11 +37,23 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from flowchat.codec import (
+    decode_hash,
+    decode_meta,
+    dumps,
+    encode_meta,
+    encode_state,
+    execution_from_parts,
+    run_fields,
+)
 from flowchat.errors import QueueError
 from flowchat.execution import Execution, NodeRun, new_execution_id
 from flowchat.flow import Flow
 from flowchat.keys import GROUP, Keys
+from flowchat.outcome import Outcome
 from flowchat.pipeliner import Pipeliner
+
+__all__ = ["DEDUPE_TTL", "RETENTION", "Delivery", "Loaded", "Queue", "dumps", "execution_from_parts"]
 
 DEDUPE_TTL = 7 * 24 * 3600
 STORE_AGAIN_AFTER = 60.0
@@ -130,43 +142,6 @@ class Loaded:
     deliveries: int
 
 
-def dumps(value: Any) -> str:
-    return orjson.dumps(value, default=str).decode()
-
-
-_FIXED = ("id", "flow", "trigger", "created_at")
-_CHANGING = ("flow_version", "status", "started_at", "finished_at", "error")
-
-
-def _meta(execution: Execution) -> str:
-    """What never changes after enqueue (field ``m``)."""
-    return dumps({name: getattr(execution, name) for name in _FIXED})
-
-
-def _state(execution: Execution) -> str:
-    """What changes as the execution runs (field ``s``): small, rewritten on each hand-off."""
-    return dumps({name: getattr(execution, name) for name in _CHANGING})
-
-
-def _merge(fields: dict[str, Any]) -> dict[str, Any] | None:
-    if fields.get("m") is None:
-        return None
-    meta = orjson.loads(fields["m"])
-    meta.update(orjson.loads(fields["s"]) if fields.get("s") else {})
-    return meta
-
-
-def execution_from_parts(
-    meta: dict[str, Any], nodes: dict[str, dict[str, Any]], order: list[tuple[str, str]]
-) -> Execution:
-    """Rebuild an Execution; nodes with no checkpoint yet are pending."""
-    runs = {
-        node_id: NodeRun(**nodes[node_id]) if node_id in nodes else NodeRun(node_id, node_type)
-        for node_id, node_type in order
-    }
-    return Execution(**{**meta, "nodes": runs})
-
-
 class Queue:
     """FlowChat's queue operations over one Redis connection pool."""
 
@@ -229,11 +204,11 @@ class Queue:
         keys = [dedupe, self.keys.execution(execution.id), self.keys.ready, self.keys.index]
         args: list[Any] = [
             execution.id,
-            _meta(execution),
+            encode_meta(execution),
             execution.created_at,
             DEDUPE_TTL,
             "1" if idempotency_key else "0",
-            _state(execution),
+            encode_state(execution),
         ]
         try:
             execution_id, created = await self._run_script(self._enqueue, keys, args)
@@ -249,7 +224,7 @@ class Queue:
         for trigger in triggers:
             execution = Execution(new_execution_id(), flow, version, trigger, {}, status="queued")
             keys = (self.keys.dedupe("-"), self.keys.execution(execution.id), self.keys.ready, self.keys.index)
-            args = (execution.id, _meta(execution), execution.created_at, 0, "0", _state(execution))
+            args = (execution.id, encode_meta(execution), execution.created_at, 0, "0", encode_state(execution))
             commands.append(("EVALSHA", self._enqueue.sha, len(keys), *keys, *args))
             ids.append(execution.id)
         try:
@@ -299,41 +274,30 @@ class Queue:
             for reply in (count, flat):
                 if isinstance(reply, Exception):
                     raise reply
-            fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
-            nodes = {key[2:]: orjson.loads(value) for key, value in fields.items() if key.startswith("n:")}
-            loaded.append(Loaded(delivery, _merge(fields), nodes, int(count)))
+            stored = decode_hash({_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)})
+            if stored is None:
+                loaded.append(Loaded(delivery, None, {}, int(count)))
+            else:
+                loaded.append(Loaded(delivery, stored.meta, stored.nodes, int(count)))
         return loaded
 
     async def checkpoint(self, execution: Execution, runs: Iterable[NodeRun]) -> None:
         """Persist node states in one HSET (batched with other executions' checkpoints)."""
-        fields: list[str] = []
-        for run in runs:
-            fields += [f"n:{run.id}", dumps(run.__dict__)]
         try:
-            await self.pipeliner.execute("HSET", self.keys.execution(execution.id), *fields)
+            await self.pipeliner.execute("HSET", self.keys.execution(execution.id), *run_fields(runs))
         except RedisError as exc:
             raise QueueError(f"cannot checkpoint: {exc}") from exc
 
     async def finish(
-        self,
-        delivery: Delivery,
-        execution: Execution,
-        consumer: str,
-        *,
-        dead: dict[str, str] | None = None,
-        runs: Iterable[NodeRun] = (),
+        self, delivery: Delivery, outcome: Outcome, consumer: str, *, runs: Iterable[NodeRun] = ()
     ) -> bool:
-        """Record the outcome (and ``runs`` not yet checkpointed), acknowledge, park or dead-letter, atomically.
+        """Record ``outcome`` (and ``runs`` not yet checkpointed): state, acknowledgement, parking or
+        dead letter, and the outcome's counter, in one atomic script.
 
         Returns False, writing nothing, when ``consumer`` no longer holds the entry's lease.
         """
-        if dead is not None:
-            outcome, counter = "dead", f"failed:{execution.flow}"
-        elif execution.status == "waiting":
-            outcome, counter = "wait", ""
-        else:
-            outcome, counter = "done", f"{execution.status}:{execution.flow}"
-        dead = dead or {}
+        execution = outcome.execution
+        letter = outcome.dead_letter
         keys = [
             self.keys.execution(execution.id),
             self.keys.ready,
@@ -343,21 +307,20 @@ class Queue:
         ]
         args = [
             delivery.message_id,
-            _state(execution),
-            outcome,
+            encode_state(execution),
+            outcome.action,
             execution.wake_at or 0,
             execution.id,
             execution.flow,
-            dead.get("node", ""),
-            dead.get("code", ""),
+            letter.node if letter else "",
+            letter.code if letter else "",
             GROUP,
-            dead.get("message", ""),
-            counter,
+            letter.message if letter else "",
+            outcome.counter,
             RETENTION,
             consumer,
+            *run_fields(runs),
         ]
-        for run in runs:
-            args += [f"n:{run.id}", dumps(run.__dict__)]
         return bool(await self._run_script(self._finish, keys, args))
 
     async def count(self, event: str, flow: str, amount: int = 1) -> None:
@@ -405,29 +368,23 @@ class Queue:
 
     async def requeue(self, execution: Execution) -> bool:
         """Put a failed execution back on the ready stream with its node states (False if it is not failed)."""
-        node_fields: list[str] = []
-        for run in execution.nodes.values():
-            node_fields += [f"n:{run.id}", dumps(run.__dict__)]
         keys = [self.keys.execution(execution.id), self.keys.ready]
-        return bool(await self._requeue(keys=keys, args=[execution.id, _state(execution), *node_fields]))
+        args = [execution.id, encode_state(execution), *run_fields(execution.nodes.values())]
+        return bool(await self._requeue(keys=keys, args=args))
 
     # --- operators ------------------------------------------------------------------
 
     async def get(self, execution_id: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
         raw: dict[Any, Any] = await self.redis.hgetall(self.keys.execution(execution_id))  # type: ignore[misc]
-        fields = {_text(key): value for key, value in raw.items()}
-        meta = _merge(fields)
-        if meta is None:
-            return None
-        nodes = {key[2:]: orjson.loads(value) for key, value in fields.items() if key.startswith("n:")}
-        return meta, nodes
+        stored = decode_hash({_text(key): value for key, value in raw.items()})
+        return None if stored is None else (stored.meta, stored.nodes)
 
     async def recent(self, limit: int) -> list[dict[str, Any]]:
         ids = [_text(i) for i in await self.redis.zrevrange(self.keys.index, 0, max(limit, 1) * 20)]
         pipe = self.redis.pipeline(transaction=False)
         for execution_id in ids:
             pipe.hmget(self.keys.execution(execution_id), ["m", "s"])
-        merged = (_merge({"m": m, "s": s}) for m, s in await pipe.execute())
+        merged = (decode_meta(m, s) for m, s in await pipe.execute())
         return [meta for meta in merged if meta is not None]
 
     async def dead_letters(self, count: int = 1000) -> list[dict[str, str]]:

@@ -3,8 +3,12 @@
 The same runner serves ``flowchat run`` (in process) and the durable workers.
 The seams between them:
 
-- ``checkpoint(execution, node_run)`` is awaited after every node settles; the
-  queue persists state there, so a resumed execution skips finished nodes.
+- ``checkpoint(execution, node_run, node)`` is awaited after every node settles
+  (``node`` is the flow's :class:`FlowNode`); the worker persists state there, so a
+  resumed execution skips finished nodes.
+- The outcome: :meth:`Runner.advance` returns an :class:`~flowchat.outcome.Outcome`
+  (decided once, in :func:`flowchat.outcome.decide`) that the worker and the queue
+  act on; :meth:`Runner.run` returns the settled execution itself.
 - ``defer_waits``: when a node must wait (retry backoff, a ``delay``), the
   in-process runner sleeps; a durable worker instead returns the execution as
   ``waiting`` with ``wake_at`` so the queue can park it without holding a worker.
@@ -12,7 +16,8 @@ The seams between them:
   runs, however long a node takes.
 
 Per node the steps are: decide (``when``) → render → validate config → execute
-(with timeout) → classify the outcome → checkpoint.
+(with timeout) → convert the output (:func:`flowchat.codec.node_output`) → classify
+the outcome → checkpoint.
 """
 
 from __future__ import annotations
@@ -26,15 +31,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flowchat.errors import FlowChatError, NodeConfigError, NodeError, NodeTimeout, as_flowchat_error
+from flowchat.codec import identity, node_output
+from flowchat.errors import FlowChatError, NodeConfigError, NodeTimeout, as_flowchat_error
 from flowchat.execution import Execution, NodeRun
 from flowchat.flow import Flow, FlowNode
 from flowchat.logs import logger_for
 from flowchat.node import NodeContext, Suspend
+from flowchat.outcome import Outcome, decide
 from flowchat.services import Services
 from flowchat.templates import Template, render_tree
 
-Checkpoint = Callable[[Execution, NodeRun], Awaitable[None]]
+Checkpoint = Callable[[Execution, NodeRun, FlowNode], Awaitable[None]]
+Mask = Callable[[Any], Any]
+DEFAULT_MAX_OUTPUT = 1024 * 1024
 CLOCK_SKEW_TOLERANCE = 1.0
 """Seconds a woken execution may be early by (clocks of different boxes disagree a little)."""
 
@@ -42,12 +51,16 @@ log = logging.getLogger("flowchat.runner")
 _node_log = logging.getLogger("flowchat.execution")
 
 
-async def _no_checkpoint(execution: Execution, run: NodeRun) -> None:
+async def _no_checkpoint(execution: Execution, run: NodeRun, node: FlowNode) -> None:
     return None
 
 
 class Runner:
-    """Runs executions of loaded flows."""
+    """Runs executions of loaded flows.
+
+    ``mask`` and ``max_output`` are the node-output boundary's masking step and size
+    limit (:func:`flowchat.codec.node_output`).
+    """
 
     def __init__(
         self,
@@ -55,13 +68,21 @@ class Runner:
         *,
         checkpoint: Checkpoint = _no_checkpoint,
         defer_waits: bool = False,
+        mask: Mask = identity,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> None:
         self.services = services or Services()
         self.checkpoint = checkpoint
         self.defer_waits = defer_waits
+        self.mask = mask
+        self.max_output = max_output
 
     async def run(self, flow: Flow, execution: Execution) -> Execution:
         """Advance ``execution`` as far as it can go; return it settled or waiting."""
+        return (await self.advance(flow, execution)).execution
+
+    async def advance(self, flow: Flow, execution: Execution) -> Outcome:
+        """Advance ``execution`` as far as it can go and decide its outcome."""
         execution.status = "running"
         execution.started_at = execution.started_at or self.services.clock()
         graph = _Frontier(flow, execution)
@@ -87,8 +108,7 @@ class Runner:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
             raise
-        self._settle(execution)
-        return execution
+        return decide(execution, self.services.clock())
 
     async def _take_ready(self, execution: Execution, graph: _Frontier) -> list[FlowNode]:
         """Nodes that can start now; nodes whose needs were all skipped are skipped on the way."""
@@ -97,7 +117,7 @@ class Runner:
             node = graph.unblocked.popleft()
             run = execution.nodes[node.id]
             if node.needs and all(execution.nodes[need].status == "skipped" for need in node.needs):
-                await self._finish(execution, run, "skipped", output=None)
+                await self._finish(execution, node, run, "skipped", output=None)
                 graph.settled(node)
             elif not (run.status == "waiting" and self.defer_waits and (run.wake_at or 0) > self._now_with_skew()):
                 ready.append(node)
@@ -107,20 +127,6 @@ class Runner:
         # the mover's clock decided this is due; trust it within a second of ours, not ping-pong
         return self.services.clock() + CLOCK_SKEW_TOLERANCE
 
-    def _settle(self, execution: Execution) -> None:
-        runs = execution.nodes.values()
-        failed = next((run for run in runs if run.status == "failed"), None)
-        if failed is not None:
-            execution.status, execution.error = "failed", {**(failed.error or {}), "node": failed.id}
-        elif any(run.status == "waiting" for run in runs):
-            execution.status = "waiting"
-        elif all(run.finished for run in runs):
-            execution.status, execution.error = "succeeded", None
-        else:
-            execution.status = "waiting"
-        if execution.finished:
-            execution.finished_at = self.services.clock()
-
     # --- one node -----------------------------------------------------------------
 
     async def _run_node(self, flow: Flow, execution: Execution, node: FlowNode) -> None:
@@ -129,10 +135,10 @@ class Runner:
         context = template_context(flow, execution) if needs_context else {}
         try:
             if not _truthy(node.when, context):
-                await self._finish(execution, run, "skipped", output=None)
+                await self._finish(execution, node, run, "skipped", output=None)
                 return
         except FlowChatError as error:
-            await self._fail(flow, execution, run, error)
+            await self._fail(flow, execution, node, run, error)
             return
         while True:
             outcome = await self._attempt(flow, execution, node, run, context)
@@ -156,7 +162,7 @@ class Runner:
         except Suspend as suspend:
             run.attempts -= 1  # waiting is not a failed attempt
             run.duration_ms += (time.perf_counter() - started) * 1000
-            return await self._wait(execution, run, suspend.until, None)
+            return await self._wait(execution, node, run, suspend.until, None)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -167,13 +173,13 @@ class Runner:
             if error.retryable and run.attempts < node.retry.max_attempts:
                 delay = node.retry.delay(run.attempts, getattr(error, "retry_after", None))
                 ctx.log.warning("↻ %s in %.2fs: [%s] %s", node.type, delay, error.code, error.message)
-                return await self._wait(execution, run, self.services.clock() + delay, error)
-            await self._fail(flow, execution, run, error)
+                return await self._wait(execution, node, run, self.services.clock() + delay, error)
+            await self._fail(flow, execution, node, run, error)
             return None
         run.duration_ms += (time.perf_counter() - started) * 1000
         if _node_log.isEnabledFor(logging.DEBUG):
             ctx.log.debug("← %s ok in %.1fms", node.type, run.duration_ms)
-        await self._finish(execution, run, "ok", output=output)
+        await self._finish(execution, node, run, "ok", output=output)
         return None
 
     async def _execute(self, node: FlowNode, ctx: NodeContext, context: dict[str, Any]) -> dict[str, Any]:
@@ -184,15 +190,11 @@ class Runner:
         except ValidationError as exc:
             fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'with'}: {e['msg']}" for e in exc.errors())
             raise NodeConfigError(f"rendered config is invalid: {fields}") from exc
-        if node.node.instant:
+        if node.node.pure:
             output = await node.node.run(ctx, config)
         else:
             output = await _with_timeout(node.node.run(ctx, config), node.timeout)
-        if output is None:
-            return {}
-        if not isinstance(output, dict):
-            raise NodeError(f"run() must return a dict, got {type(output).__name__}", code="node-output-invalid")
-        return output
+        return node_output(output, mask=self.mask, max_bytes=self.max_output)
 
     def _context(self, flow: Flow, execution: Execution, node: FlowNode, run: NodeRun) -> NodeContext:
         return NodeContext(
@@ -208,25 +210,25 @@ class Runner:
         )
 
     async def _wait(
-        self, execution: Execution, run: NodeRun, until: float, error: FlowChatError | None
+        self, execution: Execution, node: FlowNode, run: NodeRun, until: float, error: FlowChatError | None
     ) -> float | None:
         run.status, run.wake_at = "waiting", until
         run.error = error.to_dict() if error else None
-        await self.checkpoint(execution, run)
+        await self.checkpoint(execution, run, node)
         return None if self.defer_waits else until
 
-    async def _fail(self, flow: Flow, execution: Execution, run: NodeRun, error: FlowChatError) -> None:
+    async def _fail(self, flow: Flow, execution: Execution, node: FlowNode, run: NodeRun, error: FlowChatError) -> None:
         error.at(flow=flow.name, execution=execution.id, node=run.id, attempt=run.attempts or None)
         logger_for(execution.id, run.id).error("! %s failed: [%s] %s", run.type, error.code, error.message)
         run.error = error.to_dict()
-        await self._finish(execution, run, "failed", output=None)
+        await self._finish(execution, node, run, "failed", output=None)
 
-    async def _finish(self, execution: Execution, run: NodeRun, status: Any, *, output: Any) -> None:
+    async def _finish(self, execution: Execution, node: FlowNode, run: NodeRun, status: Any, *, output: Any) -> None:
         run.status, run.output, run.wake_at = status, output, None
         if status != "failed":
             run.error = None
         run.finished_at = self.services.clock()
-        await self.checkpoint(execution, run)
+        await self.checkpoint(execution, run, node)
 
 
 class _Frontier:

@@ -27,12 +27,21 @@ _SAFE_GLOBALS = ("range", "dict", "lipsum")
 
 
 def _concat(values: Iterable[Any]) -> Any:
-    parts = list(values)
+    parts = [_materialise(part) for part in values]
     for part in parts:
         _refuse_undefined(part)
     if len(parts) == 1:
         return parts[0]
     return "".join(str(part) for part in parts)
+
+
+def _materialise(value: Any) -> Any:
+    """Generators (``map``, ``select``, ``unique`` …) become lists: no lazy value reaches a node or an output."""
+    if isinstance(value, Iterator):
+        return [_materialise(item) for item in value]
+    if isinstance(value, list | tuple) and any(isinstance(item, Iterator) for item in value):
+        return [_materialise(item) for item in value]
+    return value
 
 
 def _refuse_undefined(value: Any) -> None:

@@ -15,19 +15,23 @@ import functools
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flowchat.backoff import Backoff, retrying
 from flowchat.catalog import Catalog
-from flowchat.errors import FlowChatError
+from flowchat.errors import FlowChatError, QueueError
 from flowchat.execution import Execution, NodeRun
-from flowchat.flow import Flow
+from flowchat.flow import Flow, FlowNode
 from flowchat.metrics import Metrics
 from flowchat.mover import DelayedMover  # re-exported: it lived here before flowchat.mover
+from flowchat.outcome import Outcome, dead
 from flowchat.queue import Delivery, Loaded, Queue, execution_from_parts
 from flowchat.runner import Runner
 from flowchat.services import Services
@@ -48,12 +52,17 @@ class WorkerSettings:
     visibility_timeout: float = 30.0
     block_ms: int = 1000
     grace: float = 30.0
+    max_output: int = 1024 * 1024
     consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> WorkerSettings:
         """Worker settings from the process's :class:`Settings`, with some fields overridden."""
-        values: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout, "grace": settings.grace}
+        values: dict[str, Any] = {
+            "visibility_timeout": settings.visibility_timeout,
+            "grace": settings.grace,
+            "max_output": settings.max_output,
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -73,7 +82,7 @@ class Worker:
         self.catalog = catalog
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.runner = Runner(services, checkpoint=self._checkpoint, defer_waits=True)
+        self.runner = Runner(services, checkpoint=self._checkpoint, defer_waits=True, max_output=settings.max_output)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self._unsaved: dict[str, list[NodeRun]] = {}
         self._stopping = asyncio.Event()
@@ -187,101 +196,175 @@ class Worker:
         self._slot_free.set()
 
     async def _execute(self, loaded: Loaded) -> None:
+        """Run one delivered execution to its outcome and record it.
+
+        Only Redis being unreachable leaves the entry for take-over (its lease expires and
+        a worker resumes it at its first unfinished node); any other error fails the
+        execution now, with its cause, so nothing is run again because of it.
+        """
         delivery = loaded.delivery
+        job = _Job(delivery)
         try:
-            await self._execute_loaded(loaded)
-        except (RedisError, OSError, FlowChatError) as exc:
-            log.warning("%s left for take-over: %s", delivery.execution_id, exc)
-        except Exception:
-            log.exception("%s crashed the worker task; left for take-over", delivery.execution_id)
+            outcome = await self._advance(loaded, job)
+            if outcome is not None:
+                await self._record(outcome, delivery)
+        except Exception as exc:
+            if redis_unreachable(exc):
+                log.warning("%s left for take-over (Redis unreachable): %s", delivery.execution_id, exc)
+            else:
+                await self._fail_unexpectedly(job, exc)
         finally:  # also when cancelled (lease lost, or shutdown past the grace period)
             self._unsaved.pop(delivery.execution_id, None)
 
-    async def _execute_loaded(self, loaded: Loaded) -> None:
+    async def _advance(self, loaded: Loaded, job: _Job) -> Outcome | None:
+        """Decode, check and run the execution; its outcome, or None when there is nothing to record."""
         delivery, meta = loaded.delivery, loaded.meta
         if meta is None:
             log.error("%s has no stored state; dropping its queue entry", delivery.execution_id)
             await self.queue.drop_delivery(delivery)
-            return
+            return None
         flow = await self.catalog.version(meta["flow"], meta["flow_version"], self.queue.flow_source)
         execution = execution_from_parts(meta, loaded.nodes, _order(flow, loaded.nodes))
+        job.flow, job.execution = flow, execution
         if flow is None:
-            await self._dead(
-                delivery,
-                execution,
-                "flow-missing",
-                f"flow {meta['flow']} version {meta['flow_version']} is not available",
-            )
-            return
+            message = f"flow {meta['flow']} version {meta['flow_version']} is not available"
+            return dead(execution, "flow-missing", message, now=time.time())
         if loaded.deliveries > self.queue.max_deliveries:
-            await self._dead(
-                delivery,
-                execution,
-                "poison",
-                f"delivered {loaded.deliveries} times without finishing",
-                _last_error(execution),
-            )
-            return
+            return _poison(flow, execution, loaded.deliveries)
         if execution.started_at is None:
             self.metrics.execution_event(flow.name, "started")
-        execution = await self.runner.run(flow, execution)
-        await self._settle(delivery, flow, execution)
+        return await self.runner.advance(flow, execution)
 
-    async def _settle(self, delivery: Delivery, flow: Flow, execution: Execution) -> None:
+    async def _record(self, outcome: Outcome, delivery: Delivery) -> None:
+        """Write the outcome with the node states not yet saved, in the queue's one atomic finish."""
+        execution = outcome.execution
+        if outcome.action == "dead":
+            letter = outcome.dead_letter
+            if letter and letter.code in _WORKER_CODES:
+                log.error("%s dead-lettered: [%s] %s", execution.id, letter.code, letter.message)
         if _execution_log.isEnabledFor(logging.INFO):
-            _log_outcome(flow, execution)
-        if execution.status == "failed":
-            error = execution.error or {}
-            self.metrics.execution_event(flow.name, "failed")
-            dead = {
-                "node": str(error.get("node", "")),
-                "code": str(error.get("code", "")),
-                "message": str(error.get("message", "")),
-            }
-            await self._finish(delivery, execution, dead=dead)
-            return
-        if execution.status == "waiting" and any(
-            run.error for run in execution.nodes.values() if run.status == "waiting"
-        ):
-            self.metrics.execution_event(flow.name, "retried")
-            await self.queue.count("retried", flow.name)
-        elif execution.status == "succeeded":
-            self.metrics.execution_event(flow.name, "succeeded")
-        await self._finish(delivery, execution)
-
-    async def _dead(self, delivery: Delivery, execution: Execution, code: str, message: str, node: str = "") -> None:
-        log.error("%s dead-lettered: [%s] %s", execution.id, code, message)
-        execution.status = "failed"
-        execution.error = {"code": code, "message": message, "node": node, "retryable": False}
-        await self._finish(delivery, execution, dead={"node": node, "code": code, "message": message})
-
-    async def _finish(self, delivery: Delivery, execution: Execution, dead: dict[str, str] | None = None) -> None:
+            _log_outcome(execution)
+        if outcome.event != "waiting":
+            self.metrics.execution_event(execution.flow, outcome.event)
         runs = self._unsaved.pop(execution.id, ())
-        if not await self.queue.finish(delivery, execution, self.settings.consumer, dead=dead, runs=runs):
+        if not await self.queue.finish(delivery, outcome, self.settings.consumer, runs=runs):
             log.error("%s: lease lost before finishing; the worker that took it over owns the outcome", execution.id)
 
-    async def _checkpoint(self, execution: Execution, run: NodeRun) -> None:
+    async def _fail_unexpectedly(self, job: _Job, exc: Exception) -> None:
+        """Dead-letter an execution after an error that is not its nodes' (a bug, an unstorable state)."""
+        execution_id = job.delivery.execution_id
+        log.error("%s failed in the worker: %s: %s", execution_id, type(exc).__name__, exc, exc_info=exc)
+        if job.execution is None:
+            return  # its state could not even be read: nothing to record it on; left for take-over
+        node = _error_node(exc) or _running_node(job.flow, job.execution)
+        if isinstance(exc, FlowChatError):
+            code, message = exc.code, exc.message
+        else:
+            code, message = "worker-error", f"{type(exc).__name__}: {exc}"
+        outcome = dead(job.execution, code, message, node, now=time.time())
+        unsaved = self._unsaved.pop(execution_id, [])
+        for runs in (unsaved, []):  # again without the node states, in case they were what failed
+            self._unsaved[execution_id] = runs
+            try:
+                await self._record(outcome, job.delivery)
+                return
+            except Exception as again:
+                if redis_unreachable(again):
+                    break
+                log.error("%s: cannot record the failure: %s: %s", execution_id, type(again).__name__, again)
+        log.critical("%s: the failure could not be recorded; left for take-over", execution_id)
+
+    async def _checkpoint(self, execution: Execution, run: NodeRun, node: FlowNode) -> None:
         """Persist a settled node before anything downstream of it can run.
 
-        Two kinds of state ride along with a later write instead of costing a round trip:
-        the last node's (written atomically with the outcome) and that of instant nodes,
-        which have no side effects, so redoing one after a crash is harmless.
+        Two kinds of node state ride along with a later write instead of costing a round
+        trip of their own: the last node's (written atomically with the outcome) and that of
+        pure nodes, which have no side effects, so redoing one after a crash is harmless.
         """
         if run.finished or run.status == "waiting":
             self.metrics.node_ran(run.type, run.status, run.duration_ms / 1000)
         unsaved = self._unsaved.setdefault(execution.id, [])
         unsaved.append(run)
-        if self._can_wait(run) or all(other.finished for other in execution.nodes.values()):
+        if _may_defer(run, node) or all(other.finished for other in execution.nodes.values()):
             return
         del self._unsaved[execution.id]
-        await self.queue.checkpoint(execution, unsaved)
+        try:
+            await self.queue.checkpoint(execution, unsaved)
+        except Exception as exc:
+            if redis_unreachable(exc):
+                raise
+            message = f"cannot checkpoint node {run.id}: {type(exc).__name__}: {exc}"
+            raise QueueError(message, code="checkpoint-failed", retryable=False).at(node=run.id) from exc
 
-    def _can_wait(self, run: NodeRun) -> bool:
-        node = self.catalog.registry.get(run.type)
-        return run.status in ("ok", "skipped") and node is not None and node.instant
+
+_WORKER_CODES = frozenset({"flow-missing", "poison"})
 
 
-def _log_outcome(flow: Flow, execution: Execution) -> None:
+@dataclass
+class _Job:
+    """What a worker knows about the execution it is running, for reporting an unexpected error."""
+
+    delivery: Delivery
+    flow: Flow | None = None
+    execution: Execution | None = None
+
+
+def _may_defer(run: NodeRun, node: FlowNode) -> bool:
+    """A pure node that passed needs no checkpoint of its own: its state rides with the next write."""
+    return node.node.pure and run.status in ("ok", "skipped")
+
+
+def redis_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` means Redis cannot be reached or cannot take writes right now (so: retry later)."""
+    while exc is not None:
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError):
+            return True
+        if isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in _TRANSIENT_REPLIES:
+            return True
+        if not isinstance(exc, QueueError):
+            return False
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
+
+
+_TRANSIENT_REPLIES = frozenset({"LOADING", "READONLY", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"})
+
+
+def _poison(flow: Flow, execution: Execution, deliveries: int) -> Outcome:
+    """An execution that keeps killing its worker: dead-lettered naming the node it was running."""
+    node = _running_node(flow, execution)
+    last = _last_error(execution)
+    seen = f"; last error: [{last.get('code')}] {last.get('message')}" if last else "; no error was recorded"
+    where = f" while running node {node}" if node else ""
+    return dead(execution, "poison", f"delivered {deliveries} times without finishing{where}{seen}", node, time.time())
+
+
+def _error_node(exc: Exception) -> str:
+    return (exc.location.node or "") if isinstance(exc, FlowChatError) else ""
+
+
+def _running_node(flow: Flow | None, execution: Execution) -> str:
+    """The first unfinished node whose needs all passed: the one a worker was running."""
+    if flow is None:
+        return ""
+    for node in flow.nodes.values():
+        run = execution.nodes.get(node.id)
+        if run is None or run.finished:
+            continue
+        if all(execution.nodes[need].status in ("ok", "skipped") for need in node.needs if need in execution.nodes):
+            return node.id
+    return ""
+
+
+def _last_error(execution: Execution) -> dict[str, object]:
+    errors = [run for run in execution.nodes.values() if run.error]
+    if not errors:
+        return {}
+    latest = max(errors, key=lambda run: run.finished_at or run.started_at or 0.0)
+    return latest.error or {}
+
+
+def _log_outcome(execution: Execution) -> None:
     """One line per execution event: ``<execution> * ← flow succeeded in 3.1ms``."""
     spent = sum(run.duration_ms for run in execution.nodes.values())
     if execution.status == "failed" and execution.error:
@@ -290,23 +373,16 @@ def _log_outcome(flow: Flow, execution: Execution) -> None:
             "%s %s ! %s failed: [%s] %s",
             execution.id,
             error.get("node"),
-            flow.name,
+            execution.flow,
             error.get("code"),
             error.get("message"),
         )
     else:
         arrow = _ARROWS.get(execution.status, "·")
-        _execution_log.info("%s * %s %s %s in %.1fms", execution.id, arrow, flow.name, execution.status, spent)
+        _execution_log.info("%s * %s %s %s in %.1fms", execution.id, arrow, execution.flow, execution.status, spent)
 
 
 def _order(flow: Flow | None, stored: dict[str, dict[str, object]]) -> list[tuple[str, str]]:
     if flow is not None:
         return [(node.id, node.type) for node in flow.nodes.values()]
     return [(node_id, str(run.get("type", "?"))) for node_id, run in stored.items()]
-
-
-def _last_error(execution: Execution) -> str:
-    for run in execution.nodes.values():
-        if run.error:
-            return run.id
-    return ""

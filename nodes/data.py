@@ -15,7 +15,7 @@ class Set(Node):
     """Compute named values from templates; the output is those values."""
 
     type = "set"
-    instant = True
+    pure = True
 
     class Config(NodeConfig):
         values: dict[str, Any] = Field(description="Name → value; template strings render to native types.")
@@ -29,7 +29,7 @@ class Log(Node):
     """Write a log line with the execution and node ids (phone numbers masked)."""
 
     type = "log"
-    instant = True
+    pure = True
 
     class Config(NodeConfig):
         message: str = Field(description="The line to log; a template.")

@@ -8,9 +8,11 @@ import time
 import pytest
 from support import enqueue, settled, write_flow
 
+from flowchat.codec import execution_from_parts
 from flowchat.keys import GROUP
 from flowchat.operations import load_execution, replay
-from flowchat.queue import RETENTION, execution_from_parts
+from flowchat.outcome import Outcome
+from flowchat.queue import RETENTION
 
 
 async def test_finish_by_a_consumer_that_lost_its_lease_writes_nothing(queue, flows_dir, catalog_factory):
@@ -23,7 +25,7 @@ async def test_finish_by_a_consumer_that_lost_its_lease_writes_nothing(queue, fl
     flow = catalog.get("owned")
     execution = execution_from_parts(loaded.meta, loaded.nodes, [(n.id, n.type) for n in flow.nodes.values()])
     execution.status = "succeeded"
-    assert await queue.finish(delivery, execution, "a") is False
+    assert await queue.finish(delivery, Outcome(execution, "done", "succeeded"), "a") is False
     stored = await queue.get(execution_id)
     assert stored is not None and stored[0]["status"] == "queued"
     [entry] = await queue.redis.xpending_range(queue.keys.ready, GROUP, "-", "+", 10)

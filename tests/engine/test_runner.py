@@ -531,7 +531,7 @@ async def test_checkpoint_is_awaited_once_per_settled_node_with_its_final_status
     )
     seen: list[tuple[str, str]] = []
 
-    async def checkpoint(execution: flowchat.Execution, node_run: flowchat.NodeRun) -> None:
+    async def checkpoint(execution: flowchat.Execution, node_run: flowchat.NodeRun, node: object) -> None:
         await asyncio.sleep(0)
         seen.append((node_run.id, node_run.status))
         assert execution.nodes[node_run.id] is node_run

@@ -28,7 +28,7 @@ async def test_get_parses_a_json_response(run_flow, http_server):
     output = execution.nodes["fetch"].output
     assert output["status"] == 200
     assert output["json"] == {"id": "42", "tags": ["vip"]}
-    assert output["headers"]["Content-Type"].startswith("application/json")
+    assert output["headers"]["content-type"].startswith("application/json")  # header names are lower-case
 
 
 async def test_a_text_response_has_text_and_no_json(run_flow, http_server):
