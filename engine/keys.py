@@ -86,5 +86,4 @@ class Keys:
         """String: the sid one ``whatsapp.send`` node of one execution got, so it never sends twice."""
         return f"{self.ledger_tag}:sent:{execution_id}:{node_id}"
 
-
     # --- analytics: sink lease -------------------------------------------------------------
