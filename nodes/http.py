@@ -64,7 +64,8 @@ def _result(response: aiohttp.ClientResponse, text: str) -> dict[str, Any]:
         raise RetryableError(f"{where} answered {status}", code=f"http-{status}", retry_after=_retry_after(response))
     if status >= 400:
         raise NodeError(f"{where} answered {status}: {text[:200]}", code=f"http-{status}")
-    result: dict[str, Any] = {"status": status, "headers": dict(response.headers), "text": text}
+    # the multidict itself: the output boundary lower-cases names and keeps repeated headers
+    result: dict[str, Any] = {"status": status, "headers": response.headers.copy(), "text": text}
     if "json" in response.headers.get("Content-Type", ""):
         try:
             result["json"] = json.loads(text)
