@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from flowchat.catalog import Catalog
-from flowchat.connections import open_queue, open_redis, queue_keys, redis_client
+from flowchat.connections import describe, open_queue, open_redis, queue_keys, redis_client
 from flowchat.ingress import create_app
 from flowchat.metrics import Metrics
 from flowchat.mover import DelayedMover
@@ -59,9 +59,19 @@ async def runtime(flows: Path, plugins: Path | None = None, settings: Settings |
         log.info(
             "serving %d flow(s) from %s: %s", len(catalog.flows), flows, ", ".join(sorted(catalog.flows)) or "none"
         )
+        log.info(_startup_line(settings, redis, flows, len(catalog.flows)))
         keys = queue_keys(settings)
         async with open_services(settings, redis=redis, keys=keys) as services:
             yield Runtime(Queue(redis, keys), catalog, services, Metrics(), settings)
+
+
+def _startup_line(settings: Settings, redis: object, flows: Path, count: int) -> str:
+    """Which Redis (host and mode, never the password), data dir, flows and send mode."""
+    send = "twilio" if settings.twilio_account_sid and settings.twilio_auth_token else "outbox"
+    return (
+        f"redis {describe(settings, redis)}; queue {settings.queue}; data dir {settings.data_dir.resolve()}; "
+        f"{count} flow(s) from {flows.resolve()}; send mode {send}"
+    )
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:

@@ -4,6 +4,12 @@ Many executions run concurrently in one worker; each checkpoint is one command.
 Rather than one round trip per command, :class:`Pipeliner` queues commands and
 sends them together as soon as the loop is free, resolving each caller's future
 with its own reply (or error).
+
+On Redis Cluster the batch is split by the node that owns each command's first key
+(one hash tag per queue keeps a queue's commands on one node), sent to those nodes
+at once, and any command answered with a redirection (``MOVED``/``ASK`` while slots
+migrate) is sent again through the cluster client, which follows it and refreshes
+its slot map.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
+
+_REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
 
 
 class Pipeliner:
@@ -26,6 +35,7 @@ class Pipeliner:
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refresh = False
 
     def execute(self, *command: Any) -> asyncio.Future[Any]:
         """Queue one command; await the returned future for its reply."""
@@ -63,8 +73,19 @@ class Pipeliner:
 
     async def round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` now, in one write (packed by hiredis); replies are raw, errors returned in place."""
+        if isinstance(self.redis, RedisCluster):
+            return await self._cluster_round_trip(self.redis, commands)
         pool = self.redis.connection_pool
         connection = await pool.get_connection()
+        try:
+            return await self._exchange(connection, commands)
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
+
+    async def _exchange(self, connection: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
         try:
             async with asyncio.timeout(self.deadline):  # one deadline per batch, not a timer per reply
                 await connection.send_packed_command(b"".join(hiredis.pack_command(command) for command in commands))
@@ -78,5 +99,50 @@ class Pipeliner:
         except BaseException:
             await connection.disconnect()
             raise
+
+    async def _cluster_round_trip(
+        self, cluster: RedisCluster, commands: list[tuple[Any, ...]], redirects: int = 3
+    ) -> list[Any]:
+        """One write per node, all nodes at once; redirected commands are sent again after a slot-map refresh."""
+        if self._refresh:
+            self._refresh = False
+            await cluster.nodes_manager.initialize()
+        by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for index, command in enumerate(commands):
+            node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(command_key(command)))
+            by_node.setdefault(node.name, (node, []))[1].append(index)
+        replies: list[Any] = [None] * len(commands)
+        groups = list(by_node.values())
+        answers = await asyncio.gather(*(self._node_trip(node, [commands[i] for i in idx]) for node, idx in groups))
+        for (_, indexes), node_replies in zip(groups, answers, strict=True):
+            for index, reply in zip(indexes, node_replies, strict=True):
+                replies[index] = reply
+        moved = [index for index, reply in enumerate(replies) if isinstance(reply, _REDIRECTS)]
+        if moved and redirects > 0:
+            # a redirected command was not run: refresh the slot map and send just those again
+            await cluster.nodes_manager.initialize()
+            again = await self._cluster_round_trip(cluster, [commands[i] for i in moved], redirects - 1)
+            for index, reply in zip(moved, again, strict=True):
+                replies[index] = reply
+        return replies
+
+    async def _node_trip(self, node: ClusterNode, commands: list[tuple[Any, ...]]) -> list[Any]:
+        connection = node.acquire_connection()
+        try:
+            return await self._exchange(connection, commands)
+        except BaseException:
+            self._refresh = True  # a node that went away: ask the cluster for its topology next time
+            raise
         finally:
-            await pool.release(connection)
+            node.release(connection)
+
+
+def command_key(command: tuple[Any, ...]) -> Any:
+    """The first key of a raw command (what picks its Cluster node): EVAL/EVALSHA's first KEYS, XREADGROUP's stream."""
+    name = str(command[0]).upper()
+    if name in ("EVAL", "EVALSHA") and int(command[2]) > 0:
+        return command[3]
+    if name in ("XREAD", "XREADGROUP"):
+        upper = [str(part).upper() for part in command]
+        return command[upper.index("STREAMS") + 1]
+    return command[1]

@@ -47,6 +47,28 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} is not on/off")
 
 
+def _optional_flag(env: Mapping[str, str], name: str) -> bool | None:
+    return _flag(env, name, False) if env.get(name, "").strip() else None
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = _text(env, name, choices[0]).lower()
+    if raw not in choices:
+        raise SettingsError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
+def _addresses(env: Mapping[str, str], name: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` (Sentinel addresses)."""
+    found = []
+    for item in filter(None, (part.strip() for part in env.get(name, "").split(","))):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise SettingsError(f"{name}: {item!r} is not host:port")
+        found.append((host.strip("[]"), int(port)))
+    return tuple(found)
+
+
 class SettingsError(ValueError):
     """A setting in the environment that cannot be read (named in the message)."""
 
@@ -87,6 +109,14 @@ class Settings:
 
     # --- operations ---------------------------------------------------------------------
     log_format: str = "text"
+    redis_cluster: bool | None = None
+    """FLOWCHAT_REDIS_CLUSTER: force (1) or refuse (0) Cluster mode; unset asks the server."""
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = ""
+    redis_password: str = ""
+    redis_sentinel_password: str = ""
+    redis_tls: bool = False
+    redis_tls_ca_file: str = ""
 
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     """The environment these settings were read from, for names a flow chooses (``token_env``)."""
@@ -113,7 +143,14 @@ class Settings:
             send_rate=_text(env, "FLOWCHAT_SEND_RATE", "80/1s"),
             recipient_rate=_text(env, "FLOWCHAT_RECIPIENT_RATE", "1/6s"),
             twilio_timeout=_number(env, "FLOWCHAT_TWILIO_TIMEOUT", 15.0),
-            log_format=_text(env, "FLOWCHAT_LOG_FORMAT", "text"),
+            log_format=_choice(env, "FLOWCHAT_LOG_FORMAT", ("text", "json")),
+            redis_cluster=_optional_flag(env, "FLOWCHAT_REDIS_CLUSTER"),
+            redis_sentinels=_addresses(env, "FLOWCHAT_REDIS_SENTINELS"),
+            redis_sentinel_master=_text(env, "FLOWCHAT_REDIS_SENTINEL_MASTER"),
+            redis_password=env.get("FLOWCHAT_REDIS_PASSWORD", ""),
+            redis_sentinel_password=env.get("FLOWCHAT_REDIS_SENTINEL_PASSWORD", ""),
+            redis_tls=_flag(env, "FLOWCHAT_REDIS_TLS", False),
+            redis_tls_ca_file=_text(env, "FLOWCHAT_REDIS_TLS_CA_FILE"),
             environ=env,
         )
 

@@ -1,0 +1,142 @@
+"""FlowChat on a real 3-master Redis Cluster: ingress and two worker processes, exactly once.
+
+The cluster is three ``redis-server --cluster-enabled yes`` processes joined with
+``redis-cli --cluster create``; FlowChat is pointed at one node and detects the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+import redis as sync_redis
+from support import ROOT, daemon_env, lines, wait_for, write_flow
+
+from flowchat.connections import open_queue
+from flowchat.keys import Keys
+from flowchat.local_redis import LocalCluster
+from flowchat.redis_server import free_port
+from flowchat.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    servers = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield servers
+    servers.stop()
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flowchat.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def post(http: aiohttp.ClientSession, port: int, path: str, key: str | None = None) -> dict[str, object]:
+    headers = {"Idempotency-Key": key} if key else {}
+    async with http.post(f"http://127.0.0.1:{port}/hooks/{path}", json={"n": 1}, headers=headers) as response:
+        assert response.status in (200, 202), await response.text()
+        return dict(json.loads(await response.text()))
+
+
+async def test_ingress_and_two_workers_run_every_execution_once_on_a_cluster(cluster, flows_dir, processes, tmp_path):
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    write_flow(flows_dir, "plain", f"  - {{id: a, type: test.mark, with: {{file: '{marks}'}}}}\n")
+    write_flow(
+        flows_dir,
+        "flaky",
+        "  - {id: gate, type: test.fail_until, retry: {max_attempts: 20, backoff: 200ms, max_backoff: 300ms},"
+        f" with: {{exists: '{gate}'}}}}\n  - {{id: b, type: test.mark, with: {{file: '{marks}'}}}}\n",
+    )
+    write_flow(
+        flows_dir,
+        "later",
+        f"  - {{id: wait, type: delay, with: {{for: 1s}}}}\n  - {{id: c, type: test.mark, with: {{file: '{marks}'}}}}\n",
+    )
+    env = daemon_env(cluster.url)
+    port = free_port()
+    serve = processes.start("serve", "--no-workers", "--port", str(port), "--flows", str(flows_dir), env=env)
+    workers = [processes.start("worker", "--flows", str(flows_dir), env=env) for _ in range(2)]
+
+    async with aiohttp.ClientSession() as http:
+        plain = await asyncio.gather(*(post(http, port, "plain") for _ in range(60)))
+        flaky = await asyncio.gather(*(post(http, port, "flaky") for _ in range(10)))
+        later = await asyncio.gather(*(post(http, port, "later") for _ in range(10)))
+        repeats = [await post(http, port, "plain", key=f"k{i % 5}") for i in range(15)]
+        await asyncio.sleep(0.5)
+        gate.touch()  # the flaky ones have retried through the delayed set by now
+
+    deduped = {str(reply["execution_id"]) for reply in repeats}
+    assert len(deduped) == 5  # one execution per idempotency key, across the cluster
+    expected = {str(r["execution_id"]): node for rows, node in ((plain, "a"), (flaky, "b"), (later, "c")) for r in rows}
+    expected.update(dict.fromkeys(deduped, "a"))
+
+    def finished() -> Counter[str]:
+        return Counter(line.split()[0] for line in lines(marks) if line.split()[2] == "done")
+
+    await wait_for(lambda: set(finished()) >= set(expected), timeout=60)
+    await asyncio.sleep(0.5)  # nothing runs a second time afterwards
+    done = finished()
+    assert set(done) == set(expected)
+    assert all(count == 1 for count in done.values()), [e for e, count in done.items() if count > 1]
+    pids = {line.split()[3] for line in lines(marks)}
+    assert pids <= {str(w.pid) for w in workers} and len(pids) == 2  # both workers took part
+
+    result = cli("queue", "stats", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["ready"] == 0 and stats["dead"] == 0
+    assert "cluster" in processes.log_of(serve)
+    assert serve.poll() is None and all(w.poll() is None for w in workers)
+
+
+async def test_every_key_of_a_queue_and_of_each_feature_stays_in_its_slot(cluster):
+    """Multi-key scripts touch one slot: each feature's keys share one hash tag."""
+    keys = Keys("fc")
+    client = sync_redis.RedisCluster.from_url(cluster.url)
+    try:
+        queue_keys = [keys.ready, keys.delayed, keys.dead, keys.index, keys.counters, keys.execution("x")]
+        queue_keys += [keys.dedupe("d"), keys.flow_source("f", "v"), keys.schedule_last("f")]
+        assert len({client.keyslot(key) for key in queue_keys}) == 1
+        ledger = [keys.message("SM1"), keys.messages, keys.send_record("x", "n")]
+        assert len({client.keyslot(key) for key in ledger}) == 1
+    finally:
+        client.close()
+
+
+async def test_two_partitions_land_on_different_slots_and_both_work(cluster):
+    """One hash tag per FLOWCHAT_QUEUE: partitions spread over the cluster's masters."""
+    client = sync_redis.RedisCluster.from_url(cluster.url)
+    owner = {name: client.get_node_from_key(Keys(name).ready).name for name in (f"fc{i}" for i in range(1, 20))}
+    client.close()
+    first = "fc1"
+    second = next(name for name, node in owner.items() if node != owner[first])
+    names = [first, second]  # two masters, each running one partition
+    for name in names:
+        settings = Settings.from_env({"FLOWCHAT_REDIS_URL": cluster.url, "FLOWCHAT_QUEUE": name})
+        async with open_queue(settings) as queue:
+            execution_id, created = await queue.enqueue("f", "v1", {}, idempotency_key="same")
+            assert created
+            [delivery] = await queue.read("c", 10, 10)
+            assert delivery.execution_id == execution_id
+
+
+async def test_cluster_mode_can_be_forced_and_is_named(cluster):
+    settings = Settings.from_env({"FLOWCHAT_REDIS_URL": cluster.url, "FLOWCHAT_REDIS_CLUSTER": "1"})
+    async with open_queue(settings) as queue:
+        from flowchat.connections import describe
+
+        assert describe(settings, queue.redis).mode == "cluster"
+        assert (await queue.stats())["dead"] >= 0
+
+
+def test_queue_stats_works_through_the_cli_on_a_cluster(cluster):
+    result = cli("queue", "stats", env=daemon_env(cluster.url))
+    assert result.returncode == 0, result.stderr
+    assert "ready" in result.stdout
