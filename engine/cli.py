@@ -6,21 +6,23 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from flowchat.codec import execution_json
 from flowchat.errors import FlowChatError, FlowInvalid
 from flowchat.execution import Execution
+from flowchat.flow import Flow
 from flowchat.graph import mermaid
 from flowchat.loader import load_flow, load_flows
 from flowchat.logs import configure_logging
 from flowchat.registry import Registry, load_registry
 from flowchat.runner import Runner
 from flowchat.schema import dumps, flow_schema
+from flowchat.secrets import Secrets, flow_secrets, unset_secret_warnings
 from flowchat.services import open_services
-from flowchat.settings import Settings
+from flowchat.settings import Settings, SettingsError
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
@@ -41,6 +43,11 @@ def _registry(args: argparse.Namespace) -> Registry:
     return registry
 
 
+def _warn_unset_secrets(flows: Iterable[Flow]) -> None:
+    for warning in unset_secret_warnings(flow_secrets(flows), Secrets.from_settings(Settings.from_env())):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def _print_problems(problems: Sequence[FlowChatError]) -> None:
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -54,6 +61,7 @@ def validate(args: argparse.Namespace) -> int:
     for path in missing:
         print(f"{path}:1:1: [flow-unreadable] no such file or folder", file=sys.stderr)
     _print_problems(problems)
+    _warn_unset_secrets(flows.values())
     if problems or missing:
         print(f"{len(problems) + len(missing)} problem(s) found", file=sys.stderr)
         return 1
@@ -75,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --input: {exc}", file=sys.stderr)
         return 2
 
+    _warn_unset_secrets([flow])
     max_output = Settings.from_env().max_output
 
     async def execute() -> Execution:
@@ -406,7 +415,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     default_level = "INFO" if args.command in ("serve", "worker") else "WARNING"
     configure_logging((args.log_level or default_level).upper())
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except SettingsError as exc:  # a bad FLOWCHAT_* value or secrets file: named, no traceback
+        print(f"error: [{exc.code}] {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from flowchat.mover import DelayedMover
 from flowchat.queue import Queue
 from flowchat.registry import load_registry
 from flowchat.scheduler import Scheduler
+from flowchat.secrets import flow_secrets, unset_secret_warnings
 from flowchat.services import Services, open_services
 from flowchat.settings import Settings
 from flowchat.worker import Worker, WorkerSettings
@@ -62,6 +63,8 @@ async def runtime(flows: Path, plugins: Path | None = None, settings: Settings |
         log.info(_startup_line(settings, redis, flows, len(catalog.flows)))
         keys = queue_keys(settings)
         async with open_services(settings, redis=redis, keys=keys) as services:
+            for warning in unset_secret_warnings(flow_secrets(catalog.flows.values()), services.secrets):
+                log.warning("%s", warning)
             yield Runtime(Queue(redis, keys), catalog, services, Metrics(), settings)
 
 

@@ -10,8 +10,9 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from flowchat.node import Node, RetryPolicy
+from flowchat.secrets import referenced_secrets
 from flowchat.spec import FlowSpec
-from flowchat.templates import Template
+from flowchat.templates import Template, iter_templates
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,13 @@ class Flow:
         """The trigger's ``schema`` compiled once for this version (webhooks only)."""
         schema = getattr(self.spec.trigger, "schema_", None)
         return Draft202012Validator(schema) if schema is not None else None
+
+    @cached_property
+    def secrets(self) -> set[str]:
+        """Names of the secrets this flow's templates read (``secrets.NAME``)."""
+        templates = [template for node in self.nodes.values() for _, template in iter_templates(node.config)]
+        templates.extend(node.when for node in self.nodes.values() if isinstance(node.when, Template))
+        return referenced_secrets(templates)
 
     @property
     def services(self) -> set[str]:

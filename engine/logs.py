@@ -46,6 +46,16 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+_FLOW_SECRETS: list[str] = []
+"""Values of the flow secrets (``secrets.NAME``) of this process, however short: see add_secret_values."""
+
+
+def add_secret_values(values: list[str]) -> None:
+    """Mask these values in every log line from now on (the flow secrets, added by the runtime)."""
+    # longest first, so a secret containing another is masked whole
+    _FLOW_SECRETS[:] = sorted({*_FLOW_SECRETS, *(value for value in values if value)}, key=len, reverse=True)
+
+
 def _secret_values() -> list[str]:
     return [
         value
@@ -62,7 +72,7 @@ class RedactingFilter(logging.Filter):
         self.secrets = _secret_values()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = redact(record.getMessage(), self.secrets), None
+        record.msg, record.args = redact(record.getMessage(), [*_FLOW_SECRETS, *self.secrets]), None
         return True
 
 
@@ -74,7 +84,7 @@ class RedactingFormatter(logging.Formatter):
         self.secrets = _secret_values()
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record), self.secrets)
+        return redact(super().format(record), [*_FLOW_SECRETS, *self.secrets])
 
 
 class _ExecutionAdapter(logging.LoggerAdapter[logging.Logger]):

@@ -38,6 +38,7 @@ from flowchat.flow import Flow, FlowNode
 from flowchat.logs import logger_for
 from flowchat.node import NodeContext, Suspend
 from flowchat.outcome import Outcome, decide
+from flowchat.secrets import Secrets
 from flowchat.services import Services
 from flowchat.templates import Template, render_tree
 
@@ -74,7 +75,8 @@ class Runner:
         self.services = services or Services()
         self.checkpoint = checkpoint
         self.defer_waits = defer_waits
-        self.mask = mask
+        # secret values never reach storage, downstream templates or the trace (secrets.Secrets.mask)
+        self.mask = mask if mask is not identity or not self.services.secrets else self.services.secrets.mask
         self.max_output = max_output
 
     async def run(self, flow: Flow, execution: Execution) -> Execution:
@@ -132,7 +134,7 @@ class Runner:
     async def _run_node(self, flow: Flow, execution: Execution, node: FlowNode) -> None:
         run = execution.nodes[node.id]
         needs_context = isinstance(node.when, Template) or node.static_config is None
-        context = template_context(flow, execution) if needs_context else {}
+        context = template_context(flow, execution, self.services.secrets) if needs_context else {}
         try:
             if not _truthy(node.when, context):
                 await self._finish(execution, node, run, "skipped", output=None)
@@ -213,14 +215,14 @@ class Runner:
         self, execution: Execution, node: FlowNode, run: NodeRun, until: float, error: FlowChatError | None
     ) -> float | None:
         run.status, run.wake_at = "waiting", until
-        run.error = error.to_dict() if error else None
+        run.error = self.mask(error.to_dict()) if error else None
         await self.checkpoint(execution, run, node)
         return None if self.defer_waits else until
 
     async def _fail(self, flow: Flow, execution: Execution, node: FlowNode, run: NodeRun, error: FlowChatError) -> None:
         error.at(flow=flow.name, execution=execution.id, node=run.id, attempt=run.attempts or None)
         logger_for(execution.id, run.id).error("! %s failed: [%s] %s", run.type, error.code, error.message)
-        run.error = error.to_dict()
+        run.error = self.mask(error.to_dict())
         await self._finish(execution, node, run, "failed", output=None)
 
     async def _finish(self, execution: Execution, node: FlowNode, run: NodeRun, status: Any, *, output: Any) -> None:
@@ -261,6 +263,7 @@ class _Frontier:
 
 
 _PASSED = frozenset({"ok", "skipped"})
+_NO_SECRETS = Secrets()
 
 
 async def _with_timeout(work: Awaitable[Any], seconds: float) -> Any:
@@ -285,14 +288,15 @@ async def _with_timeout(work: Awaitable[Any], seconds: float) -> Any:
         handle.cancel()
 
 
-def template_context(flow: Flow, execution: Execution) -> dict[str, Any]:
-    """What templates see: trigger, vars, flow, execution, finished nodes' outputs."""
+def template_context(flow: Flow, execution: Execution, secrets: Secrets | None = None) -> dict[str, Any]:
+    """What templates see: trigger, vars, flow, execution, secrets, finished nodes' outputs."""
     context: dict[str, Any] = {node_id: run.output for node_id, run in execution.nodes.items() if run.status == "ok"}
     context.update(
         trigger=execution.trigger,
         vars=flow.vars,
         flow={"name": flow.name, "description": flow.spec.description, "version": flow.version},
         execution={"id": execution.id, "created_at": execution.created_at},
+        secrets=(secrets or _NO_SECRETS).view,
     )
     return context
 

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from flowchat.errors import NodeError
+from flowchat.logs import add_secret_values
+from flowchat.secrets import Secrets
 from flowchat.settings import Settings
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ class Services:
         settings: Settings | None = None,
         redis: Redis | None = None,
         keys: Keys | None = None,
+        secrets: Secrets | None = None,
     ) -> None:
         self._http = http
         self._own_http = False
@@ -70,6 +73,8 @@ class Services:
         self.settings = settings if settings is not None else Settings()
         self.redis = redis
         self.keys = keys
+        self.secrets = secrets if secrets is not None else Secrets()
+        """The process's secrets: templates read them, :meth:`Secrets.mask` hides them in outputs."""
         self.failed: dict[str, str] = {}
         """Services whose factory raised at start-up, with the reason (``get`` names it)."""
 
@@ -127,12 +132,16 @@ async def open_services(
     A factory that raises is logged, and ``get`` of that service then names the failure.
     """
     settings = settings if settings is not None else Settings.from_env()
+    secrets = Secrets.from_settings(settings)
+    add_secret_values(secrets.values())  # log lines never carry them either
     chosen = {**_entry_point_loaders(), **{name: _ready(factory) for name, factory in (factories or {}).items()}}
     if only is not None:
         wanted = set(only)
         chosen = {name: loader for name, loader in chosen.items() if name in wanted}
     async with aiohttp.ClientSession(raise_for_status=False) as http:
-        services = Services(http, clock=clock, extra=extra, settings=settings, redis=redis, keys=keys)
+        services = Services(
+            http, clock=clock, extra=extra, settings=settings, redis=redis, keys=keys, secrets=secrets
+        )
         started: list[tuple[str, Any]] = []
         try:
             for name, loader in chosen.items():

@@ -20,7 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from flowchat.errors import TemplateError, TemplateSecurityError
 
-CONTEXT_NAMES = frozenset({"trigger", "vars", "flow", "execution"})
+CONTEXT_NAMES = frozenset({"trigger", "vars", "flow", "execution", "secrets"})
 """Names every template may use besides upstream node ids."""
 
 _SAFE_GLOBALS = ("range", "dict", "lipsum")
