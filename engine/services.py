@@ -46,6 +46,14 @@ log = logging.getLogger("flowchat.services")
 Factory = Callable[..., Any]
 
 
+class ServiceMissing(NodeError, KeyError):
+    """``services.get(name)`` of a service this runtime does not have (a KeyError too, for callers probing)."""
+
+    code = "service-missing"
+
+    __str__ = NodeError.__str__
+
+
 class Services:
     """Shared clients and helpers for nodes: ``ctx.services.http``, ``ctx.services.get(name)``.
 
@@ -93,11 +101,10 @@ class Services:
         except KeyError:
             pass
         if name in self.failed:
-            raise NodeError(f"service {name!r} failed to start: {self.failed[name]}", code="service-unavailable")
-        raise NodeError(
+            raise ServiceMissing(f"service {name!r} failed to start: {self.failed[name]}", code="service-unavailable")
+        raise ServiceMissing(
             f"service {name!r} is not available in this runtime (declare it in the node's `services` "
-            "and install the package that provides it)",
-            code="service-missing",
+            "and install the package that provides it)"
         )
 
     def __contains__(self, name: object) -> bool:

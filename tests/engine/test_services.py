@@ -125,6 +125,8 @@ async def test_a_failing_or_missing_service_is_a_clear_node_error():
     assert failed.value.code == "service-unavailable"
     assert "RuntimeError: CRM_URL is not set" in failed.value.message
     assert missing.value.code == "service-missing"
+    assert isinstance(missing.value, KeyError)  # callers probing with `except KeyError` keep working
+    assert str(missing.value).startswith("[service-missing] service 'nothing'")
     assert "'nothing'" in missing.value.message
 
 
