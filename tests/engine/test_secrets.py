@@ -200,7 +200,7 @@ async def test_a_secret_in_a_header_reaches_the_server_and_nowhere_else(
     assert stored is not None
     call = stored[1]["call"]
     assert call["output"]["json"] == {"authorization": "Bearer ***", "user": "***"}
-    assert call["output"]["headers"]["X-Echo"] == "Bearer ***"
+    assert call["output"]["headers"]["x-echo"] == "Bearer ***"
     assert "token=***" in stored[1]["denied"]["error"]["message"]
 
     blob = await redis_contents(redis)
