@@ -329,7 +329,12 @@ def report(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in well under a minute")
+    parser.add_argument(
+        "--cluster", action="store_true", help="only the Redis Cluster rows: a local 3-master cluster, 1 and 2 partitions"
+    )
     args = parser.parse_args()
+    if args.cluster:
+        return cluster_main()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="flowchat-bench-") as workdir:
         bench = Bench(args.quick, Path(workdir))
@@ -361,6 +366,24 @@ def main() -> int:
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def cluster_main(count: int = 20_000) -> int:
+    """``--cluster``: queue throughput on a local Cluster (bench/results/cluster.json)."""
+    from bench import cluster
+
+    with tempfile.TemporaryDirectory(prefix="flowchat-bench-") as workdir:
+        flows = Path(workdir) / "flows"
+        flows.mkdir()
+        (flows / "noop1.yaml").write_text(NOOP_FLOW.format(name="noop1", nodes=noop_nodes(1)))
+        results = cluster.run(Path(workdir), flows, count)
+    rows = cluster.rows(results)
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    (RESULTS.parent / "cluster.json").write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 from redis.asyncio.connection import AbstractConnection
 
 from flowchat.catalog import Catalog
-from flowchat.connections import redis_client
+from flowchat.connections import open_redis
 from flowchat.keys import Keys
 from flowchat.mover import DelayedMover
 from flowchat.queue import Queue
 from flowchat.registry import load_registry
 from flowchat.services import open_services
+from flowchat.settings import Settings
 from flowchat.worker import Worker, WorkerSettings
 
 ROUND_TRIPS = {"count": 0}
@@ -36,14 +37,13 @@ async def _counting_send(self, command, check_health=True):  # type: ignore[no-u
 AbstractConnection.send_packed_command = _counting_send  # type: ignore[method-assign]
 
 
-async def main(url: str, flows: str, concurrency: int) -> None:
+async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     catalog = Catalog(Path(flows), load_registry(entry_points=False))
     catalog.reload()
-    redis = redis_client(url)
-    async with open_services() as services:
-        queue = Queue(redis, Keys())
+    async with open_redis(Settings.from_env({"FLOWCHAT_REDIS_URL": url})) as redis, open_services() as services:
+        queue = Queue(redis, Keys(queue_name))
         worker = Worker(queue, catalog, services, WorkerSettings(concurrency=concurrency, block_ms=200))
         mover = asyncio.create_task(DelayedMover(queue).run())
         task = asyncio.create_task(worker.run())
@@ -67,4 +67,4 @@ async def main(url: str, flows: str, concurrency: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5]))
