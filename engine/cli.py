@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flowchat import whatsapp_cli
 from flowchat.codec import execution_json
 from flowchat.errors import FlowChatError, FlowInvalid
 from flowchat.execution import Execution
@@ -386,6 +387,7 @@ environment:
     # -- crm (contacts)
 
     # -- whatsapp (simulate, messages)
+    whatsapp_cli.add_commands(sub)
 
     # -- analytics (analytics, sink)
 

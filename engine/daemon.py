@@ -31,6 +31,7 @@ from flowchat.scheduler import Scheduler
 from flowchat.secrets import flow_secrets, unset_secret_warnings
 from flowchat.services import Services, open_services
 from flowchat.settings import Settings
+from flowchat.twilio_webhooks import TwilioWebhooks, twilio_mode
 from flowchat.worker import Worker, WorkerSettings
 
 log = logging.getLogger("flowchat.daemon")
@@ -88,11 +89,13 @@ async def serve(flows: Path, host: str, port: int, concurrency: int, workers: bo
     stop = asyncio.Event()
     _stop_on_signals(stop)
     async with runtime(flows, plugins) as rt:
-        runner = web.AppRunner(create_app(rt.queue, rt.catalog, rt.metrics), access_log=None)
+        twilio = TwilioWebhooks(rt.settings, rt.services)
+        runner = web.AppRunner(create_app(rt.queue, rt.catalog, rt.metrics, twilio), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         log.info("listening on http://%s:%d", host, port)
         print(f"flowchat: listening on http://{host}:{port} with {len(rt.catalog.flows)} flow(s)", flush=True)
+        print(f"flowchat: {twilio_mode(rt.settings)}", flush=True)
         parts = _Parts(stop)
         parts.start(DelayedMover(rt.queue).run(), "delayed-work mover")
         parts.start(Scheduler(rt.queue, rt.catalog).run(), "scheduler")

@@ -12,6 +12,7 @@ nothing is accepted that was not stored.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -29,14 +30,26 @@ from flowchat.errors import QueueError
 from flowchat.flow import Flow
 from flowchat.metrics import Metrics
 from flowchat.queue import Queue
+from flowchat.twilio_webhooks import (
+    TWIML_EMPTY,
+    TwilioWebhooks,
+    addressed_to,
+    advance_status,
+    emit_message,
+    read_params,
+    record_inbound,
+    route,
+    signed_flows,
+)
 
 log = logging.getLogger("flowchat.ingress")
 SIGNATURE_HEADER = "X-FlowChat-Signature"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+MAX_TWILIO_BODY = 1024 * 1024
 QUEUE_KEY = web.AppKey("queue", Queue)
 CATALOG_KEY = web.AppKey("catalog", Catalog)
 METRICS_KEY = web.AppKey("metrics", Metrics)
+TWILIO_KEY = web.AppKey("twilio", TwilioWebhooks)
 
 
 class HttpProblem(Exception):
@@ -47,9 +60,12 @@ class HttpProblem(Exception):
         self.status, self.body = status, {"error": message, **extra}
 
 
-def create_app(queue: Queue, catalog: Catalog, metrics: Metrics) -> web.Application:
+def create_app(
+    queue: Queue, catalog: Catalog, metrics: Metrics, twilio: TwilioWebhooks | None = None
+) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_count_requests])
     app[QUEUE_KEY], app[CATALOG_KEY], app[METRICS_KEY] = queue, catalog, metrics
+    app[TWILIO_KEY] = twilio or TwilioWebhooks()
     app.router.add_post("/hooks/{path:.+}", webhook)
     app.router.add_post("/twilio/message", twilio_message)
     app.router.add_post("/twilio/status", twilio_status)
@@ -168,57 +184,41 @@ async def _enqueue(
     return await queue.enqueue(flow.name, flow.version, payload, idempotency_key=idempotency_key)
 
 
-# --- Twilio -------------------------------------------------------------------------
+# --- Twilio (see flowchat.twilio_webhooks) -----------------------------------------------
 
 
 async def twilio_message(request: web.Request) -> web.Response:
-    return await _twilio(request, "twilio.message", "MessageSid")
-
-
-async def twilio_status(request: web.Request) -> web.Response:
-    return await _twilio(request, "twilio.status", None)
-
-
-async def _twilio(request: web.Request, trigger_type: str, dedupe_field: str | None) -> web.Response:
-    params = dict(
-        parse_qsl((await _read_body(request, 1024 * 1024)).decode("utf-8", "replace"), keep_blank_values=True)
-    )
-    flows = [flow for flow in request.app[CATALOG_KEY].by_trigger(trigger_type) if _addressed_to(flow, params)]
-    if flows:
-        flows = _signed_flows(request, params, flows)
-    for flow in flows:
-        key = params.get(dedupe_field) if dedupe_field else f"{params.get('MessageSid')}:{params.get('MessageStatus')}"
-        await _enqueue(request, flow, params, key)
+    hooks, settings = request.app[TWILIO_KEY], request.app[TWILIO_KEY].settings
+    params = read_params(await _read_body(request, MAX_TWILIO_BODY))
+    flows = [flow for flow in request.app[CATALOG_KEY].by_trigger("twilio.message") if addressed_to(flow, params)]
+    flows = signed_flows(request, params, flows, hooks, settings)
+    contact = await record_inbound(hooks, params)
+    started = route(flows, params)
+    trigger = {**params, "contact": contact}
+    sid = params.get("MessageSid") or None
+    # the flows' enqueues ride one auto-pipelined round trip
+    await asyncio.gather(*(_enqueue(request, flow, trigger, sid) for flow in started))
+    await emit_message(
+        hooks, flow="", execution_id="", node="", sid=params.get("MessageSid", ""), direction="inbound",
+        phone=contact.get("phone", ""), status="received", error_code="", template=False,
+    )  # fmt: skip
     return web.Response(text=TWIML_EMPTY, content_type="text/xml")
 
 
-def _addressed_to(flow: Flow, params: dict[str, str]) -> bool:
-    to = getattr(flow.trigger, "to", None)
-    return not to or params.get("To", "").removeprefix("whatsapp:") == to.removeprefix("whatsapp:")
-
-
-def _signed_flows(request: web.Request, params: dict[str, str], flows: list[Flow]) -> list[Flow]:
-    """The flows whose account's auth token signed this request; each flow checks its own token."""
-    from twilio.request_validator import RequestValidator
-
-    signature = request.headers.get("X-Twilio-Signature")
-    if not signature:
-        raise HttpProblem(401, "missing X-Twilio-Signature header")
-    base = os.environ.get("FLOWCHAT_PUBLIC_URL", "").rstrip("/")
-    url = f"{base}{request.path_qs}" if base else str(request.url)
-    verdicts: dict[str, bool] = {}
-    for env_name in {flow.trigger.auth_token_env for flow in flows}:
-        token = os.environ.get(env_name)
-        if token:
-            verdicts[env_name] = RequestValidator(token).validate(url, params, signature)
-        else:
-            log.error("environment variable %s is not set; its Twilio flows cannot be reached", env_name)
-    if not verdicts:
-        raise HttpProblem(503, "Twilio authentication is not configured (set the flows' auth_token_env)")
-    signed = [flow for flow in flows if verdicts.get(flow.trigger.auth_token_env)]
-    if not signed:
-        raise HttpProblem(403, "X-Twilio-Signature does not match")
-    return signed
+async def twilio_status(request: web.Request) -> web.Response:
+    hooks, settings = request.app[TWILIO_KEY], request.app[TWILIO_KEY].settings
+    params = read_params(await _read_body(request, MAX_TWILIO_BODY))
+    flows = signed_flows(request, params, request.app[CATALOG_KEY].by_trigger("twilio.status"), hooks, settings)
+    queue = request.app[QUEUE_KEY]
+    message = await advance_status(hooks, queue.keys, queue.redis, params)
+    if message is not None:
+        status = params.get("MessageStatus", "").lower()
+        trigger = {**params, "message": message}
+        for flow in flows:
+            wanted = getattr(flow.trigger, "match", None)
+            if wanted is None or status in wanted.status:
+                await _enqueue(request, flow, trigger, f"{params.get('MessageSid')}:{status}")
+    return web.Response(text=TWIML_EMPTY, content_type="text/xml")
 
 
 # --- health and metrics ---------------------------------------------------------------

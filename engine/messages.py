@@ -9,7 +9,7 @@ Guarantees:
   window left is a crash between Twilio's answer and that write (one round trip).
 - **Status only moves forward.** ``simulated < queued/accepted/scheduled < sending
   < sent < delivered < read``; ``failed``, ``undelivered`` and ``canceled`` are
-  terminal. :meth:`Ledger.advance` applies a status callback atomically and says
+  terminal, and cannot follow ``delivered`` or ``read``. :meth:`Ledger.advance` applies a status callback atomically and says
   whether it changed anything, so late or repeated callbacks are no-ops.
 """
 
@@ -75,6 +75,7 @@ local new = rank[ARGV[2]] or 3
 if old then
   local before = rank[old] or 3
   if before >= 9 or new <= before then return false end
+  if new >= 9 and before >= 4 then return false end  -- delivered or read cannot fail afterwards
 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from flowchat.durations import Duration
 from flowchat.fields import JsonSchema
@@ -22,19 +22,69 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class MessageMatch(_Strict):
+    """Which inbound messages start a flow; keys combine with AND."""
+
+    body: str | None = Field(
+        None, description="Regular expression searched in Body, case-insensitive (RE2 syntax: linear time)."
+    )
+    keywords: list[str] | None = Field(None, description="Any of these whole words or phrases, case-insensitive.")
+    button: list[str] | str | None = Field(None, description="Quick-reply ButtonPayload(s).")
+    from_: list[str] | str | None = Field(None, alias="from", description="Sender phone(s), E.164.")
+    default: bool = Field(False, description="Run only when no other flow's `match:` fitted the message.")
+
+    _body: Any = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _check(self) -> MessageMatch:
+        if self.default and (self.body or self.keywords or self.button or self.from_):
+            raise ValueError("`default: true` stands alone: it fits when no other flow's match: did")
+        if not self.default and not (self.body or self.keywords or self.button or self.from_):
+            raise ValueError("give at least one of body, keywords, button, from (or default: true)")
+        if self.body is not None:
+            import re2
+
+            try:
+                self._body = re2.compile(self.body, _re2_options())
+            except re2.error as exc:
+                raise ValueError(f"body is not a valid RE2 regular expression: {exc}") from None
+        return self
+
+    @property
+    def body_regex(self) -> Any:
+        return self._body
+
+
+def _re2_options() -> Any:
+    import re2
+
+    options = re2.Options()
+    options.case_sensitive = False
+    options.max_mem = 8 << 20  # a pathological pattern fails at load time, not at ingress
+    return options
+
+
+class StatusMatch(_Strict):
+    """Which delivery statuses start a flow."""
+
+    status: list[str] = Field(min_length=1, description="Statuses: queued, sent, delivered, read, failed, undelivered…")
+
+
 class TwilioMessageTrigger(_Strict):
     """An inbound WhatsApp message, posted by Twilio to ``/twilio/message``."""
 
     type: Literal["twilio.message"]
     to: str | None = Field(None, description="Only messages sent to this number (E.164, optionally whatsapp:).")
     auth_token_env: str = Field("TWILIO_AUTH_TOKEN", description="Env var holding the auth token for signatures.")
+    match: MessageMatch | None = Field(None, description="Only messages that fit (body, keywords, button, from).")
 
 
 class TwilioStatusTrigger(_Strict):
-    """A delivery status callback, posted by Twilio to ``/twilio/status``."""
+    """A delivery status callback, posted by Twilio to ``/twilio/status``; runs on each real status change."""
 
     type: Literal["twilio.status"]
     auth_token_env: str = Field("TWILIO_AUTH_TOKEN", description="Env var holding the auth token for signatures.")
+    match: StatusMatch | None = Field(None, description="Only these statuses.")
 
 
 class WebhookTrigger(_Strict):

@@ -123,16 +123,36 @@ class WhatsApp:
         contacts: Any = None,
         limiter: Any = None,
         events: Any = None,
+        services: Any = None,
     ) -> None:
         self.settings = settings
         self.outbox = not (settings.twilio_account_sid and settings.twilio_auth_token)
         self.ledger = Ledger(redis, keys) if redis is not None else None
         self.redis, self.keys = redis, keys or Keys()
-        self.contacts, self.limiter, self.events = contacts, limiter, events
+        self._given = {"contacts": contacts, "limiter": limiter, "events": events}
+        self._services = services
         self.send_rate = Rate.parse(settings.send_rate, "FLOWCHAT_SEND_RATE")
         self.recipient_rate = Rate.parse(settings.recipient_rate, "FLOWCHAT_RECIPIENT_RATE")
         self._client: Any = None
         self._http: Any = None
+
+    def _service(self, name: str) -> Any:
+        given = self._given.get(name)
+        if given is not None or self._services is None:
+            return given
+        return getattr(self._services, "extra", {}).get(name)
+
+    @property
+    def contacts(self) -> Any:
+        return self._service("contacts")
+
+    @property
+    def limiter(self) -> Any:
+        return self._service("limiter")
+
+    @property
+    def events(self) -> Any:
+        return self._service("events")
 
     @property
     def mode(self) -> str:
@@ -414,22 +434,13 @@ def _output(sid: str, status: str, to: str, used_template: bool) -> dict[str, An
 
 
 async def open_whatsapp(settings: Settings, services: Any = None) -> WhatsApp:
-    """The ``whatsapp`` service factory (entry point ``flowchat.services``)."""
-    extra = getattr(services, "get", None)
+    """The ``whatsapp`` service factory (entry point ``flowchat.services``).
 
-    def maybe(name: str) -> Any:
-        try:
-            return extra(name) if extra else None
-        except KeyError:
-            return None
-
+    The CRM's ``contacts``, ``limiter`` and ``events`` are looked up on first use, so the
+    order services start in does not matter.
+    """
     sender = WhatsApp(
-        settings,
-        redis=getattr(services, "redis", None),
-        keys=getattr(services, "keys", None),
-        contacts=maybe("contacts"),
-        limiter=maybe("limiter"),
-        events=maybe("events"),
+        settings, redis=getattr(services, "redis", None), keys=getattr(services, "keys", None), services=services
     )
     log.info("whatsapp: %s", sender.mode)
     return sender
