@@ -390,6 +390,9 @@ environment:
     whatsapp_cli.add_commands(sub)
 
     # -- analytics (analytics, sink)
+    from flowchat.analytics import add_commands as analytics_commands
+
+    COMMANDS.update(analytics_commands(sub))
 
     # -- operations
 

@@ -31,6 +31,7 @@ from flowchat.scheduler import Scheduler
 from flowchat.secrets import flow_secrets, unset_secret_warnings
 from flowchat.services import Services, open_services
 from flowchat.settings import Settings
+from flowchat.sink import Sink, SinkSettings, run_sink
 from flowchat.twilio_webhooks import TwilioWebhooks, twilio_mode
 from flowchat.worker import Worker, WorkerSettings
 
@@ -102,13 +103,25 @@ async def serve(flows: Path, host: str, port: int, concurrency: int, workers: bo
         parts.start(rt.catalog.watch(), "flow watcher")
         worker = _worker(rt, concurrency) if workers else None
         worker_task = parts.start(worker.run(), "worker") if worker else None
+        sink = _sink(rt)
+        sink_task = parts.start(run_sink(sink), "analytics sink") if sink else None
         await stop.wait()
         log.info("stopping: no new requests or work; draining in-flight executions")
         await runner.cleanup()
         if worker and worker_task:
             worker.stop()
             await asyncio.gather(worker_task, return_exceptions=True)
+        if sink and sink_task:
+            sink.stop()
+            await asyncio.gather(sink_task, return_exceptions=True)
         return await parts.stop()
+
+
+def _sink(rt: Runtime) -> Sink | None:
+    """The analytics sink serve runs (it waits for the lease when another sink holds it)."""
+    if not rt.settings.analytics:
+        return None
+    return Sink(rt.queue.redis, rt.queue.keys, SinkSettings.from_settings(rt.settings))
 
 
 async def work(flows: Path, concurrency: int, plugins: Path | None = None) -> int:

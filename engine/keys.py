@@ -65,6 +65,11 @@ class Keys:
 
     # --- crm: contacts, limiter, events (each under its own hash tag) -----------------------
 
+    @property
+    def events(self) -> str:
+        """Stream of analytics events (fields per CONTRACTS.md), read by the ``analytics`` group."""
+        return f"{{{self.prefix}:events}}:stream"
+
     # --- whatsapp: message ledger ----------------------------------------------------------
     # One hash tag for the ledger, so a send's record (message hash, send marker, index) is
     # written by one script in one slot.
@@ -87,3 +92,8 @@ class Keys:
         return f"{self.ledger_tag}:sent:{execution_id}:{node_id}"
 
     # --- analytics: sink lease -------------------------------------------------------------
+
+    @property
+    def sink_lease(self) -> str:
+        """String: the id of the one active analytics sink, with a TTL it keeps renewing."""
+        return f"{{{self.prefix}:events}}:sink-lease"

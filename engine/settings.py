@@ -107,6 +107,12 @@ class Settings:
     recipient_rate: str = "1/6s"
     twilio_timeout: float = 15.0
 
+    # --- analytics: the events sink ---------------------------------------------------------
+    analytics_batch: int = 5000
+    analytics_flush: float = 1.0
+    analytics_retention_days: int = 0
+    analytics_compact_every: float = 60.0
+
     # --- operations ---------------------------------------------------------------------
     log_format: str = "text"
     redis_cluster: bool | None = None
@@ -143,6 +149,10 @@ class Settings:
             send_rate=_text(env, "FLOWCHAT_SEND_RATE", "80/1s"),
             recipient_rate=_text(env, "FLOWCHAT_RECIPIENT_RATE", "1/6s"),
             twilio_timeout=_number(env, "FLOWCHAT_TWILIO_TIMEOUT", 15.0),
+            analytics_batch=max(1, _size(env, "FLOWCHAT_ANALYTICS_BATCH", 5000)),
+            analytics_flush=_number(env, "FLOWCHAT_ANALYTICS_FLUSH", 1.0),
+            analytics_retention_days=_size(env, "FLOWCHAT_ANALYTICS_RETENTION_DAYS", 0),
+            analytics_compact_every=_number(env, "FLOWCHAT_ANALYTICS_COMPACT_EVERY", 60.0),
             log_format=_choice(env, "FLOWCHAT_LOG_FORMAT", ("text", "json")),
             redis_cluster=_optional_flag(env, "FLOWCHAT_REDIS_CLUSTER"),
             redis_sentinels=_addresses(env, "FLOWCHAT_REDIS_SENTINELS"),
