@@ -112,6 +112,7 @@ class Settings:
     analytics_flush: float = 1.0
     analytics_retention_days: int = 0
     analytics_compact_every: float = 60.0
+    analytics_lease: float = 10.0
 
     # --- operations ---------------------------------------------------------------------
     log_format: str = "text"
@@ -153,6 +154,7 @@ class Settings:
             analytics_flush=_number(env, "FLOWCHAT_ANALYTICS_FLUSH", 1.0),
             analytics_retention_days=_size(env, "FLOWCHAT_ANALYTICS_RETENTION_DAYS", 0),
             analytics_compact_every=_number(env, "FLOWCHAT_ANALYTICS_COMPACT_EVERY", 60.0),
+            analytics_lease=_number(env, "FLOWCHAT_ANALYTICS_LEASE", 10.0),
             log_format=_choice(env, "FLOWCHAT_LOG_FORMAT", ("text", "json")),
             redis_cluster=_optional_flag(env, "FLOWCHAT_REDIS_CLUSTER"),
             redis_sentinels=_addresses(env, "FLOWCHAT_REDIS_SENTINELS"),

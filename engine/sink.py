@@ -74,6 +74,7 @@ class SinkSettings:
             flush=settings.analytics_flush,
             retention_days=settings.analytics_retention_days,
             compact_every=settings.analytics_compact_every,
+            lease_ttl=max(0.3, settings.analytics_lease),
         )
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
+import duckdb
 import redis as sync_redis
 
 from flowchat.keys import Keys
@@ -135,3 +137,23 @@ def bulk(count: int, kind: str = "node_run") -> list[dict[str, str]]:
     for i in range(count):
         r.node_run("load", f"x{i // 5}", f"n{i % 5}", "set", "ok", 1)
     return r.events
+
+
+def count(data_dir: Path, sql: str) -> int:
+    """One number from the views, read-only, as an analyst's process would."""
+    path = data_dir / "analytics.duckdb"
+    if not path.exists():
+        return -1
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return int(con.execute(sql).fetchone()[0])  # type: ignore[index]
+    finally:
+        con.close()
+
+
+def physical_rows(data_dir: Path) -> int:
+    files = sorted((data_dir / "analytics" / "events").glob("day=*/*.parquet"))
+    if not files:
+        return 0
+    names = ", ".join(f"'{f}'" for f in files)
+    return int(duckdb.sql(f"SELECT count(*) FROM read_parquet([{names}])").fetchone()[0])  # type: ignore[index]

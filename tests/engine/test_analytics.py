@@ -13,7 +13,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from analytics_data import ALICE, DAVE, append, bulk, known_data_set
+from analytics_data import ALICE, DAVE, append, bulk, count, known_data_set, physical_rows
 from redis.asyncio import Redis
 from support import ROOT, wait_for
 
@@ -22,26 +22,6 @@ from flowchat.keys import Keys
 from flowchat.report import build_report, format_report
 from flowchat.sink import GROUP, Sink, SinkSettings
 from flowchat.warehouse import Warehouse, phone_hash
-
-
-def count(data_dir: Path, sql: str) -> int:
-    """One number from the views, read-only, as an analyst's process would."""
-    path = data_dir / "analytics.duckdb"
-    if not path.exists():
-        return -1
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return int(con.execute(sql).fetchone()[0])  # type: ignore[index]
-    finally:
-        con.close()
-
-
-def physical_rows(data_dir: Path) -> int:
-    files = sorted((data_dir / "analytics" / "events").glob("day=*/*.parquet"))
-    if not files:
-        return 0
-    names = ", ".join(f"'{f}'" for f in files)
-    return int(duckdb.sql(f"SELECT count(*) FROM read_parquet([{names}])").fetchone()[0])  # type: ignore[index]
 
 
 @pytest.fixture

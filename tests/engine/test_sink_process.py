@@ -1,0 +1,100 @@
+"""The sink as operators run it: inside `flowchat serve` and alone as `flowchat sink`, real processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import redis as sync_redis
+from analytics_data import append, bulk, count, physical_rows
+from support import ROOT, Processes, daemon_env, write_flow
+
+from flowchat.keys import Keys
+from flowchat.redis_server import free_port
+from flowchat.sink import GROUP
+
+READER = """
+import json, sys, time, duckdb
+path, stop = sys.argv[1], sys.argv[2]
+reads, errors, seen = 0, [], []
+import os
+while not os.path.exists(stop):
+    try:
+        con = duckdb.connect(path, read_only=True)
+        seen.append(con.execute("SELECT count(*) FROM node_runs").fetchone()[0])
+        con.close()
+        reads += 1
+    except Exception as exc:
+        errors.append(repr(exc))
+print(json.dumps({"reads": reads, "errors": errors[:5], "error_count": len(errors), "max": max(seen or [0])}))
+"""
+
+
+def test_serve_sinks_while_another_process_reads(processes: Processes, redis_url: str, tmp_path: Path) -> None:
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    write_flow(flows, "noop", "  - {id: a, type: set, with: {values: {}}}\n")
+    data = tmp_path / "data"
+    env = daemon_env(redis_url, FLOWCHAT_DATA_DIR=str(data), FLOWCHAT_ANALYTICS_BATCH="1000")
+    processes.start("serve", "--flows", str(flows), "--port", str(free_port()), env=env)
+    views = data / "analytics.duckdb"
+    _wait(lambda: views.exists())
+    stop = tmp_path / "stop-reading"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(views), str(stop)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    for _ in range(20):
+        append(redis_url, bulk(1000))
+    _wait(lambda: count(data, "SELECT count(*) FROM node_runs") == 20_000, timeout=60)
+    stop.touch()
+    out, _ = reader.communicate(timeout=30)
+    result = json.loads(out)
+    assert result["error_count"] == 0, result["errors"]
+    assert result["reads"] > 5 and result["max"] > 0
+    # idle: one more event is visible within 5 s
+    started = time.monotonic()
+    append(redis_url, bulk(1))
+    _wait(lambda: count(data, "SELECT count(*) FROM node_runs") == 20_001, timeout=5)
+    assert time.monotonic() - started < 5
+
+
+def test_sigkill_of_the_sink_mid_stream_leaves_every_event_once(
+    processes: Processes, redis_url: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    env = daemon_env(
+        redis_url, FLOWCHAT_DATA_DIR=str(data), FLOWCHAT_ANALYTICS_BATCH="2000", FLOWCHAT_ANALYTICS_LEASE="1"
+    )
+    total = 40_000
+    events = bulk(total)
+    sink = processes.start("sink", env=env)
+    writer = threading.Thread(target=lambda: [append(redis_url, events[i : i + 500]) for i in range(0, total, 500)])
+    writer.start()
+    client = sync_redis.Redis.from_url(redis_url)
+    _wait(lambda: physical_rows(data) >= 4000, timeout=60)
+    _wait(lambda: int(client.xpending(Keys().events, GROUP)["pending"]) > 0)  # a batch in hand
+    sink.send_signal(signal.SIGKILL)
+    sink.wait()
+    unacked = int(client.xpending(Keys().events, GROUP)["pending"])
+    assert unacked > 0  # killed mid-batch: read, perhaps written, not acknowledged
+    writer.join()
+    processes.start("sink", env=env)
+    _wait(lambda: count(data, "SELECT count(*) FROM node_runs") == total, timeout=60)
+    assert count(data, "SELECT count(DISTINCT event_id) FROM node_runs") == total
+    _wait(lambda: int(client.xpending(Keys().events, GROUP)["pending"]) == 0)
+    time.sleep(0.5)
+    assert count(data, "SELECT count(*) FROM node_runs") == total
+    client.close()
+
+
+def _wait(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s")
+        time.sleep(0.05)
