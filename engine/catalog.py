@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,16 @@ SourceLookup = Callable[[str, str], Awaitable[tuple[str, str] | None]]
 
 @dataclass
 class Catalog:
+    """The flows loaded from one folder, by file, name and route; and the versions executions run on."""
+
     folder: Path
     registry: Registry
     by_file: dict[Path, Flow] = field(default_factory=dict)
     problems: dict[Path, list[FlowChatError]] = field(default_factory=dict)
     _signatures: dict[Path, tuple[int, int]] = field(default_factory=dict)
-    _versions: dict[tuple[str, str], Flow] = field(default_factory=dict)
+    _versions: OrderedDict[tuple[str, str], Flow] = field(default_factory=OrderedDict)
+    max_versions: int = 256
+    """Older flow versions kept loaded (least recently used dropped first); current ones are always at hand."""
 
     @property
     def flows(self) -> dict[str, Flow]:
@@ -89,15 +94,26 @@ class Catalog:
             )
         problems.pop(path, None)
         by_file[path] = flow
-        self._versions[(flow.name, flow.version)] = flow
+        self._remember(flow)
         log.info("flow %s loaded (version %s)", flow.name, flow.version)
         return True
 
+    def _remember(self, flow: Flow, key: tuple[str, str] | None = None) -> None:
+        key = key or (flow.name, flow.version)
+        self._versions[key] = flow
+        self._versions.move_to_end(key)
+        while len(self._versions) > self.max_versions:
+            self._versions.popitem(last=False)
+
     async def version(self, name: str, version: str, lookup: SourceLookup) -> Flow | None:
-        """The exact flow version an execution started with."""
+        """The exact flow version an execution started with: loaded, or rebuilt from the YAML the queue stored."""
         flow = self._versions.get((name, version))
         if flow is not None:
+            self._versions.move_to_end((name, version))
             return flow
+        current = self.get(name)
+        if current is not None and current.version == version:
+            return current
         stored = await lookup(name, version)
         if stored is None:
             return None
@@ -107,7 +123,7 @@ class Catalog:
         except FlowInvalid as invalid:
             log.error("stored version %s of flow %s no longer loads:\n%s", version, name, invalid)
             return None
-        self._versions[(name, version)] = flow
+        self._remember(flow, (name, version))
         return flow
 
     async def watch(self, interval: float = 1.0, on_change: Callable[[], None] | None = None) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,17 @@ def format_trace(execution: Execution) -> str:
     return "\n".join(lines)
 
 
+def age(timestamp: float | None) -> str:
+    """How long ago ``timestamp`` (epoch seconds) was, for tables: ``3m ago``."""
+    if not timestamp:
+        return "-"
+    seconds = max(0.0, time.time() - timestamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
 def _clip(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -226,7 +238,7 @@ def executions(args: argparse.Namespace) -> int:
             return 0
         print(f"{'id':<26} {'flow':<20} {'status':<10} created")
         for row in rows:
-            print(f"{row['id']:<26} {row['flow']:<20} {row['status']:<10} {operations.age(row['created_at'])}")
+            print(f"{row['id']:<26} {row['flow']:<20} {row['status']:<10} {age(row['created_at'])}")
         return 0
     execution = _with_queue(lambda q: operations.load_execution(q, args.id))
     if execution is None:
@@ -264,15 +276,12 @@ def dlq(args: argparse.Namespace) -> int:
         latest, problems = load_flows([args.flows], _registry(args))
         _print_problems(problems)
 
-    async def replay_all(queue: Any) -> list[str]:
-        ids = [entry["e"] for entry in await queue.dead_letters(100_000)] if args.all else [args.id]
-        done = []
-        for execution_id in dict.fromkeys(ids):
-            if await operations.replay(queue, execution_id, latest=latest):
-                done.append(execution_id)
-        return done
+    async def replay(queue: Any) -> list[str]:
+        if args.all:
+            return await operations.replay_all(queue, latest=latest)
+        return [args.id] if await operations.replay(queue, args.id, latest=latest) else []
 
-    replayed = _with_queue(replay_all)
+    replayed = _with_queue(replay)
     for execution_id in replayed:
         print(f"replayed {execution_id}")
     if not replayed:

@@ -1,4 +1,7 @@
-"""A loaded flow: validated, with its templates compiled and its graph resolved."""
+"""A loaded flow: validated, with its templates compiled and its graph resolved.
+
+The graph algorithms live in :mod:`flowchat.graph` (re-exported here for older imports).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from flowchat.graph import ancestors, dependents_of, find_cycle, resolve_needs
 from flowchat.node import Node, RetryPolicy
 from flowchat.secrets import referenced_secrets
 from flowchat.spec import FlowSpec
@@ -79,60 +83,4 @@ class Flow:
         return self.spec.vars
 
 
-def resolve_needs(specs: list[tuple[str, list[str] | None]]) -> dict[str, tuple[str, ...]]:
-    """Apply the default: a node without ``needs`` follows the node above it."""
-    needs: dict[str, tuple[str, ...]] = {}
-    previous: str | None = None
-    for node_id, declared in specs:
-        if declared is not None:
-            needs[node_id] = tuple(declared)
-        else:
-            needs[node_id] = (previous,) if previous is not None else ()
-        previous = node_id
-    return needs
-
-
-def find_cycle(needs: dict[str, tuple[str, ...]]) -> list[str] | None:
-    """One cycle in the graph, as the node ids around it, or None."""
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node_id: str) -> list[str] | None:
-        state[node_id] = 1
-        stack.append(node_id)
-        for need in needs.get(node_id, ()):
-            if need not in needs:
-                continue
-            if state.get(need) == 1:
-                return [*stack[stack.index(need) :], need]
-            if need not in state and (cycle := visit(need)):
-                return cycle
-        stack.pop()
-        state[node_id] = 2
-        return None
-
-    for node_id in needs:
-        if node_id not in state and (cycle := visit(node_id)):
-            return cycle
-    return None
-
-
-def ancestors(needs: dict[str, tuple[str, ...]], node_id: str) -> set[str]:
-    """Every node ``node_id`` waits for, directly or not."""
-    seen: set[str] = set()
-    stack = list(needs.get(node_id, ()))
-    while stack:
-        current = stack.pop()
-        if current in seen or current not in needs:
-            continue
-        seen.add(current)
-        stack.extend(needs[current])
-    return seen
-
-
-def dependents_of(needs: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    result: dict[str, list[str]] = {node_id: [] for node_id in needs}
-    for node_id, node_needs in needs.items():
-        for need in node_needs:
-            result.setdefault(need, []).append(node_id)
-    return {node_id: tuple(children) for node_id, children in result.items()}
+__all__ = ["Flow", "FlowNode", "ancestors", "dependents_of", "find_cycle", "resolve_needs"]

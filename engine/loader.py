@@ -13,7 +13,9 @@ from pydantic import BaseModel, ValidationError
 from flowchat.documents import Document, dotted, parse_yaml
 from flowchat.documents import Path as DocPath
 from flowchat.errors import FlowChatError, FlowError, FlowInvalid, TemplateError
-from flowchat.flow import Flow, FlowNode, ancestors, dependents_of, find_cycle, resolve_needs
+from flowchat.flow import Flow, FlowNode
+from flowchat.graph import ancestors, dependents_of, find_cycle, resolve_needs
+from flowchat.node import RetryPolicy
 from flowchat.registry import Registry
 from flowchat.spec import FlowSpec, NodeSpec
 from flowchat.templates import CONTEXT_NAMES, Template, compile_expression, compile_tree, is_template, iter_templates
@@ -187,7 +189,7 @@ class _FlowBuilder:
             config=config,
             needs=needs[spec.id],
             when=when,
-            retry=spec.retry or cls.retry,
+            retry=merge_retry(cls.retry, spec.retry),
             timeout=spec.timeout if spec.timeout is not None else cls.timeout,
             static_config=None if templates_in_config else _static_config(cls.Config, spec.with_),
         )
@@ -340,3 +342,10 @@ def _is_templated(raw: Any, path: DocPath) -> bool:
 def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def merge_retry(defaults: RetryPolicy, declared: RetryPolicy | None) -> RetryPolicy:
+    """A node's ``retry:`` over its type's defaults, field by field: ``{backoff: 5s}`` keeps ``max_attempts``."""
+    if declared is None:
+        return defaults
+    return defaults.model_copy(update={name: getattr(declared, name) for name in declared.model_fields_set})

@@ -1,9 +1,10 @@
-"""Operator commands over the queue: list and show executions, dead letters, stats."""
+"""Operator commands over the queue: list and show executions, replay dead letters."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
+
+import yaml
 
 from flowchat.execution import Execution
 from flowchat.flow import Flow
@@ -25,14 +26,36 @@ async def load_execution(queue: Queue, execution_id: str) -> Execution | None:
     if stored is None:
         return None
     meta, nodes = stored
-    return execution_from_parts(meta, nodes, [(node_id, str(run.get("type", ""))) for node_id, run in nodes.items()])
+    # the nodes that ran, in flow order (the hash keeps no order of its own)
+    order = [(node_id, node_type) for node_id, node_type in await _node_order(queue, meta) if node_id in nodes]
+    return execution_from_parts(meta, nodes, order)
 
 
-async def replay(queue: Queue, execution_id: str, *, latest: dict[str, Flow] | None = None) -> Execution | None:
+async def _node_order(queue: Queue, meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (id, type) of the nodes of the execution's flow version, in flow order, from the stored YAML."""
+    source = await queue.flow_source(str(meta.get("flow")), str(meta.get("flow_version")))
+    if source is None:
+        return []
+    try:
+        document = yaml.safe_load(source[1])
+        return [(str(node["id"]), str(node.get("type", ""))) for node in document["nodes"]]
+    except (yaml.YAMLError, TypeError, KeyError):
+        return []  # not a flow we can read any more: stored order
+
+
+async def replay(
+    queue: Queue,
+    execution_id: str,
+    *,
+    latest: dict[str, Flow] | None = None,
+    dead_entries: list[str] | None = None,
+) -> Execution | None:
     """Put a failed execution back on the queue; it resumes at its failed node.
 
     With ``latest`` (flows by name) it moves to the current version of its flow, so a fix
     made in the flow file applies; nodes that already succeeded are still not run again.
+    ``dead_entries`` are its dead-letter stream entries when the caller has read them already
+    (replaying every dead letter reads the stream once, not once per execution).
     """
     execution = await load_execution(queue, execution_id)
     if execution is None or execution.status != "failed":
@@ -47,15 +70,17 @@ async def replay(queue: Queue, execution_id: str, *, latest: dict[str, Flow] | N
         execution.flow_version = current.version
     if not await queue.requeue(execution):
         return None  # replayed meanwhile by someone else
-    await queue.remove_dead_letters(execution_id)
+    await queue.remove_dead_letters(execution_id, dead_entries)
     return execution
 
 
-def age(timestamp: float | None) -> str:
-    if not timestamp:
-        return "-"
-    seconds = max(0.0, time.time() - timestamp)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
+async def replay_all(queue: Queue, *, latest: dict[str, Flow] | None = None) -> list[str]:
+    """Replay every dead-lettered execution, reading the dead-letter stream once."""
+    entries: dict[str, list[str]] = {}
+    for letter in await queue.dead_letters(1_000_000):
+        entries.setdefault(letter["e"], []).append(letter["entry"])
+    replayed = []
+    for execution_id, ids in entries.items():
+        if await replay(queue, execution_id, latest=latest, dead_entries=ids):
+            replayed.append(execution_id)
+    return replayed

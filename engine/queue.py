@@ -394,10 +394,12 @@ class Queue:
             for entry_id, fields in entries
         ]
 
-    async def remove_dead_letters(self, execution_id: str) -> int:
-        entries = [entry for entry in await self.dead_letters(100_000) if entry["e"] == execution_id]
+    async def remove_dead_letters(self, execution_id: str, entries: list[str] | None = None) -> int:
+        """Delete an execution's dead letters: the given stream ``entries``, else found by reading the stream."""
+        if entries is None:
+            entries = [entry["entry"] for entry in await self.dead_letters(100_000) if entry["e"] == execution_id]
         if entries:
-            await self.redis.xdel(self.keys.dead, *[entry["entry"] for entry in entries])
+            await self.redis.xdel(self.keys.dead, *entries)
         return len(entries)
 
     async def stats(self) -> dict[str, Any]:

@@ -204,7 +204,26 @@ def test_graph_draws_a_mermaid_flowchart_with_an_edge_per_need(cli):
     lines = result.stdout.splitlines()
     assert lines[0] == "flowchart TD"
     edges = sorted(line.strip() for line in lines if "->" in line)
-    assert edges == sorted(["trigger --> check", "check --> lead", "lead -. when .-> hot", "lead --> done"])
+    # boxes are n_<id> (no id can be a Mermaid keyword); a conditional edge is labelled with its condition
+    assert edges == sorted(
+        ["trigger --> n_check", "n_check --> n_lead", 'n_lead -.->|"lead.score #gt;= 20"| n_hot', "n_lead --> n_done"]
+    )
+
+
+def test_graph_keeps_mermaid_keywords_as_node_ids_apart(cli, tmp_path):
+    flow = tmp_path / "words.yaml"
+    flow.write_text(
+        "flow: words\ntrigger: {type: webhook}\nnodes:\n"
+        "  - {id: graph, type: set, with: {values: {}}}\n"
+        "  - {id: end, type: log, with: {message: bye}, when: \"{{ graph.x == 'a|b' }}\"}\n"
+    )
+    result = cli("graph", str(flow))
+
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert 'n_graph["graph<br/><small>set</small>"]' in lines
+    assert "trigger --> n_graph" in lines
+    assert "n_graph -.->|\"graph.x == 'a#124;b'\"| n_end" in lines
 
 
 # --- help ---------------------------------------------------------------------------

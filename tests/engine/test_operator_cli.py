@@ -376,3 +376,18 @@ async def test_queue_stats_counts_each_state_and_per_flow_totals(lab, cli):
     assert per_flow["fragile"]["succeeded"] == 0
     assert per_flow["flaky"]["retried"] == 1
     assert ready not in as_text.stdout
+
+
+async def test_executions_show_lists_nodes_in_flow_order(lab, cli):
+    greet = await lab.enqueue("greet")
+    await lab.work(greet)
+    key = lab.queue.keys.execution(greet)
+    stored = await lab.queue.redis.hgetall(key)
+    # rewrite the hash with the node fields in reverse order: the stored order must not matter
+    await lab.queue.redis.delete(key)
+    for field in sorted(stored, reverse=True):
+        await lab.queue.redis.hset(key, field, stored[field])
+
+    shown = await cli("executions", "show", greet, "--json")
+
+    assert list(json.loads(shown.stdout)["nodes"]) == ["hello", "bye"]

@@ -1,0 +1,44 @@
+"""The catalog: flow versions executions run on, rebuilt from stored YAML, in a bounded cache."""
+
+from __future__ import annotations
+
+from support import write_flow
+
+from flowchat.catalog import Catalog
+
+
+async def test_stored_versions_are_cached_up_to_a_bound(flows_dir, registry):
+    catalog = Catalog(flows_dir, registry, max_versions=2)
+    catalog.reload()
+    sources = {
+        f"v{n}": ("old.yaml", f"flow: old\ntrigger: {{type: webhook}}\nnodes:\n  - {{id: a{n}, type: test.noop}}\n")
+        for n in range(4)
+    }
+    looked_up: list[str] = []
+
+    async def lookup(name: str, version: str) -> tuple[str, str] | None:
+        looked_up.append(version)
+        return sources.get(version)
+
+    for version in sources:
+        flow = await catalog.version("old", version, lookup)
+        assert flow is not None and list(flow.nodes) == [f"a{version[1:]}"]
+    assert len(catalog._versions) == 2
+    await catalog.version("old", "v3", lookup)  # recent: still cached
+    await catalog.version("old", "v0", lookup)  # dropped: rebuilt
+    assert looked_up == ["v0", "v1", "v2", "v3", "v0"]
+    assert await catalog.version("old", "gone", lookup) is None
+
+
+async def test_the_current_version_needs_no_lookup(flows_dir, registry):
+    write_flow(flows_dir, "now", "  - {id: a, type: test.noop}\n")
+    catalog = Catalog(flows_dir, registry, max_versions=1)
+    catalog.reload()
+    current = catalog.get("now")
+    assert current is not None
+
+    async def lookup(name: str, version: str) -> None:
+        raise AssertionError("the loaded version is at hand")
+
+    for _ in range(3):
+        assert await catalog.version("now", current.version, lookup) is current
