@@ -1,13 +1,19 @@
-"""A worker process for benchmarks: the real Worker, plus a count of Redis round trips.
+"""A worker process for benchmarks: the real runtime and Worker, plus a count of Redis round trips.
 
-Every network write of a command or a pipeline is one round trip; the count and the
-process's peak RSS are printed as JSON on SIGTERM.
+    python -m bench.worker_proc REDIS_URL FLOWS CONCURRENCY [QUEUE]
+
+Redis, registry, catalog and services come from ``flowchat.daemon.runtime`` exactly as
+``flowchat worker`` sets them up (settings from the environment, with this Redis and
+queue name). Every network write of
+a command or a pipeline is one round trip; the count, the CPU time spent after start-up
+and the process's peak RSS are printed as JSON on SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import signal
 import sys
@@ -15,13 +21,8 @@ from pathlib import Path
 
 from redis.asyncio.connection import AbstractConnection
 
-from flowchat.catalog import Catalog
-from flowchat.connections import open_redis
-from flowchat.keys import Keys
+from flowchat.daemon import runtime
 from flowchat.mover import DelayedMover
-from flowchat.queue import Queue
-from flowchat.registry import load_registry
-from flowchat.services import open_services
 from flowchat.settings import Settings
 from flowchat.worker import Worker, WorkerSettings
 
@@ -40,24 +41,25 @@ AbstractConnection.send_packed_command = _counting_send  # type: ignore[method-a
 async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    catalog = Catalog(Path(flows), load_registry(entry_points=False))
-    catalog.reload()
-    async with open_redis(Settings.from_env({"FLOWCHAT_REDIS_URL": url})) as redis, open_services() as services:
-        queue = Queue(redis, Keys(queue_name))
-        worker = Worker(queue, catalog, services, WorkerSettings(concurrency=concurrency, block_ms=200))
-        mover = asyncio.create_task(DelayedMover(queue).run())
+    settings = Settings.from_env({**os.environ, "FLOWCHAT_REDIS_URL": url, "FLOWCHAT_QUEUE": queue_name})
+    async with runtime(Path(flows), settings=settings) as rt:
+        worker_settings = WorkerSettings.from_settings(rt.settings, concurrency=concurrency, block_ms=200)
+        worker = Worker(rt.queue, rt.catalog, rt.services, worker_settings, rt.metrics)
+        mover = asyncio.create_task(DelayedMover(rt.queue).run())
         task = asyncio.create_task(worker.run())
+        ROUND_TRIPS["count"] = 0
         at_ready = resource.getrusage(resource.RUSAGE_SELF)
         print("ready", flush=True)
         await stop.wait()
         worker.stop()
         await task
         mover.cancel()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        trips = ROUND_TRIPS["count"]
     print(
         json.dumps(
             {
-                "round_trips": ROUND_TRIPS["count"],
+                "round_trips": trips,
                 "peak_rss_mb": usage.ru_maxrss / 1024,
                 "cpu_seconds": usage.ru_utime + usage.ru_stime - at_ready.ru_utime - at_ready.ru_stime,
             }
