@@ -179,7 +179,7 @@ class Bench:
 
     def baseline(self) -> None:
         self.flush()
-        count = self.n(200_000, 20_000)
+        count = self.n(200_000, 10_000)
         self.client().xgroup_create("bench:baseline", "g", id="0", mkstream=True)
         consumer = self.spawn("-m", "bench.baseline", "consume", self.url, str(count))
         producer = self.spawn("-m", "bench.baseline", "produce", self.url, str(count))
@@ -194,7 +194,7 @@ class Bench:
     def queue_drain(self, flow_name: str, workers: int = 1) -> dict[str, Any]:
         """Enqueue in bulk, then time workers draining it; CPU, round trips and memory per execution."""
         self.flush()
-        count = self.n(50_000, 2_000)
+        count = self.n(50_000, 1_000)
         asyncio.run(self._enqueue(flow_name, 0))  # the group and the stored flow version
         empty = self.used_memory()
         ids = asyncio.run(self._enqueue(flow_name, count))
@@ -272,7 +272,7 @@ class Bench:
 
     def _ingress_pair(self, path: str, *options: str, secret: str) -> dict[str, Any]:
         """Ours (`flowchat serve --no-workers`) and the bare handler, same load, same run."""
-        count, concurrency = self.n(20_000, 1_500), 32
+        count, concurrency = self.n(20_000, 600), 32
         results: dict[str, Any] = {}
         for name in ("flowchat", "bare"):
             self.flush()
@@ -282,7 +282,7 @@ class Bench:
             else:
                 server = self.spawn("-m", "bench.bare_ingress", self.url, str(port), TWILIO_TOKEN, ready="ready")
             url = f"http://127.0.0.1:{port}{path}"
-            result = self.load(url, count, concurrency, *options, "--warmup", str(self.n(500, 200)), secret=secret)
+            result = self.load(url, count, concurrency, *options, "--warmup", str(self.n(500, 100)), secret=secret)
             result.pop("ids")
             self.stop(server)
             results[name] = result
@@ -301,13 +301,13 @@ class Bench:
         port = free_port()
         serve = self.serve(port, "--concurrency", "64")
         url = f"http://127.0.0.1:{port}/hooks/noop1"
-        burst = self.load(url, self.n(6_000, 1_000), 32)
+        burst = self.load(url, self.n(6_000, 500), 32)
         self.wait_counter("succeeded:noop1", len(burst["ids"]), timeout=120)
         started, finished = self._span(burst["ids"])
         # the most the one process sustains: what ingress accepted, or what the workers finished, whichever is less
         max_rate = min(burst["rate"], len(burst["ids"]) / (finished - started))
         half = max_rate / 2
-        seconds = self.n(10, 3)
+        seconds = self.n(10, 2)
         paced = self.load(url, int(half * seconds), 64, "--rate", str(half))
         self.wait_counter("succeeded:noop1", len(burst["ids"]) + len(paced["ids"]), timeout=120)
         metas = self.metas(paced["ids"])
