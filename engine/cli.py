@@ -429,8 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     default_level = "INFO" if args.command in ("serve", "worker") else "WARNING"
     configure_logging((args.log_level or default_level).upper())
+    # families added by add_commands may set a `handler` default (under `python -m flowchat.cli`
+    # this module is __main__, so a family importing flowchat.cli would fill another COMMANDS)
+    handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
-        return COMMANDS[args.command](args)
+        return handler(args)
     except SettingsError as exc:  # a bad FLOWCHAT_* value or secrets file: named, no traceback
         print(f"error: [{exc.code}] {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,6 @@ from flowchat.twilio_webhooks import (
     TwilioWebhooks,
     addressed_to,
     advance_status,
-    emit_message,
     read_params,
     record_inbound,
     route,
@@ -192,16 +191,13 @@ async def twilio_message(request: web.Request) -> web.Response:
     params = read_params(await _read_body(request, MAX_TWILIO_BODY))
     flows = [flow for flow in request.app[CATALOG_KEY].by_trigger("twilio.message") if addressed_to(flow, params)]
     flows = signed_flows(request, params, flows, hooks, settings)
-    contact = await record_inbound(hooks, params)
+    queue = request.app[QUEUE_KEY]
+    contact = await record_inbound(hooks, queue.keys, queue.redis, params)
     started = route(flows, params)
     trigger = {**params, "contact": contact}
     sid = params.get("MessageSid") or None
     # the flows' enqueues ride one auto-pipelined round trip
     await asyncio.gather(*(_enqueue(request, flow, trigger, sid) for flow in started))
-    await emit_message(
-        hooks, flow="", execution_id="", node="", sid=params.get("MessageSid", ""), direction="inbound",
-        phone=contact.get("phone", ""), status="received", error_code="", template=False,
-    )  # fmt: skip
     return web.Response(text=TWIML_EMPTY, content_type="text/xml")
 
 

@@ -91,6 +91,18 @@ return redis.call('HGETALL', KEYS[1])
 )
 
 
+# KEYS: message hash, index. ARGV: sid, then field pairs. 1 when new, 0 for a repeated MessageSid.
+_RECORD_INBOUND = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'created_at', now, 'updated_at', now)
+redis.call('ZADD', KEYS[2], 'NX', now, ARGV[1])
+return 1
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class SentBy:
     """Which flow, execution and node sent a message."""
@@ -119,6 +131,14 @@ class Ledger:
         self.keys = keys or Keys()
         self._record = redis.register_script(_RECORD_SEND)
         self._advance = redis.register_script(_ADVANCE)
+        self._inbound = redis.register_script(_RECORD_INBOUND)
+
+    async def record_inbound(self, sid: str, fields: dict[str, Any]) -> bool:
+        """Record an inbound message (status ``received``); False when this MessageSid was seen before."""
+        flat: list[str] = []
+        for name, value in {**fields, "sid": sid, "direction": "inbound", "status": "received"}.items():
+            flat += [name, _field(value)]
+        return bool(await self._inbound(keys=[self.keys.message(sid), self.keys.messages], args=[sid, *flat]))
 
     async def sent(self, execution_id: str, node_id: str) -> dict[str, str] | None:
         """The message this node of this execution already sent, if any."""

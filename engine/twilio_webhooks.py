@@ -21,6 +21,7 @@ A missing or bad signature is 403 and nothing is stored. Unknown fields are kept
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -30,13 +31,15 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from flowchat.consent import consent_keyword
+from flowchat.errors import FlowChatError
 from flowchat.flow import Flow
 from flowchat.keys import Keys
 from flowchat.logs import mask_phones
-from flowchat.messages import Ledger
+from flowchat.messages import Ledger, SentBy
 from flowchat.settings import Settings
 from flowchat.spec import MessageMatch
 from flowchat.twilio_auth import SIGNATURE_HEADER, is_signed, signed_url, signing_token
+from flowchat.whatsapp import emit_message
 
 log = logging.getLogger("flowchat.ingress")
 TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
@@ -157,24 +160,61 @@ def _digits(phone: str) -> str:
 # --- recording -----------------------------------------------------------------------------
 
 
-async def record_inbound(hooks: TwilioWebhooks, params: dict[str, str]) -> dict[str, Any]:
-    """Record the inbound on its contact (idempotent per MessageSid); ``trigger.contact``."""
+async def record_inbound(hooks: TwilioWebhooks, keys: Keys, redis: Any, params: dict[str, str]) -> dict[str, Any]:
+    """Record the inbound on its contact and in the ledger (both idempotent per MessageSid); ``trigger.contact``.
+
+    The ``message`` event is written only the first time a MessageSid is seen.
+    """
+    sid = params.get("MessageSid", "")
+    contact, new = await asyncio.gather(
+        _record_on_contact(hooks, params), _record_in_ledger(keys, redis, sid, params), return_exceptions=False
+    )
+    if new:
+        emit_event(
+            hooks, SentBy(), sid=sid, direction="inbound", phone=contact.get("phone", ""), status="received",
+            error_code="", template=False,
+        )  # fmt: skip
+    return contact
+
+
+async def _record_in_ledger(keys: Keys, redis: Any, sid: str, params: dict[str, str]) -> bool:
+    if not sid:
+        return False
+    fields = {
+        "to": _e164_or_raw(params.get("To", "")), "from": _e164_or_raw(params.get("From", "")),
+        "body": params.get("Body", "")[:1600], "num_media": params.get("NumMedia", "0"),
+        "button": params.get("ButtonPayload", ""), "profile_name": params.get("ProfileName", ""),
+    }  # fmt: skip
+    return await Ledger(redis, keys).record_inbound(sid, fields)
+
+
+async def _record_on_contact(hooks: TwilioWebhooks, params: dict[str, str]) -> dict[str, Any]:
     raw_phone = params.get("From", "")
     consent = consent_keyword(params.get("Body", ""))
     contacts = hooks.service("contacts")
     phone = _e164_or_raw(raw_phone)
     if contacts is None or not phone.startswith("+"):
-        return {"phone": phone, "created": False, "consent": consent}
-    contact: dict[str, Any] = await contacts.record_inbound(
-        phone,
-        profile_name=params.get("ProfileName") or None,
-        message_sid=params.get("MessageSid", ""),
-        at_ms=int(time.time() * 1000),
-        consent=consent,
-    )
+        return _unrecorded(phone, consent)
+    try:
+        contact: dict[str, Any] = await contacts.record_inbound(
+            phone,
+            profile_name=params.get("ProfileName") or None,
+            message_sid=params.get("MessageSid", ""),
+            at_ms=int(time.time() * 1000),
+            consent=consent,
+        )
+    except FlowChatError as error:  # a sender the contact book cannot key (not a phone number)
+        log.warning("inbound from %s not recorded on a contact: [%s] %s", mask_phones(phone), error.code, error)
+        return _unrecorded(phone, consent)
     if consent:
         log.info("consent: %s %s by keyword", mask_phones(phone), consent.replace("_", " "))
     return contact
+
+
+def _unrecorded(phone: str, keyword: str | None) -> dict[str, Any]:
+    """``trigger.contact`` where no contact book is installed: the same shape, nothing known."""
+    state = {"state": keyword or "unknown", "at": None, "source": "inbound" if keyword else None}
+    return {"phone": phone, "created": False, "consent": state}
 
 
 def _e164_or_raw(raw: str) -> str:
@@ -188,12 +228,9 @@ def _e164_or_raw(raw: str) -> str:
         return raw.removeprefix("whatsapp:").strip()
 
 
-async def emit_message(hooks: TwilioWebhooks, **fields: Any) -> None:
+def emit_event(hooks: TwilioWebhooks, by: SentBy, **data: Any) -> None:
     """A ``message`` event on the events stream (when the CRM's events service is installed)."""
-    events = hooks.service("events")
-    emit = getattr(events, "message", None)
-    if emit is not None:
-        await emit(**fields)
+    emit_message(hooks.service("events"), by, **data)
 
 
 async def advance_status(hooks: TwilioWebhooks, keys: Keys, redis: Any, params: dict[str, str]) -> dict[str, str] | None:
@@ -215,11 +252,9 @@ async def advance_status(hooks: TwilioWebhooks, keys: Keys, redis: Any, params: 
         contacts = hooks.service("contacts")
         if contacts is not None:
             await contacts.set_consent(message.get("to", ""), "opted_out", "twilio-21610")
-    await emit_message(
+    emit_event(
         hooks,
-        flow=message.get("flow", ""),
-        execution_id=message.get("execution", ""),
-        node=message.get("node", ""),
+        SentBy(message.get("flow", ""), message.get("execution", ""), message.get("node", "")),
         sid=sid,
         direction="outbound",
         phone=message.get("to", ""),

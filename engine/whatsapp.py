@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import time
+import types
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,21 +247,22 @@ class WhatsApp:
         )
 
     async def _pace(self, sender: str, to: str, by: SentBy) -> None:
+        """Take a slot per recipient, then per sender; a refusal parks the execution until its reserved slot."""
         if self.limiter is None:
             return
         granted = self._pace_record(by)
+        holder = f"{by.execution}:{by.node}" if by.execution else None
+        line = sender or "outbox"
         if self.recipient_rate is not None and not (granted and await self._granted(granted)):
-            decision = await self.limiter.acquire(
-                f"wa:to:{sender or 'outbox'}:{to}", self.recipient_rate.limit, self.recipient_rate.per
-            )
+            rate = self.recipient_rate
+            decision = await self.limiter.acquire(f"wa:to:{line}:{to}", rate.limit, rate.per, 1, holder=holder)
             if not decision.allowed:
                 raise Suspend(time.time() + decision.retry_after_ms / 1000)
-            if granted:
+            if granted:  # a later refusal by the sender limit must not spend a second recipient slot
                 await self._grant(granted)
         if self.send_rate is not None:
-            decision = await self.limiter.acquire(
-                f"wa:from:{sender or 'outbox'}", self.send_rate.limit, self.send_rate.per
-            )
+            rate = self.send_rate
+            decision = await self.limiter.acquire(f"wa:from:{line}", rate.limit, rate.per, holder=holder)
             if not decision.allowed:
                 raise Suspend(time.time() + decision.retry_after_ms / 1000)
 
@@ -346,11 +348,8 @@ class WhatsApp:
         try:
             if self.ledger is not None:
                 await self.ledger.record_send(fields, by)
-            if self.events is not None:
-                await self.events.message(
-                    flow=by.flow, execution_id=by.execution, node=by.node, sid=result["sid"], direction="outbound",
-                    phone=to, status=result["status"], error_code="", template=message.template is not None,
-                )  # fmt: skip
+            emit_message(self.events, by, sid=result["sid"], direction="outbound", phone=to,
+                         status=result["status"], error_code="", template=message.template is not None)  # fmt: skip
         except RedisError as exc:
             # Twilio took the message: failing now would send it again on retry; say so loudly instead
             log.error("message %s was sent but could not be recorded: %s", result["sid"], exc)
@@ -407,8 +406,22 @@ def _create_args(message: Outgoing, to: str, sender: str, callback: str | None) 
     return args
 
 
+def emit_message(events: Any, by: SentBy, **data: Any) -> None:
+    """A ``message`` event (sid, direction, phone, status, error_code, template) on the events stream."""
+    if events is not None:
+        origin = types.SimpleNamespace(flow=by.flow, execution_id=by.execution, node_id=by.node)
+        events.emit("message", origin, data)
+
+
+def consent_state(contact: dict[str, Any] | None) -> str:
+    """``opted_in``, ``opted_out`` or ``unknown`` from a contact (its ``consent`` is a dict or a state)."""
+    consent = (contact or {}).get("consent")
+    state = consent.get("state") if isinstance(consent, dict) else consent
+    return str(state or "unknown")
+
+
 def _check_consent(contact: dict[str, Any] | None, to: str) -> None:
-    if contact and contact.get("consent") == "opted_out":
+    if consent_state(contact) == "opted_out":
         raise NodeError(
             f"{mask_phones(to)} opted out of messages (they can send START to opt back in)", code="contact-opted-out"
         )

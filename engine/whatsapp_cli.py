@@ -25,8 +25,6 @@ DEFAULT_TO = "+14155550100"
 
 def add_commands(sub: Any) -> None:
     """Add ``simulate`` and ``messages`` to the ``flowchat`` parser and register their handlers."""
-    from flowchat.cli import command
-
     p = sub.add_parser("simulate", help="post a signed Twilio webhook (inbound message or status) to a daemon")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = actions.add_parser("message", help="an inbound WhatsApp message", description="Post an inbound message.")
@@ -43,7 +41,7 @@ def add_commands(sub: Any) -> None:
     a.add_argument("status", help="queued, sent, delivered, read, failed, undelivered")
     a.add_argument("--error-code", default="", help="Twilio ErrorCode (with failed/undelivered)")
     a.add_argument("--url", default=DEFAULT_URL, help=f"the daemon (default {DEFAULT_URL})")
-    command("simulate")(simulate)
+    p.set_defaults(handler=simulate)
 
     p = sub.add_parser("messages", help="the WhatsApp message ledger: what was sent and its delivery status")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -55,7 +53,7 @@ def add_commands(sub: Any) -> None:
     a = actions.add_parser("show", help="one message by sid", description="One message by sid.")
     a.add_argument("sid")
     a.add_argument("--json", action="store_true")
-    command("messages")(messages)
+    p.set_defaults(handler=messages)
 
 
 # --- simulate --------------------------------------------------------------------------

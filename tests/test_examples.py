@@ -15,7 +15,11 @@ EXAMPLES = sorted([*(ROOT / "examples").glob("*.yaml"), *(ROOT / "flows").glob("
 
 @pytest.fixture(scope="module")
 def registry():
-    return load_registry(ROOT / "plugins", entry_points=False)
+    from flowchat.services import service_names
+
+    registry = load_registry(ROOT / "plugins", entry_points=False)
+    registry.services |= service_names()  # the installed services (whatsapp, contacts, …) examples use
+    return registry
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

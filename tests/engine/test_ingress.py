@@ -467,7 +467,11 @@ async def test_twilio_message_signed_by_twilio_is_accepted(twilio_client, queue)
     [execution_id] = await ready_ids(queue)
     meta, _ = await queue.get(execution_id)
     assert meta["flow"] == "inbound"
-    assert meta["trigger"] == {**params, "contact": {"phone": "+14155550123", "created": False, "consent": None}}
+    assert meta["trigger"] == {**params, "contact": {
+        "phone": "+14155550123",
+        "created": False,
+        "consent": {"state": "unknown", "at": None, "source": None},
+    }}
 
 
 async def test_twilio_message_with_a_bad_signature_is_403(twilio_client, queue):
