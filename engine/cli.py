@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from flowchat import whatsapp_cli
-from flowchat.codec import execution_json
+from flowchat.codec import encode_run, execution_json
 from flowchat.errors import FlowChatError, FlowInvalid
-from flowchat.execution import Execution
+from flowchat.execution import Execution, NodeRun
 from flowchat.flow import Flow
 from flowchat.graph import mermaid
 from flowchat.loader import load_flow, load_flows
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     registry = _registry(args)
     try:
         flow = load_flow(args.flow, registry)
-        trigger = _read_input(args.input)
+        trigger = _trigger_payload(flow, _read_input(args.input))
     except FlowInvalid as invalid:
         _print_problems(invalid.errors)
         return 1
@@ -86,15 +88,63 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     _warn_unset_secrets([flow])
-    max_output = Settings.from_env().max_output
-
-    async def execute() -> Execution:
-        async with open_services(only=flow.services) as services:
-            return await Runner(services, max_output=max_output).run(flow, Execution.new(flow, trigger))
-
-    execution = asyncio.run(execute())
+    execution = asyncio.run(run_in_process(flow, trigger, fast_forward=args.fast_forward))
     print(json.dumps(execution_json(execution), indent=2, default=str) if args.json else format_trace(execution))
     return 0 if execution.status == "succeeded" else 1
+
+
+async def run_in_process(flow: Flow, trigger: dict[str, Any], *, fast_forward: bool = False) -> Execution:
+    """Run ``flow`` as a worker would: same output boundary, every node state through the storage codec.
+
+    With ``fast_forward`` durable waits (``delay``, retry backoff) are skipped: the clock nodes see
+    jumps ahead instead of the process sleeping.
+    """
+    settings = Settings.from_env()
+    clock = _Clock()
+    async with open_services(only=flow.services) as services:
+        if fast_forward:
+            services.clock = clock.now
+        runner = Runner(
+            services,
+            checkpoint=_through_codec,
+            max_output=settings.max_output,
+            sleep=clock.skip if fast_forward else asyncio.sleep,
+        )
+        return await runner.run(flow, Execution.new(flow, trigger))
+
+
+class _Clock:
+    """Wall-clock time that can be skipped ahead (``flowchat run --fast-forward``)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    async def skip(self, seconds: float) -> None:
+        self.offset += seconds
+        await asyncio.sleep(0)
+
+
+async def _through_codec(execution: Execution, run: NodeRun, node: object) -> None:
+    """What a worker stores and a resumed execution reads back: the node state after a codec round trip."""
+    stored = json.loads(encode_run(run))
+    run.output, run.error = stored["output"], stored["error"]
+
+
+def _trigger_payload(flow: Flow, given: dict[str, Any]) -> dict[str, Any]:
+    """The trigger as the daemon would build it: a schedule's payload, tick and missed; a webhook's schema checked."""
+    if flow.trigger.type == "schedule":
+        tick = datetime.fromtimestamp(time.time(), UTC).replace(second=0, microsecond=0).isoformat()
+        return {**flow.trigger.payload, "tick": tick, "missed": 0, **given}
+    validator = flow.trigger_validator
+    if validator is not None:
+        errors = sorted(validator.iter_errors(given), key=lambda e: e.json_path)
+        if errors:
+            listed = "; ".join(f"{error.json_path}: {error.message}" for error in errors)
+            raise ValueError(f"the payload does not match the trigger schema ({len(errors)} error(s)): {listed}")
+    return given
 
 
 def _read_input(source: str | None) -> dict[str, Any]:
@@ -341,6 +391,9 @@ environment:
     p.add_argument("flow", metavar="FLOW.yaml")
     p.add_argument("--input", "-i", metavar="FILE", help="trigger payload as JSON ('-' reads stdin; default {})")
     p.add_argument("--json", action="store_true", help="print the execution as JSON")
+    p.add_argument(
+        "--fast-forward", action="store_true", help="skip durable waits (delay, retry backoff) instead of sleeping"
+    )
 
     p = sub.add_parser("nodes", help="list node types with their summary and config")
     p.add_argument("--json", action="store_true", help="print types, summaries and config schemas as JSON")
@@ -434,6 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
         return handler(args)
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: quietly, with the shell's usual status
+    except BrokenPipeError:
+        # the reader of our output went away (`| head`): nothing more to say, and nothing at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except SettingsError as exc:  # a bad FLOWCHAT_* value or secrets file: named, no traceback
         print(f"error: [{exc.code}] {exc}", file=sys.stderr)
         return 2

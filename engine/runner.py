@@ -71,6 +71,7 @@ class Runner:
         defer_waits: bool = False,
         mask: Mask = identity,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.services = services or Services()
         self.checkpoint = checkpoint
@@ -78,6 +79,8 @@ class Runner:
         # secret values never reach storage, downstream templates or the trace (secrets.Secrets.mask)
         self.mask = mask if mask is not identity or not self.services.secrets else self.services.secrets.mask
         self.max_output = max_output
+        self.sleep = sleep
+        """How the in-process runner waits out a retry backoff or a ``delay`` (``--fast-forward`` skips)."""
 
     async def run(self, flow: Flow, execution: Execution) -> Execution:
         """Advance ``execution`` as far as it can go; return it settled or waiting."""
@@ -147,7 +150,7 @@ class Runner:
             if outcome is None:
                 return
             if not self.defer_waits:
-                await asyncio.sleep(max(0.0, outcome - self.services.clock()))
+                await self.sleep(max(0.0, outcome - self.services.clock()))
 
     async def _attempt(
         self, flow: Flow, execution: Execution, node: FlowNode, run: NodeRun, context: dict[str, Any]

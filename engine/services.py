@@ -146,9 +146,7 @@ async def open_services(
         wanted = set(only)
         chosen = {name: loader for name, loader in chosen.items() if name in wanted}
     async with aiohttp.ClientSession(raise_for_status=False) as http:
-        services = Services(
-            http, clock=clock, extra=extra, settings=settings, redis=redis, keys=keys, secrets=secrets
-        )
+        services = Services(http, clock=clock, extra=extra, settings=settings, redis=redis, keys=keys, secrets=secrets)
         started: list[tuple[str, Any]] = []
         try:
             for name, loader in chosen.items():

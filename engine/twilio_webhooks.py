@@ -233,7 +233,9 @@ def emit_event(hooks: TwilioWebhooks, by: SentBy, **data: Any) -> None:
     emit_message(hooks.service("events"), by, **data)
 
 
-async def advance_status(hooks: TwilioWebhooks, keys: Keys, redis: Any, params: dict[str, str]) -> dict[str, str] | None:
+async def advance_status(
+    hooks: TwilioWebhooks, keys: Keys, redis: Any, params: dict[str, str]
+) -> dict[str, str] | None:
     """Apply a status callback to the ledger; the message after a real change, else None."""
     sid, status = params.get("MessageSid", ""), params.get("MessageStatus", "").lower()
     if not sid or not status:

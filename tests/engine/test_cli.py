@@ -276,3 +276,58 @@ def test_the_committed_flow_schema_is_what_flowchat_schema_prints():
     assert json.loads(committed) == json.loads(result.stdout), (
         "run: flowchat --plugins plugins schema > flowchat.schema.json"
     )
+
+
+# --- `run` does what the daemon does ---------------------------------------------------------
+
+
+def test_run_fast_forward_skips_a_long_delay_and_retry_backoff(cli, tmp_path):
+    flow = tmp_path / "later.yaml"
+    flow.write_text(
+        "flow: later\ntrigger: {type: webhook}\nnodes:\n"
+        "  - {id: wait, type: delay, with: {for: 1h}}\n"
+        "  - {id: call, type: http.request, with: {url: 'http://127.0.0.1:9/'}, retry: {backoff: 10m}}\n"
+    )
+    result = cli("run", str(flow), "--fast-forward", "--json")
+
+    execution = json.loads(result.stdout)
+    assert execution["nodes"]["wait"]["status"] == "ok"
+    assert execution["nodes"]["call"]["attempts"] == 3  # the default max_attempts, backoff skipped
+    assert execution["nodes"]["call"]["error"]["code"] == "http-connection"
+
+
+def test_run_checks_the_webhook_schema_and_gives_schedules_their_payload(cli, tmp_path):
+    hook = tmp_path / "hook.yaml"
+    hook.write_text(
+        "flow: hook\ntrigger: {type: webhook, schema: {type: object, required: [phone]}}\n"
+        "nodes:\n  - {id: a, type: set, with: {values: {p: '{{ trigger.phone }}'}}}\n"
+    )
+    refused = cli("run", str(hook), "--input", "-", stdin='{"name": "Ana"}')
+    assert refused.returncode == 2
+    assert "does not match the trigger schema" in refused.stderr and "'phone' is a required property" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    tick = tmp_path / "tick.yaml"
+    tick.write_text(
+        "flow: tick\ntrigger: {type: schedule, cron: '0 9 * * *', payload: {team: support}}\n"
+        "nodes:\n  - {id: a, type: set, with: {values: {t: '{{ trigger.team }}', m: '{{ trigger.missed }}'}}}\n"
+    )
+    execution = json.loads(cli("run", str(tick), "--json").stdout)
+    assert execution["trigger"]["team"] == "support" and "tick" in execution["trigger"]
+    assert execution["nodes"]["a"]["output"] == {"t": "support", "m": 0}
+
+
+def test_run_into_a_closed_pipe_ends_quietly(tmp_path):
+    reader, writer = os.pipe()
+    os.close(reader)
+    result = subprocess.run(
+        [sys.executable, "-m", "flowchat.cli", "run", LEAD_FLOW, "--json"],
+        cwd=REPO,
+        stdout=writer,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    os.close(writer)
+    assert result.returncode == 141
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
