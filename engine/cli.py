@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flowchat import whatsapp_cli
+from flowchat import contacts_cli, whatsapp_cli
 from flowchat.codec import encode_run, execution_json
 from flowchat.errors import FlowChatError, FlowInvalid
 from flowchat.execution import Execution, NodeRun
@@ -345,8 +345,9 @@ def queue_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
-    for key in ("ready", "delayed", "in_flight", "dead"):
+    for key in ("ready", "delayed", "in_flight", "dead", "events"):
         print(f"{key:<10} {stats[key]}")
+    print(f"{'events_age':<10} {stats['events_age_seconds']:.1f}s")
     per_flow: dict[str, dict[str, int]] = {}
     for name, value in stats["counters"].items():
         event, _, flow = name.partition(":")
@@ -447,6 +448,7 @@ environment:
     # Command families that live beside their concept: each module's add_commands(sub) adds its
     # parsers and registers its handlers with @command. One line per family, in its section.
     # -- crm (contacts)
+    contacts_cli.add_commands(sub)
 
     # -- whatsapp (simulate, messages)
     whatsapp_cli.add_commands(sub)

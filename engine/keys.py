@@ -11,6 +11,9 @@ from dataclasses import dataclass
 GROUP = "workers"
 """The consumer group every worker reads the ready stream through."""
 
+EVENTS_GROUP = "analytics"
+"""The consumer group analytics reads the events stream through (trimming waits for it)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:
@@ -66,8 +69,51 @@ class Keys:
     # --- crm: contacts, limiter, events (each under its own hash tag) -----------------------
 
     @property
+    def contacts_tag(self) -> str:
+        """Every contact key shares this tag: a contact and its indexes change in one script."""
+        return f"{{{self.prefix}:contacts}}"
+
+    def contact(self, phone: str) -> str:
+        """Hash of one contact (E.164): name, times, consent_*, ``a:<attr>`` JSON, ``t:<tag>``, ``g:<group>``."""
+        return f"{self.contacts_tag}:c:{phone}"
+
+    def contact_audit(self, phone: str) -> str:
+        """List of a contact's last 100 changes (JSON entries, newest first)."""
+        return f"{self.contacts_tag}:audit:{phone}"
+
+    @property
+    def contacts_all(self) -> str:
+        """Sorted set of every contact's phone, scored by creation time (epoch ms)."""
+        return f"{self.contacts_tag}:all"
+
+    @property
+    def contacts_opted_out(self) -> str:
+        """Set of the phones of opted-out contacts."""
+        return f"{self.contacts_tag}:opted-out"
+
+    def contacts_tagged(self, tag: str) -> str:
+        """Set of the phones carrying ``tag`` (the index ``contacts search --tag`` reads)."""
+        return f"{self.contacts_tag}:tag:{tag}"
+
+    def contacts_grouped(self, group: str) -> str:
+        """Set of the phones in ``group``."""
+        return f"{self.contacts_tag}:group:{group}"
+
+    def contact_inbound(self, message_sid: str) -> str:
+        """String: an inbound message already recorded on its contact (idempotency, 7 days)."""
+        return f"{self.contacts_tag}:inbound:{message_sid}"
+
+    def limit(self, key: str) -> str:
+        """String: the GCRA theoretical arrival time (epoch µs) of one rate-limit key."""
+        return f"{{{self.prefix}:limits}}:tat:{key}"
+
+    def limit_reservation(self, key: str, holder: str) -> str:
+        """String: the slot (epoch µs) reserved for ``holder`` on a rate-limit key, while it waits."""
+        return f"{{{self.prefix}:limits}}:res:{key}:{holder}"
+
+    @property
     def events(self) -> str:
-        """Stream of analytics events (fields per CONTRACTS.md), read by the ``analytics`` group."""
+        """Stream of events (execution, node_run, metric, contact, message) for analytics."""
         return f"{{{self.prefix}:events}}:stream"
 
     # --- whatsapp: message ledger ----------------------------------------------------------

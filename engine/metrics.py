@@ -78,6 +78,14 @@ class Metrics:
             ["flow", "event"],
             registry=self.registry,
         )
+        self.events_length = Gauge(
+            "flowchat_events_length", "Entries on the events stream (not yet trimmed)", registry=self.registry
+        )
+        self.events_age = Gauge(
+            "flowchat_events_age_seconds",
+            "Age of the oldest entry on the events stream (grows while analytics does not read)",
+            registry=self.registry,
+        )
         self.ingress = Counter(
             "flowchat_ingress_requests",
             "Ingress requests by route and status",
@@ -98,6 +106,8 @@ class Metrics:
         for state in ("ready", "in_flight", "delayed"):
             self.queue_depth.labels(state).set(stats[state])
         self.dead_letters.set(stats["dead"])
+        self.events_length.set(stats.get("events", 0))
+        self.events_age.set(stats.get("events_age_seconds", 0.0))
         for name, count in stats.get("counters", {}).items():
             event, _, flow = name.partition(":")
             self.cluster_executions.labels(flow, event).set(count)

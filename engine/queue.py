@@ -47,6 +47,7 @@ from flowchat.codec import (
     run_fields,
 )
 from flowchat.errors import QueueError
+from flowchat.events import entry_age
 from flowchat.execution import Execution, NodeRun, new_execution_id
 from flowchat.flow import Flow
 from flowchat.keys import GROUP, Keys
@@ -409,13 +410,17 @@ class Queue:
         pipe.zcard(self.keys.delayed)
         pipe.xlen(self.keys.dead)
         pipe.hgetall(self.keys.counters)
-        ready_len, pending, delayed, dead, counters = await pipe.execute()
+        pipe.xlen(self.keys.events)
+        pipe.xrange(self.keys.events, count=1)
+        ready_len, pending, delayed, dead, counters, events, first_event = await pipe.execute()
         in_flight = int(pending["pending"]) if pending else 0
         return {
             "ready": int(ready_len) - in_flight,
             "in_flight": in_flight,
             "delayed": int(delayed),
             "dead": int(dead),
+            "events": int(events),
+            "events_age_seconds": round(entry_age(first_event), 3),
             "counters": {_text(k): int(v) for k, v in counters.items()},
         }
 

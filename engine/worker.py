@@ -27,6 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from flowchat.backoff import Backoff, retrying
 from flowchat.catalog import Catalog
 from flowchat.errors import FlowChatError, QueueError
+from flowchat.events import Events, execution_event, node_run_event
 from flowchat.execution import Execution, NodeRun
 from flowchat.flow import Flow, FlowNode
 from flowchat.metrics import Metrics
@@ -85,6 +86,8 @@ class Worker:
         self.runner = Runner(services, checkpoint=self._checkpoint, defer_waits=True, max_output=settings.max_output)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self._unsaved: dict[str, list[NodeRun]] = {}
+        self.events: Events | None = services.extra.get("events")
+        self._events: dict[str, list[dict[str, str]]] = {}  # node_run events riding the next write
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
 
@@ -215,6 +218,7 @@ class Worker:
                 await self._fail_unexpectedly(job, exc)
         finally:  # also when cancelled (lease lost, or shutdown past the grace period)
             self._unsaved.pop(delivery.execution_id, None)
+            self._events.pop(delivery.execution_id, None)
 
     async def _advance(self, loaded: Loaded, job: _Job) -> Outcome | None:
         """Decode, check and run the execution; its outcome, or None when there is nothing to record."""
@@ -247,6 +251,7 @@ class Worker:
         if outcome.event != "waiting":
             self.metrics.execution_event(execution.flow, outcome.event)
         runs = self._unsaved.pop(execution.id, ())
+        self._send_events(execution, final=True)  # queued now: leaves in the same write as the outcome
         if not await self.queue.finish(delivery, outcome, self.settings.consumer, runs=runs):
             log.error("%s: lease lost before finishing; the worker that took it over owns the outcome", execution.id)
 
@@ -283,11 +288,14 @@ class Worker:
         """
         if run.finished or run.status == "waiting":
             self.metrics.node_ran(run.type, run.status, run.duration_ms / 1000)
+            if self.events is not None and self.events.enabled and (run.finished or run.error):
+                self._events.setdefault(execution.id, []).append(node_run_event(execution, run))
         unsaved = self._unsaved.setdefault(execution.id, [])
         unsaved.append(run)
         if _may_defer(run, node) or all(other.finished for other in execution.nodes.values()):
             return
         del self._unsaved[execution.id]
+        self._send_events(execution)
         try:
             await self.queue.checkpoint(execution, unsaved)
         except Exception as exc:
@@ -295,6 +303,17 @@ class Worker:
                 raise
             message = f"cannot checkpoint node {run.id}: {type(exc).__name__}: {exc}"
             raise QueueError(message, code="checkpoint-failed", retryable=False).at(node=run.id) from exc
+
+
+    def _send_events(self, execution: Execution, final: bool = False) -> None:
+        """Queue pending events on the queue's auto-pipeline, beside the write that follows."""
+        if self.events is None or not self.events.enabled:
+            return
+        entries = self._events.pop(execution.id, [])
+        if final and execution.finished:
+            flow = self.catalog.get(execution.flow)
+            entries.append(execution_event(execution, flow.trigger.type if flow else ""))
+        self.events.emit_many(entries, pipeliner=self.queue.pipeliner)
 
 
 _WORKER_CODES = frozenset({"flow-missing", "poison"})

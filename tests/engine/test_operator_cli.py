@@ -370,7 +370,8 @@ async def test_queue_stats_counts_each_state_and_per_flow_totals(lab, cli):
     assert [line.split() for line in lines[:4]] == [["ready", "1"], ["delayed", "1"], ["in_flight", "1"], ["dead", "1"]]
     header = lines[lines.index("") + 1].split()
     assert header == ["flow", "succeeded", "failed", "dead", "retried"]
-    per_flow = {row[0]: dict(zip(header[1:], map(int, row[1:]), strict=True)) for row in table("\n".join(lines[5:]))}
+    rows = table("\n".join(lines[lines.index("") + 1 :]))
+    per_flow = {row[0]: dict(zip(header[1:], map(int, row[1:]), strict=True)) for row in rows}
     assert per_flow["greet"]["succeeded"] == 2
     assert per_flow["fragile"]["dead"] == 1
     assert per_flow["fragile"]["succeeded"] == 0

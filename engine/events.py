@@ -1,0 +1,234 @@
+"""The events stream: what happened, for analytics to read (``{fc:events}:stream``).
+
+One Redis stream under its own hash tag. Every entry has the fields ``id`` (unique),
+``type`` (execution | node_run | metric | contact | message), ``ts`` (epoch ms), ``flow``,
+``execution_id``, ``node`` ("" when none) and ``data`` (a JSON object); CONTRACTS.md lists
+what ``data`` holds per type. Analytics reads it through the consumer group ``analytics``.
+
+Guarantees and costs:
+
+- **No extra round trip.** An append is an ``XADD`` queued on an auto-pipeline
+  (:class:`~flowchat.pipeliner.Pipeliner`): the worker passes its queue's pipeline, so a node's
+  events travel in the same write as its checkpoint. Appends are not awaited by callers.
+- **Nothing unread is trimmed.** The group is created (from the start of the stream) on
+  setup; :meth:`Events.trim` removes only entries older than the oldest entry the group has
+  not acknowledged, so a stopped sink makes the stream grow rather than lose events.
+- **Off means off.** With ``FLOWCHAT_ANALYTICS=off`` nothing is written at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from flowchat.keys import EVENTS_GROUP, Keys
+from flowchat.pipeliner import Pipeliner
+
+log = logging.getLogger("flowchat.events")
+TRIM_EVERY = 10.0
+"""Seconds between trims of the stream (one small script; triggered by appends)."""
+
+_TRIM = """
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return 0 end
+local last = nil
+for _, group in ipairs(groups) do
+  local name, delivered = nil, nil
+  for i = 1, #group, 2 do
+    if group[i] == 'name' then name = group[i + 1] elseif group[i] == 'last-delivered-id' then delivered = group[i + 1] end
+  end
+  if name == ARGV[1] then last = delivered end
+end
+if not last or last == '0-0' then return 0 end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
+local oldest = last
+if tonumber(pending[1]) > 0 then oldest = pending[2] end
+return redis.call('XTRIM', KEYS[1], 'MINID', oldest)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where an event comes from: flow, execution and node ids ("" for the CLI)."""
+
+    flow: str = ""
+    execution_id: str = ""
+    node: str = ""
+
+
+CLI = Origin()
+
+
+def origin_of(source: Any) -> Origin:
+    """An :class:`Origin` from itself or from anything with ``flow``, ``execution_id`` and ``node_id``
+    (a node's ``NodeContext``), so nodes pass ``ctx`` without importing this module."""
+    if isinstance(source, Origin):
+        return source
+    if source is None:
+        return CLI
+    return Origin(str(source.flow), str(source.execution_id), str(getattr(source, "node_id", "")))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def entry(kind: str, origin: Origin, data: Mapping[str, Any], ts: int | None = None) -> dict[str, str]:
+    """The fields of one stream entry."""
+    return {
+        "id": uuid.uuid4().hex,
+        "type": kind,
+        "ts": str(ts if ts is not None else now_ms()),
+        "flow": origin.flow,
+        "execution_id": origin.execution_id,
+        "node": origin.node,
+        "data": orjson.dumps(data, default=str).decode(),
+    }
+
+
+class Events:
+    """Appends events to the stream (service ``events``); trims what analytics has read."""
+
+    def __init__(self, redis: Redis, keys: Keys | None = None, *, enabled: bool = True) -> None:
+        self.redis = redis
+        self.keys = keys or Keys()
+        self.enabled = enabled
+        self.pipeliner = Pipeliner(redis)
+        self._trim = redis.register_script(_TRIM)
+        self._next_trim = time.monotonic() + TRIM_EVERY
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writes: set[asyncio.Future[Any]] = set()
+        self._ready = False
+        self.owned: AsyncExitStack | None = None
+        """A connection this service opened itself (``flowchat run``), closed with it."""
+
+    async def setup(self) -> None:
+        """Create the ``analytics`` group from the stream's start (idempotent)."""
+        if not self.enabled or self._ready:
+            return
+        try:
+            await self.redis.xgroup_create(self.keys.events, EVENTS_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._ready = True
+
+    def emit(
+        self, kind: str, origin: Origin | Any, data: Mapping[str, Any], *, pipeliner: Pipeliner | None = None
+    ) -> None:
+        """Queue one event on ``pipeliner`` (default: our own); it leaves with the next batch.
+
+        ``origin`` is an :class:`Origin` or a node's context."""
+        self.emit_many([entry(kind, origin_of(origin), data)], pipeliner=pipeliner)
+
+    def emit_many(self, entries: list[dict[str, str]], *, pipeliner: Pipeliner | None = None) -> None:
+        if not self.enabled or not entries:
+            return
+        if not self._ready:
+            self._spawn(self.setup())
+        via = pipeliner or self.pipeliner
+        for fields in entries:
+            flat = [item for pair in fields.items() for item in pair]
+            future = via.execute("XADD", self.keys.events, "*", *flat)
+            self._writes.add(future)
+            future.add_done_callback(self._written)
+        if time.monotonic() >= self._next_trim:
+            self._next_trim = time.monotonic() + TRIM_EVERY
+            self._spawn(self.trim())
+
+    async def trim(self) -> int:
+        """Drop entries older than the oldest the ``analytics`` group has not acknowledged."""
+        try:
+            return int(await self._trim(keys=[self.keys.events], args=[EVENTS_GROUP]))
+        except RedisError as exc:
+            log.warning("cannot trim the events stream: %s", exc)
+            return 0
+
+    async def stats(self) -> dict[str, float]:
+        """Length of the stream and the age (seconds) of its oldest entry."""
+        return await stream_stats(self.redis, self.keys)
+
+    async def flush(self) -> None:
+        """Wait until every queued append has been written (or failed, logged)."""
+        while self._writes or self._tasks:
+            await asyncio.gather(*self._writes, *self._tasks, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.flush()
+        if self.owned is not None:
+            await self.owned.aclose()
+
+    def _written(self, future: asyncio.Future[Any]) -> None:
+        self._writes.discard(future)
+        _report(future)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def stream_stats(redis: Redis, keys: Keys) -> dict[str, float]:
+    """``{"length", "age_seconds"}`` of the events stream (0 when empty)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.xlen(keys.events)
+    pipe.xrange(keys.events, count=1)
+    length, first = await pipe.execute()
+    return {"length": int(length), "age_seconds": entry_age(first)}
+
+
+def entry_age(first: list[Any]) -> float:
+    if not first:
+        return 0.0
+    raw = first[0][0]
+    stamp = int((raw.decode() if isinstance(raw, bytes) else str(raw)).split("-")[0])
+    return max(0.0, time.time() - stamp / 1000)
+
+
+def _report(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("an event was not written: %s", future.exception())
+
+
+def _ms(seconds: float | None) -> int | None:
+    return int(seconds * 1000) if seconds else None
+
+
+def node_run_event(execution: Any, run: Any) -> dict[str, str]:
+    """A ``node_run`` entry for a settled (or retrying) node of ``execution``."""
+    status = "retried" if run.status == "waiting" else run.status
+    data = {
+        "node_type": run.type,
+        "status": status,
+        "attempt": run.attempts,
+        "started_at": _ms(run.started_at),
+        "duration_ms": round(run.duration_ms, 3),
+        "error_code": (run.error or {}).get("code", "") if status in ("failed", "retried") else "",
+    }
+    return entry("node_run", Origin(execution.flow, execution.id, run.id), data)
+
+
+def execution_event(execution: Any, trigger_type: str) -> dict[str, str]:
+    """An ``execution`` entry for a finished execution."""
+    started, finished = _ms(execution.started_at), _ms(execution.finished_at)
+    data = {
+        "flow_version": execution.flow_version,
+        "trigger_type": trigger_type,
+        "status": execution.status,
+        "started_at": started,
+        "finished_at": finished,
+        "duration_ms": (finished - started) if started and finished else None,
+        "attempts": sum(run.attempts for run in execution.nodes.values()),
+        "error_code": (execution.error or {}).get("code", "") if execution.status == "failed" else "",
+    }
+    return entry("execution", Origin(execution.flow, execution.id, ""), data)

@@ -1,0 +1,153 @@
+"""The contact book, the limiter and the events stream against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from flowchat import NodeError
+from flowchat.contacts import Contacts
+from flowchat.events import Events
+from flowchat.keys import EVENTS_GROUP, Keys
+from flowchat.limiter import Limiter
+from flowchat.phones import mask, normalize
+
+KEYS = Keys("fc")
+
+
+@pytest.fixture
+async def events(redis):
+    stream = Events(redis, KEYS)
+    await stream.setup()
+    return stream
+
+
+@pytest.fixture
+def book(redis, events) -> Contacts:
+    return Contacts(redis, KEYS, default_region="US", events=events)
+
+
+async def event_list(redis) -> list[dict[str, object]]:
+    await asyncio.sleep(0.01)  # appends are not awaited: let the batch leave
+    entries = await redis.xrange(KEYS.events)
+    out = []
+    for _, fields in entries:
+        item = {k.decode(): v.decode() for k, v in fields.items()}
+        item["data"] = orjson.loads(item["data"])
+        out.append(item)
+    return out
+
+
+def test_phones_normalise_to_e164_and_mask() -> None:
+    assert normalize("whatsapp:+1 (415) 555-0123") == "+14155550123"
+    assert normalize("415.555.0123", "US") == "+14155550123"
+    assert normalize("+1 555 010 0123") == "+15550100123"  # a fictional range: possible is enough
+    assert mask("+14155550123") == "+1415***0123"
+    for bad in ("hello", "+1 555", "4155550123", "+1 415 555 0123 9999"):
+        with pytest.raises(NodeError) as caught:
+            normalize(bad)
+        assert caught.value.code == "invalid-phone" and not caught.value.retryable
+        assert "0123" not in caught.value.message or "***" in caught.value.message
+
+
+async def test_upsert_update_tag_consent_and_the_audit_trail(book, redis) -> None:
+    contact, created = await book.upsert("415 555 0123", name="Ann", attributes={"plan": "pro", "big": 2**60})
+    assert created and contact["phone"] == "+14155550123" and contact["attributes"]["big"] == 2**60
+    again, created_again = await book.upsert("+14155550123", name="Ann", attributes={"plan": "pro"})
+    assert not created_again and again["created_at"] == contact["created_at"]
+    updated = await book.update("+14155550123", attributes={"city": "SF"}, unset=["plan"])
+    assert updated["attributes"] == {"big": 2**60, "city": "SF"}
+    tagged = await book.tag("+14155550123", add=["vip", "lead", "vip"], remove=["none"], groups_add=["west"])
+    assert (tagged.tags_added, tagged.tags_removed, tagged.contact["groups"]) == (["vip", "lead"], [], ["west"])
+    assert (await book.tag("+14155550123", remove=["lead"])).tags_removed == ["lead"]
+    consented = await book.set_consent("+14155550123", "opted_in", "web-form")
+    assert consented["consent"]["state"] == "opted_in" and consented["consent"]["source"] == "web-form"
+    assert consented["consent"]["at"] >= contact["created_at"]
+    details = await book.details("+14155550123", audit=100)
+    assert details is not None
+    assert [entry["action"] for entry in details["audit"]] == ["consent", "tag", "tag", "update", "upsert"]
+    assert details["audit"][-1]["created"] is True
+    for n in range(120):
+        await book.update("+14155550123", attributes={"n": n})
+    assert await redis.llen(KEYS.contact_audit("+14155550123")) == 100
+
+
+async def test_contact_events_name_each_change_with_the_full_phone(book, redis) -> None:
+    await book.upsert("+14155550123", name="Ann")
+    await book.upsert("+14155550123", name="Ann")  # no change: no event
+    await book.tag("+14155550123", add=["vip"], groups_add=["west"])
+    await book.set_consent("+14155550123", "opted_out", "STOP")
+    await book.erase("+14155550123")
+    events = await event_list(redis)
+    assert [e["data"]["action"] for e in events] == ["created", "tagged", "grouped", "opted_out", "erased"]
+    assert all(e["type"] == "contact" and e["data"]["phone"] == "+14155550123" for e in events)
+    assert len({e["id"] for e in events}) == len(events)
+    assert events[3]["data"]["source"] == "STOP"
+
+
+async def test_search_reads_indexes_and_erase_removes_every_trace(book, redis) -> None:
+    for n in range(30):
+        await book.tag(f"+1415555{n:04d}", add=["even" if n % 2 == 0 else "odd"], groups_add=[f"g{n % 3}"])
+    await book.set_consent("+14155550004", "opted_out", "STOP")
+    assert len(await book.search(tags=["even"], limit=100)) == 15
+    assert await book.search(tags=["even"], groups=["g0"]) == [f"+1415555{n:04d}" for n in (0, 6, 12, 18, 24)]
+    assert await book.search(opted_out=True) == ["+14155550004"]
+    assert len(await book.search(tags=["odd"], limit=4)) == 4
+    assert await book.erase("+14155550004")
+    assert not await book.erase("+14155550004")
+    assert await book.get("+14155550004") is None
+    assert "+14155550004" not in await book.search(tags=["even"], limit=100)
+    assert await book.search(opted_out=True) == []
+    leftovers = [k for k in await redis.keys("*") if b"0004" in k]
+    assert leftovers == []
+
+
+async def test_an_inbound_message_is_recorded_once(book) -> None:
+    first = await book.record_inbound("whatsapp:+14155550123", profile_name="Ann", message_sid="SM1", at_ms=1000)
+    repeat = await book.record_inbound("whatsapp:+14155550123", profile_name="Bob", message_sid="SM1", at_ms=2000)
+    assert first["created"] and not repeat["created"]
+    contact = await book.get("+14155550123")
+    assert contact is not None and contact["name"] == "Ann" and contact["last_inbound_at"] == 1000
+
+
+async def test_analytics_off_writes_no_event(redis) -> None:
+    quiet = Contacts(redis, KEYS, events=Events(redis, KEYS, enabled=False))
+    await quiet.upsert("+14155550123", name="Ann")
+    await asyncio.sleep(0.01)
+    assert not await redis.exists(KEYS.events)
+
+
+async def test_the_stream_is_trimmed_only_up_to_what_analytics_has_not_acknowledged(events, redis) -> None:
+    for n in range(10):
+        events.emit("metric", None, {"name": "m", "value": n, "tags": {}})
+    await asyncio.sleep(0.01)
+    assert await events.trim() == 0  # nothing read yet: nothing goes
+    read = await redis.xreadgroup(EVENTS_GROUP, "sink", {KEYS.events: ">"}, count=6)
+    ids = [entry_id for entry_id, _ in read[0][1]]
+    await redis.xack(KEYS.events, EVENTS_GROUP, *ids[:3])  # 3 acknowledged, 3 read but pending
+    await events.trim()
+    left = [entry_id for entry_id, _ in await redis.xrange(KEYS.events)]
+    assert left[0] == ids[3] and len(left) == 7
+    await redis.xack(KEYS.events, EVENTS_GROUP, *ids[3:])
+    await events.trim()
+    assert len(await redis.xrange(KEYS.events)) >= 4  # the 4 never delivered stay
+    stats = await events.stats()
+    assert stats["length"] >= 4 and stats["age_seconds"] >= 0
+
+
+async def test_the_limiter_is_exact_and_reserved_slots_come_in_order(redis) -> None:
+    limiter = Limiter(redis, KEYS)
+    decisions = await asyncio.gather(*(limiter.acquire("k", 5, 60) for _ in range(50)))
+    assert sum(d.allowed for d in decisions) == 5
+    assert sorted(d.remaining for d in decisions if d.allowed) == [0, 1, 2, 3, 4]
+    assert min(d.retry_after_ms for d in decisions if not d.allowed) > 11_000
+    waits = [await limiter.acquire("r", 2, 1, holder=f"h{n}") for n in range(6)]
+    assert [d.allowed for d in waits] == [True, True, False, False, False, False]
+    assert [round(d.retry_after_ms / 500) for d in waits[2:]] == [1, 2, 3, 4]  # one slot each, 0.5 s apart
+    early = await limiter.acquire("r", 2, 1, holder="h2")
+    assert not early.allowed and early.retry_after_ms > 0  # its slot has not come
+    await asyncio.sleep(early.retry_after_ms / 1000 + 0.01)
+    assert (await limiter.acquire("r", 2, 1, holder="h2")).allowed
+    assert not (await limiter.acquire("r", 2, 1, holder="h3")).allowed

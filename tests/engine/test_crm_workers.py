@@ -1,0 +1,114 @@
+"""CRM nodes under two real worker processes on one real Redis: exact, whatever the interleaving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from support import daemon_env, wait_for
+
+from flowchat.contacts import Contacts
+from flowchat.keys import Keys
+from flowchat.loader import load_flow
+from flowchat.queue import Queue
+from flowchat.registry import load_registry
+
+
+def write(folder: Path, name: str, nodes: str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(f"flow: {name}\ntrigger: {{type: webhook}}\nnodes:\n{nodes}")
+    return path
+
+
+async def run_on_two_workers(
+    queue: Queue, processes: Any, redis_url: str, flow_file: Path, triggers: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    env = daemon_env(redis_url)
+    for _ in range(2):
+        processes.start("worker", "--flows", str(flow_file.parent), "--concurrency", "16", env=env)
+    flow = load_flow(flow_file, load_registry())
+    await queue.store_flow(flow)
+    ids = await queue.enqueue_many(flow.name, flow.version, triggers)
+
+    async def finished() -> bool:
+        succeeded = await queue.redis.hget(queue.keys.counters, f"succeeded:{flow.name}")
+        return int(succeeded or 0) >= len(ids)
+
+    await wait_for(finished, timeout=60, interval=0.05)
+    stored = [await queue.get(execution_id) for execution_id in ids]
+    return [{"meta": item[0], "nodes": item[1]} for item in stored if item]
+
+
+async def test_two_workers_tagging_one_contact_80_times_lose_no_tag(queue, redis_url, flows_dir, processes):
+    flow = write(
+        flows_dir,
+        "tagger",
+        "  - {id: tag, type: contact.tag, with: {phone: '+1 415 555 0100', add: ['t{{ trigger.n }}'],"
+        " groups_add: ['g{{ trigger.n % 3 }}']}}\n",
+    )
+    runs = await run_on_two_workers(queue, processes, redis_url, flow, [{"n": n} for n in range(80)])
+    assert len(runs) == 80
+    contact = await Contacts(queue.redis, Keys("fc")).get("+14155550100")
+    assert contact is not None
+    assert sorted(contact["tags"]) == sorted(f"t{n}" for n in range(80))
+    assert contact["groups"] == ["g0", "g1", "g2"]
+    # every index agrees with the contact, and each execution saw its own tag added exactly once
+    for n in range(80):
+        assert await queue.redis.sismember(Keys("fc").contacts_tagged(f"t{n}"), "+14155550100")
+    assert sorted(run["nodes"]["tag"]["output"]["added"][0] for run in runs) == sorted(f"t{n}" for n in range(80))
+
+
+async def test_two_workers_upserting_the_same_new_phones_create_each_exactly_once(
+    queue, redis_url, flows_dir, processes
+):
+    flow = write(
+        flows_dir,
+        "upserts",
+        "  - {id: up, type: contact.upsert, with: {phone: '+4420794600{{ trigger.p }}', name: 'N{{ trigger.n }}'}}\n",
+    )
+    triggers = [{"p": f"{p:02d}", "n": n} for p in range(20) for n in range(4)]
+    runs = await run_on_two_workers(queue, processes, redis_url, flow, triggers)
+    created: dict[str, int] = {}
+    for run in runs:
+        output = run["nodes"]["up"]["output"]
+        created[output["phone"]] = created.get(output["phone"], 0) + int(output["created"])
+    assert len(created) == 20
+    assert set(created.values()) == {1}
+
+
+async def test_rate_limit_skip_allows_exactly_limit_across_two_workers(queue, redis_url, flows_dir, processes):
+    flow = write(
+        flows_dir,
+        "paced",
+        "  - {id: gate, type: rate_limit, with: {key: campaign, limit: 7, per: 10m, on_limit: skip}}\n"
+        "  - {id: after, type: set, needs: [gate], when: '{{ gate.allowed }}', with: {values: {sent: true}}}\n",
+    )
+    runs = await run_on_two_workers(queue, processes, redis_url, flow, [{"n": n} for n in range(60)])
+    allowed = [run for run in runs if run["nodes"]["gate"]["output"]["allowed"]]
+    assert len(allowed) == 7
+    assert sum(run["nodes"]["after"]["status"] == "ok" for run in runs) == 7
+    refused = [run["nodes"]["gate"]["output"] for run in runs if not run["nodes"]["gate"]["output"]["allowed"]]
+    assert all(out["retry_after_ms"] > 0 and out["remaining"] == 0 for out in refused)
+
+
+async def test_rate_limit_delay_lets_every_execution_through_and_none_before_its_slot(
+    queue, redis_url, flows_dir, processes
+):
+    limit, per, count = 4, 1.6, 14  # a slot every 0.4 s after a burst of 4
+    flow = write(
+        flows_dir,
+        "delayed",
+        f"  - {{id: gate, type: rate_limit, with: {{key: drip, limit: {limit}, per: {per}s, on_limit: delay}}}}\n",
+    )
+    runs = await run_on_two_workers(queue, processes, redis_url, flow, [{"n": n} for n in range(count)])
+    assert len(runs) == count
+    gates = [run["nodes"]["gate"] for run in runs]
+    assert all(gate["status"] == "ok" and gate["output"]["allowed"] for gate in gates)
+    times = sorted(gate["finished_at"] for gate in gates)
+    interval, slack = per / limit, 0.05
+    # GCRA: between the i-th and j-th allowed, at least (j - i - burst + 1) intervals passed
+    for i in range(count):
+        for j in range(i + 1, count):
+            assert times[j] - times[i] >= (j - i - limit + 1) * interval - slack, (i, j, times)
+    waited = [gate for gate in gates if gate["started_at"] < gate["finished_at"] - interval / 2]
+    assert len(waited) >= count - limit - 1  # most were parked, not let through early
