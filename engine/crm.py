@@ -28,10 +28,10 @@ async def _redis(settings: Settings, services: Any) -> tuple[Redis, Keys, AsyncE
     if redis is not None:
         return redis, keys, None
     stack = AsyncExitStack()
-    redis = await stack.enter_async_context(open_redis(settings))
+    own: Redis = await stack.enter_async_context(open_redis(settings))
     if services is not None:
-        services.redis, services.keys = redis, keys  # the next CRM service shares this connection
-    return redis, keys, stack
+        services.redis, services.keys = own, keys  # the next CRM service shares this connection
+    return own, keys, stack
 
 
 async def open_events(settings: Settings, services: Any = None) -> Events:
