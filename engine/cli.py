@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from flowchat.schema import dumps, flow_schema
 from flowchat.secrets import Secrets, flow_secrets, unset_secret_warnings
 from flowchat.services import open_services
 from flowchat.settings import Settings, SettingsError
+from flowchat.startup import StartupError, accept_global_options_anywhere, check_flows_folder, check_operator_redis
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
@@ -242,6 +244,7 @@ def graph(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from flowchat.daemon import serve as serve_daemon
 
+    check_flows_folder(Path(args.flows))
     plugins = Path(args.plugins) if args.plugins else None
     return asyncio.run(
         serve_daemon(
@@ -254,7 +257,9 @@ def serve(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     from flowchat.daemon import work
 
-    return asyncio.run(work(Path(args.flows), args.concurrency, Path(args.plugins) if args.plugins else None))
+    check_flows_folder(Path(args.flows))
+    plugins = Path(args.plugins) if args.plugins else None
+    return asyncio.run(work(Path(args.flows), args.concurrency, plugins, host=args.host, port=args.port))
 
 
 # --- operators ---------------------------------------------------------------------------
@@ -266,8 +271,11 @@ def _with_queue(action: Callable[[Any], Any]) -> Any:
 
     from flowchat.daemon import operator_queue
 
+    settings = Settings.from_env()
+    check_operator_redis(settings)  # never a new data dir or an empty embedded Redis
+
     async def go() -> Any:
-        async with operator_queue() as queue:
+        async with operator_queue(settings) as queue:
             return await action(queue)
 
     try:
@@ -383,6 +391,12 @@ environment:
     )
     parser.add_argument("--plugins", metavar="DIR", help="plugins folder (default: $FLOWCHAT_PLUGINS or ./plugins)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for serve/worker)")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text or JSON (default: $FLOWCHAT_LOG_FORMAT or text)",
+    )
+    parser.add_argument("--version", action="version", version=f"flowchat {_version()}")
     sub = _Described(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     p = sub.add_parser("validate", help="check flow files and report every problem with file:line:col")
@@ -414,6 +428,10 @@ environment:
 
     p = sub.add_parser("worker", help="run workers only, against the same Redis as the daemon")
     _daemon_options(p)
+    p.add_argument(
+        "--port", type=int, metavar="N", help="serve /healthz, /readyz and /metrics on this port (default: off)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address for --port (default 127.0.0.1)")
 
     p = sub.add_parser("executions", help="inspect executions stored in the queue")
     actions = _Described(p.add_subparsers(dest="action", required=True, metavar="ACTION"))
@@ -459,6 +477,7 @@ environment:
     COMMANDS.update(analytics_commands(sub))
 
     # -- operations
+    accept_global_options_anywhere(parser)
 
     return parser
 
@@ -480,14 +499,20 @@ def _daemon_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=32, metavar="N", help="executions run at once (default 32)")
 
 
+def _version() -> str:
+    try:
+        return metadata.version("flowchat-engine")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     default_level = "INFO" if args.command in ("serve", "worker") else "WARNING"
-    configure_logging((args.log_level or default_level).upper())
-    # families added by add_commands may set a `handler` default (under `python -m flowchat.cli`
-    # this module is __main__, so a family importing flowchat.cli would fill another COMMANDS)
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
+        log_format = args.log_format or Settings.from_env().log_format
+        configure_logging((args.log_level or default_level).upper(), log_format)
         return handler(args)
     except KeyboardInterrupt:
         return 130  # Ctrl-C: quietly, with the shell's usual status
@@ -498,6 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:  # a bad FLOWCHAT_* value or secrets file: named, no traceback
         print(f"error: [{exc.code}] {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:  # port taken, no flows folder, no Redis to inspect: one line
+        print(exc, file=sys.stderr)
+        return exc.status
 
 
 if __name__ == "__main__":

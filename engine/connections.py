@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import RedisError
 
 from flowchat.keys import Keys
 from flowchat.queue import Queue
@@ -92,6 +93,20 @@ async def cluster_enabled(url: str) -> bool:
         await probe.aclose()
 
 
+async def _detect_cluster(url: str) -> bool:
+    """Cluster or not, from the server; an unreachable server is taken as a single one (said once)."""
+    try:
+        return await cluster_enabled(url)
+    except (RedisError, OSError) as exc:
+        log.warning(
+            "cannot reach %s to see whether it is a Redis Cluster (%s); using it as a single server "
+            "(set FLOWCHAT_REDIS_CLUSTER=1 if it is a Cluster)",
+            describe_url(url),
+            exc,
+        )
+        return False
+
+
 def sentinel_client(settings: Settings) -> tuple[Redis, Sentinel]:
     """The master named ``FLOWCHAT_REDIS_SENTINEL_MASTER``, found through the sentinels."""
     tls: dict[str, Any] = {"ssl": True} if settings.redis_tls else {}
@@ -114,9 +129,13 @@ def describe(settings: Settings, redis: Any) -> Target:
         return Target("sentinel", f"master {settings.redis_sentinel_master} via {where}")
     if not settings.redis_url:
         return Target("embedded", str(settings.data_dir))
-    parts = urlsplit(settings.redis_url)
-    where = parts.path if parts.scheme == "unix" else f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
-    return Target("cluster" if is_cluster(redis) else "single", where)
+    return Target("cluster" if is_cluster(redis) else "single", describe_url(settings.redis_url))
+
+
+def describe_url(url: str) -> str:
+    """``redis://host:port`` of a URL, without user or password."""
+    parts = urlsplit(url)
+    return parts.path if parts.scheme == "unix" else f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
 
 
 def is_sentinel(redis: Any) -> bool:
@@ -138,7 +157,7 @@ async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
             log.info("embedded redis-server with AOF in %s", embedded.data_dir)
         cluster = settings.redis_cluster
         if cluster is None and not embedded:
-            cluster = await cluster_enabled(url)
+            cluster = await _detect_cluster(url)
         redis = cluster_client(url) if cluster else redis_client(url)
         if cluster:
             await cast(RedisCluster, redis).initialize()

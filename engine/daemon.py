@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
+from flowchat.access_log import access_log
 from flowchat.catalog import Catalog
 from flowchat.connections import describe, open_queue, open_redis, queue_keys, redis_client
-from flowchat.ingress import create_app
+from flowchat.ingress import CATALOG_KEY, METRICS_KEY, QUEUE_KEY, create_app, healthz, metrics_endpoint, readyz
 from flowchat.metrics import Metrics
 from flowchat.mover import DelayedMover
 from flowchat.queue import Queue
@@ -32,6 +34,7 @@ from flowchat.secrets import flow_secrets, unset_secret_warnings
 from flowchat.services import Services, open_services
 from flowchat.settings import Settings
 from flowchat.sink import Sink, SinkSettings, run_sink
+from flowchat.startup import eviction_warning, port_taken, unset_webhook_secrets
 from flowchat.twilio_webhooks import TwilioWebhooks, twilio_mode
 from flowchat.worker import Worker, WorkerSettings
 
@@ -63,6 +66,11 @@ async def runtime(flows: Path, plugins: Path | None = None, settings: Settings |
             "serving %d flow(s) from %s: %s", len(catalog.flows), flows, ", ".join(sorted(catalog.flows)) or "none"
         )
         log.info(_startup_line(settings, redis, flows, len(catalog.flows)))
+        for line in unset_webhook_secrets(catalog, settings):
+            log.warning("%s", line)
+        eviction = await eviction_warning(redis)
+        if eviction:
+            log.warning("%s", eviction)
         keys = queue_keys(settings)
         async with open_services(settings, redis=redis, keys=keys) as services:
             for warning in unset_secret_warnings(flow_secrets(catalog.flows.values()), services.secrets):
@@ -79,22 +87,53 @@ def _startup_line(settings: Settings, redis: object, flows: Path, count: int) ->
     )
 
 
-def _stop_on_signals(stop: asyncio.Event) -> None:
+def _stop_on_signals(stop: asyncio.Event, grace: float) -> None:
     loop = asyncio.get_running_loop()
+
+    def stopping(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("%s received: taking no new work; draining in-flight executions for up to %.0fs", sig.name, grace)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping, sig)
+
+
+def _drained(started: float, status: int) -> int:
+    log.info("drain finished in %.1fs; exiting with status %d", time.monotonic() - started, status)
+    return status
+
+
+async def _listen(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving ``app``; a taken port is a :class:`StartupError` (one line, exit 1), not a traceback."""
+    runner = web.AppRunner(app, access_log=None)  # flowchat.access logs each request instead
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise port_taken(host, port, exc) from None
+    log.info("listening on http://%s:%d", host, port)
+    return runner
+
+
+def health_app(rt: Runtime) -> web.Application:
+    """``/healthz``, ``/readyz`` and ``/metrics`` alone: what ``flowchat worker --port N`` serves."""
+    app = web.Application(middlewares=[access_log])
+    app[QUEUE_KEY], app[CATALOG_KEY], app[METRICS_KEY] = rt.queue, rt.catalog, rt.metrics
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
 
 
 async def serve(flows: Path, host: str, port: int, concurrency: int, workers: bool, plugins: Path | None = None) -> int:
     """Ingress, workers, scheduler and mover until SIGTERM/SIGINT; exit status 0, or 1 if a part died."""
     stop = asyncio.Event()
-    _stop_on_signals(stop)
     async with runtime(flows, plugins) as rt:
+        _stop_on_signals(stop, rt.settings.grace)
         twilio = TwilioWebhooks(rt.settings, rt.services)
-        runner = web.AppRunner(create_app(rt.queue, rt.catalog, rt.metrics, twilio), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        log.info("listening on http://%s:%d", host, port)
+        runner = await _listen(create_app(rt.queue, rt.catalog, rt.metrics, twilio), host, port)
         print(f"flowchat: listening on http://{host}:{port} with {len(rt.catalog.flows)} flow(s)", flush=True)
         print(f"flowchat: {twilio_mode(rt.settings)}", flush=True)
         parts = _Parts(stop)
@@ -106,7 +145,7 @@ async def serve(flows: Path, host: str, port: int, concurrency: int, workers: bo
         sink = _sink(rt)
         sink_task = parts.start(run_sink(sink), "analytics sink") if sink else None
         await stop.wait()
-        log.info("stopping: no new requests or work; draining in-flight executions")
+        draining = time.monotonic()
         await runner.cleanup()
         if worker and worker_task:
             worker.stop()
@@ -114,7 +153,7 @@ async def serve(flows: Path, host: str, port: int, concurrency: int, workers: bo
         if sink and sink_task:
             sink.stop()
             await asyncio.gather(sink_task, return_exceptions=True)
-        return await parts.stop()
+        return _drained(draining, await parts.stop())
 
 
 def _sink(rt: Runtime) -> Sink | None:
@@ -124,11 +163,17 @@ def _sink(rt: Runtime) -> Sink | None:
     return Sink(rt.queue.redis, rt.queue.keys, SinkSettings.from_settings(rt.settings))
 
 
-async def work(flows: Path, concurrency: int, plugins: Path | None = None) -> int:
-    """Workers and the mover until SIGTERM/SIGINT; exit status 0, or 1 if a part died."""
+async def work(
+    flows: Path, concurrency: int, plugins: Path | None = None, *, host: str = "127.0.0.1", port: int | None = None
+) -> int:
+    """Workers and the mover until SIGTERM/SIGINT; exit status 0, or 1 if a part died.
+
+    With ``port`` it also serves ``/healthz``, ``/readyz`` and ``/metrics`` there.
+    """
     stop = asyncio.Event()
-    _stop_on_signals(stop)
     async with runtime(flows, plugins) as rt:
+        _stop_on_signals(stop, rt.settings.grace)
+        runner = await _listen(health_app(rt), host, port) if port is not None else None
         parts = _Parts(stop)
         parts.start(DelayedMover(rt.queue).run(), "delayed-work mover")
         parts.start(rt.catalog.watch(), "flow watcher")
@@ -136,9 +181,12 @@ async def work(flows: Path, concurrency: int, plugins: Path | None = None) -> in
         worker_task = parts.start(worker.run(), "worker")
         print(f"flowchat: worker {worker.settings.consumer} running {len(rt.catalog.flows)} flow(s)", flush=True)
         await stop.wait()
+        draining = time.monotonic()
         worker.stop()
         await asyncio.gather(worker_task, return_exceptions=True)
-        return await parts.stop()
+        if runner is not None:
+            await runner.cleanup()
+        return _drained(draining, await parts.stop())
 
 
 def _worker(rt: Runtime, concurrency: int) -> Worker:

@@ -25,6 +25,8 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from flowchat.access_log import access_log
+from flowchat.backoff import REDIS
 from flowchat.catalog import Catalog
 from flowchat.errors import QueueError
 from flowchat.flow import Flow
@@ -62,7 +64,7 @@ class HttpProblem(Exception):
 def create_app(
     queue: Queue, catalog: Catalog, metrics: Metrics, twilio: TwilioWebhooks | None = None
 ) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_count_requests])
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[access_log, _count_requests])
     app[QUEUE_KEY], app[CATALOG_KEY], app[METRICS_KEY] = queue, catalog, metrics
     app[TWILIO_KEY] = twilio or TwilioWebhooks()
     app.router.add_post("/hooks/{path:.+}", webhook)
@@ -85,7 +87,7 @@ async def _count_requests(request: web.Request, handler: Handler) -> web.StreamR
     except HttpProblem as problem:
         response = web.json_response(problem.body, status=problem.status)
     except (QueueError, RedisError, OSError) as exc:
-        log.warning("queue unavailable for %s: %s", request.path, exc)
+        REDIS.failed(f"ingress: {exc}", 1.0)  # once per outage; each refused request is in the access log
         response = web.json_response(
             {"error": "queue unavailable, retry later"}, status=503, headers={"Retry-After": "1"}
         )

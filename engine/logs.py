@@ -7,9 +7,11 @@ every record (``+1415***4567``) and secret values never reach a handler.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 _SEP = r"[\s.-]?"
@@ -77,14 +79,46 @@ class RedactingFilter(logging.Filter):
 
 
 class RedactingFormatter(logging.Formatter):
-    """Redacts the whole formatted line, tracebacks included (they are added after filters run)."""
+    """Redacts the whole formatted line, tracebacks included (they are added after filters run).
+
+    Times are ISO 8601 in UTC with their offset (``2026-11-30T10:46:00.939+00:00``).
+    """
 
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
         self.secrets = _secret_values()
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        return iso_utc(record.created)
+
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record), [*_FLOW_SECRETS, *self.secrets])
+
+
+class JsonFormatter(RedactingFormatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``message`` (+ ``traceback``), redacted."""
+
+    def __init__(self) -> None:
+        super().__init__("%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": iso_utc(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in ("route", "status", "duration_ms", "execution_id", "method", "remote"):
+            if hasattr(record, name):
+                line[name] = getattr(record, name)
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return redact(json.dumps(line, ensure_ascii=False, default=str), [*_FLOW_SECRETS, *self.secrets])
+
+
+def iso_utc(epoch: float) -> str:
+    """``2026-11-30T10:46:00.939+00:00``: ISO 8601, UTC, milliseconds, explicit offset."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
 
 
 class _ExecutionAdapter(logging.LoggerAdapter[logging.Logger]):
@@ -101,10 +135,14 @@ def logger_for(execution_id: str, node_id: str) -> logging.LoggerAdapter[logging
     return _ExecutionAdapter(_EXECUTION_LOGGER, {"execution": execution_id, "node": node_id})
 
 
-def configure_logging(level: int | str = logging.INFO) -> None:
-    """Root logging for the CLI and daemon, with redaction on every handler."""
+def configure_logging(level: int | str = logging.INFO, log_format: str = "text") -> None:
+    """Root logging for the CLI and daemon (``text`` or ``json`` lines on stderr), redacted on every handler."""
     handler = logging.StreamHandler()
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if log_format == "json"
+        else RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

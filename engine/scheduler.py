@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from redis.exceptions import RedisError
 
+from flowchat.backoff import REDIS
 from flowchat.catalog import Catalog
 from flowchat.errors import FlowChatError
 from flowchat.flow import Flow
@@ -67,7 +68,7 @@ class Scheduler:
             try:
                 wake = await self.tick(time.time())
             except (RedisError, OSError, FlowChatError) as exc:
-                log.warning("scheduler cannot reach Redis: %s", exc)
+                REDIS.failed(f"scheduler: {exc}", 1.0)  # logged once per outage, not once a second
                 wake = time.time() + 1
             except Exception:
                 log.exception("scheduler tick failed; trying again in a second")

@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flowchat.backoff import Backoff, retrying
+from flowchat.backoff import REDIS, Backoff, retrying
 from flowchat.catalog import Catalog
 from flowchat.errors import FlowChatError, QueueError
 from flowchat.events import Events, execution_event, node_run_event
@@ -157,7 +157,7 @@ class Worker:
             try:
                 lost = await self.queue.extend(self.settings.consumer, list(self.in_flight))
             except (RedisError, OSError) as exc:
-                log.warning("cannot renew leases: %s", exc)
+                REDIS.failed(f"cannot renew leases: {exc}", self.settings.visibility_timeout / 3)
                 continue
             for message_id in lost:
                 task = self.in_flight.get(message_id)
@@ -182,7 +182,7 @@ class Worker:
                     log.warning("taking over %d execution(s) whose lease expired", len(stale))
                     await self._dispatch(stale)
             except (RedisError, OSError) as exc:
-                log.warning("cannot reclaim stalled work: %s", exc)
+                REDIS.failed(f"cannot reclaim stalled work: {exc}", self.settings.visibility_timeout / 2)
             except Exception:
                 log.exception("unexpected error reclaiming stalled work")
 
