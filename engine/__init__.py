@@ -20,7 +20,7 @@ from flowchat.errors import (
     TemplateSecurityError,
 )
 from flowchat.execution import Execution, NodeRun
-from flowchat.fields import JsonSchema
+from flowchat.fields import JsonSchema, SchemaFile, read_schema_file
 from flowchat.flow import Flow
 from flowchat.loader import load_flow, load_flows
 from flowchat.logs import mask_phones
@@ -37,6 +37,8 @@ __all__ = [
     "RetryPolicy",
     "Duration",
     "JsonSchema",
+    "SchemaFile",
+    "read_schema_file",
     "Suspend",
     "register",
     "parse_duration",

@@ -56,7 +56,7 @@ class Catalog:
         It may run in a thread: the new set of flows is built aside and swapped in whole,
         so readers on the event loop never see a dict change under them.
         """
-        current = {path: _signature(path) for path in flow_files([self.folder]) if path.exists()}
+        current = {path: signature for path in flow_files([self.folder]) if (signature := _signature(path))}
         by_file, problems = dict(self.by_file), dict(self.problems)
         changed = False
         for path in set(self._signatures) - set(current):
@@ -127,13 +127,21 @@ class Catalog:
         return flow
 
     async def watch(self, interval: float = 1.0, on_change: Callable[[], None] | None = None) -> None:
-        """Poll the folder until cancelled."""
+        """Poll the folder until cancelled. No error stops it: the flows loaded so far keep serving."""
         while True:
             await asyncio.sleep(interval)
-            if await asyncio.to_thread(self.reload) and on_change:
+            try:
+                changed = await asyncio.to_thread(self.reload)
+            except Exception as exc:  # EMFILE, a vanished folder, a bug: log it and look again next time
+                log.error("flow watcher: cannot reload %s (flows loaded so far keep serving): %r", self.folder, exc)
+                continue
+            if changed and on_change:
                 on_change()
 
 
-def _signature(path: Path) -> tuple[int, int]:
-    stat = path.stat()
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:  # removed (or unreadable) between listing and looking
+        return None
     return stat.st_mtime_ns, stat.st_size

@@ -248,7 +248,13 @@ def serve(args: argparse.Namespace) -> int:
     plugins = Path(args.plugins) if args.plugins else None
     return asyncio.run(
         serve_daemon(
-            Path(args.flows), args.host, args.port, args.concurrency, workers=not args.no_workers, plugins=plugins
+            Path(args.flows),
+            args.host,
+            args.port,
+            args.concurrency,
+            workers=not args.no_workers,
+            plugins=plugins,
+            strict=args.strict,
         )
     )
 
@@ -424,6 +430,9 @@ environment:
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument(
         "--no-workers", action="store_true", help="ingress and scheduler only; run `flowchat worker` elsewhere"
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="refuse to start if any flow file is broken (default: serve the others)"
     )
 
     p = sub.add_parser("worker", help="run workers only, against the same Redis as the daemon")

@@ -14,6 +14,7 @@ import gc
 import logging
 import signal
 import time
+import sys
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,11 +128,29 @@ def health_app(rt: Runtime) -> web.Application:
     return app
 
 
-async def serve(flows: Path, host: str, port: int, concurrency: int, workers: bool, plugins: Path | None = None) -> int:
-    """Ingress, workers, scheduler and mover until SIGTERM/SIGINT; exit status 0, or 1 if a part died."""
+async def serve(
+    flows: Path,
+    host: str,
+    port: int,
+    concurrency: int,
+    workers: bool,
+    plugins: Path | None = None,
+    strict: bool = False,
+) -> int:
+    """Ingress, workers, scheduler and mover until SIGTERM/SIGINT; exit status 0, or 1 if a part died.
+
+    A broken flow file is logged and its routes answer 404 while the valid flows serve;
+    with ``strict`` the daemon refuses to start instead (exit status 1).
+    """
     stop = asyncio.Event()
     async with runtime(flows, plugins) as rt:
         _stop_on_signals(stop, rt.settings.grace)
+        if strict and rt.catalog.problems:
+            for problems in rt.catalog.problems.values():
+                for problem in problems:
+                    print(problem, file=sys.stderr)
+            print(f"flowchat: --strict: not starting, {len(rt.catalog.problems)} broken flow file(s)", flush=True)
+            return 1
         twilio = TwilioWebhooks(rt.settings, rt.services)
         runner = await _listen(create_app(rt.queue, rt.catalog, rt.metrics, twilio), host, port)
         print(f"flowchat: listening on http://{host}:{port} with {len(rt.catalog.flows)} flow(s)", flush=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,28 +15,80 @@ from pydantic import BaseModel, ValidationError
 from flowchat.documents import Document, dotted, parse_yaml
 from flowchat.documents import Path as DocPath
 from flowchat.errors import FlowChatError, FlowError, FlowInvalid, TemplateError
+from flowchat.fields import SCHEMA_FILE_MARK, read_schema_file
 from flowchat.flow import Flow, FlowNode
 from flowchat.graph import ancestors, dependents_of, find_cycle, resolve_needs
 from flowchat.node import RetryPolicy
 from flowchat.registry import Registry
 from flowchat.spec import FlowSpec, NodeSpec
-from flowchat.templates import CONTEXT_NAMES, Template, compile_expression, compile_tree, is_template, iter_templates
+from flowchat.templates import (
+    CONTEXT_NAMES,
+    RESERVED_NAMES,
+    Template,
+    compile_expression,
+    compile_tree,
+    is_template,
+    iter_templates,
+)
 
 FLOW_SUFFIXES = (".yaml", ".yml")
 M = TypeVar("M", bound=BaseModel)
 
 
+MAX_FLOW_BYTES = 1024 * 1024
+"""Largest flow file read (1 MiB): reading one file is bounded in time and memory."""
+
+
 def load_flow(path: str | Path, registry: Registry) -> Flow:
-    """Load one flow file; raise FlowInvalid with every problem found."""
+    """Load one flow file; raise FlowInvalid with every problem found (never anything else)."""
     path = Path(path)
+    return load_flow_text(read_flow_file(path), str(path), registry)
+
+
+def read_flow_file(path: Path) -> str:
+    """The text of a regular file of at most MAX_FLOW_BYTES; FlowInvalid otherwise."""
+
+    def unreadable(message: str, code: str = "flow-unreadable") -> FlowInvalid:
+        return FlowInvalid([FlowError(message, code=code).at(file=str(path), line=1, col=1)])
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FlowInvalid([FlowError(f"cannot read: {exc}", code="flow-unreadable").at(file=str(path))]) from exc
-    return load_flow_text(text, str(path), registry)
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise unreadable("not a regular file (a flow file cannot be a device, FIFO or folder)")
+        if info.st_size > MAX_FLOW_BYTES:
+            raise unreadable(f"{info.st_size} bytes is over the flow file limit of {MAX_FLOW_BYTES}", "flow-too-large")
+        with path.open("rb") as file:
+            data = file.read(MAX_FLOW_BYTES + 1)
+    except OSError as exc:
+        raise unreadable(f"cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_FLOW_BYTES:
+        raise unreadable(f"over the flow file limit of {MAX_FLOW_BYTES} bytes", "flow-too-large")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise unreadable(f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
 
 
 def load_flow_text(text: str, file: str, registry: Registry) -> Flow:
+    """Load a flow from its text; any failure at all comes back as FlowInvalid naming ``file``."""
+    try:
+        return _load_flow_text(text, file, registry)
+    except FlowInvalid:
+        raise
+    except Exception as exc:  # a bug or an exhausted resource: a problem report for this file, never a traceback
+        message = f"could not load this file: {type(exc).__name__}: {str(exc)[:200]}"
+        raise FlowInvalid([FlowError(message, code="flow-load-failed").at(file=file, line=1, col=1)]) from exc
+
+
+def _load_flow_text(text: str, file: str, registry: Registry) -> Flow:
+    if len(text) > MAX_FLOW_BYTES:
+        raise FlowInvalid(
+            [
+                FlowError(f"over the flow file limit of {MAX_FLOW_BYTES} bytes", code="flow-too-large").at(
+                    file=file, line=1, col=1
+                )
+            ]
+        )
     document, errors = parse_yaml(text, file)
     if errors:
         raise FlowInvalid(list(errors))
@@ -138,6 +192,12 @@ class _FlowBuilder:
                 )
                 continue
             seen[spec.id] = index
+            if spec.id in RESERVED_NAMES:
+                self._problem(
+                    ("nodes", index, "id"),
+                    "node-id-reserved",
+                    f"node id {spec.id!r} would shadow the template name {spec.id!r}; choose another id",
+                )
             specs.append((index, spec))
         return specs
 
@@ -170,8 +230,11 @@ class _FlowBuilder:
         if cls is not None:
             self._check_config(cls.Config, spec.with_, (*base, "with"))
             self._check_services(cls, (*base, "type"))
+            self._check_schema_files(cls.Config, spec.with_, (*base, "with"))
         template_errors: list[tuple[DocPath, TemplateError]] = []
         config = compile_tree(spec.with_, (*base, "with"), template_errors)
+        if cls is not None:
+            config = _text_fields(config, _config_schema(cls.Config))
         when = self._compile_when(spec.when, (*base, "when"), template_errors)
         for path, error in template_errors:
             self._problem(path, error.code, f"node {spec.id!r}: {error.message}")
@@ -230,6 +293,19 @@ class _FlowBuilder:
                     continue  # checked once rendered, at run time
                 self._pydantic_problem(error, (*base, *path))
 
+    def _check_schema_files(self, config_model: type[BaseModel], raw: dict[str, Any], base: DocPath) -> None:
+        """Fields typed SchemaFile: confined to the flow's folder, a regular JSON Schema file, read now."""
+        properties = _config_schema(config_model).get("properties", {})
+        for key, value in raw.items():
+            if not (isinstance(properties.get(key), dict) and _marks_schema_file(properties[key])):
+                continue
+            if value is None:
+                continue
+            try:
+                read_schema_file(Path(self.document.file).parent, value if isinstance(value, str) else "")
+            except ValueError as exc:
+                self._problem((*base, key), "schema-file-invalid", str(exc))
+
     def _compile_when(
         self, when: str | bool | None, path: DocPath, errors: list[tuple[DocPath, TemplateError]]
     ) -> Template | bool | None:
@@ -245,7 +321,14 @@ class _FlowBuilder:
         self, node_id: str, templates: list[tuple[DocPath, Template]], needs: dict[str, tuple[str, ...]]
     ) -> None:
         upstream = ancestors(needs, node_id)
+        flow_vars = _at(self.document.data, ("vars",))
+        known_vars = list(flow_vars) if isinstance(flow_vars, dict) else []
         for path, template in templates:
+            for key in sorted(template.var_keys - set(known_vars)):
+                hint = _did_you_mean(key, known_vars)
+                self._problem(
+                    path, "template-unknown-var", f"node {node_id!r} reads vars.{key}, which the flow's vars lack{hint}"
+                )
             for name in sorted(template.names - CONTEXT_NAMES - upstream):
                 if name in needs:
                     why = "itself" if name == node_id else "a node that is not upstream of it (add it to needs)"
@@ -282,6 +365,64 @@ class _FlowBuilder:
 
     def _problem(self, path: DocPath, code: str, message: str, *, key: bool = False) -> None:
         self.problems.append(self.document.error(path, code, message, key=key))
+
+
+def _marks_schema_file(schema: dict[str, Any]) -> bool:
+    return bool(schema.get(SCHEMA_FILE_MARK)) or any(
+        isinstance(branch, dict) and branch.get(SCHEMA_FILE_MARK) for branch in schema.get("anyOf", [])
+    )
+
+
+@functools.lru_cache(maxsize=256)  # one entry per node type (bounded); callers only read it
+def _config_schema(config_model: type[BaseModel]) -> dict[str, Any]:
+    try:
+        return config_model.model_json_schema()
+    except Exception:  # a config type without a JSON Schema: no string fields known
+        return {}
+
+
+def _text_fields(value: Any, schema: dict[str, Any], defs: dict[str, Any] | None = None) -> Any:
+    """Mark templates in string-typed fields so a number they render becomes its string."""
+    defs = schema.get("$defs", {}) if defs is None else defs
+    if isinstance(value, Template):
+        return value.as_text() if _is_text(schema, defs) else value
+    if isinstance(value, dict):
+        return {key: _text_fields(item, _child(schema, key, defs), defs) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_text_fields(item, _child(schema, index, defs), defs) for index, item in enumerate(value)]
+    return value
+
+
+def _deref(schema: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    for _ in range(8):
+        if not isinstance(schema, dict):
+            return {}
+        ref = schema.get("$ref")
+        if not isinstance(ref, str) or not ref.startswith("#/$defs/"):
+            return schema
+        schema = defs.get(ref.removeprefix("#/$defs/"), {})
+    return {}
+
+
+def _branches(schema: Any, defs: dict[str, Any]) -> list[dict[str, Any]]:
+    schema = _deref(schema, defs)
+    return [schema, *(_deref(branch, defs) for branch in schema.get("anyOf", []) + schema.get("oneOf", []))]
+
+
+def _is_text(schema: dict[str, Any], defs: dict[str, Any]) -> bool:
+    types = {branch.get("type") for branch in _branches(schema, defs)} - {None, "null"}
+    return types == {"string"}
+
+
+def _child(schema: dict[str, Any], key: str | int, defs: dict[str, Any]) -> dict[str, Any]:
+    for branch in _branches(schema, defs):
+        if isinstance(key, str) and key in branch.get("properties", {}):
+            return dict(branch["properties"][key])
+        if isinstance(key, str) and isinstance(branch.get("additionalProperties"), dict):
+            return dict(branch["additionalProperties"])
+        if isinstance(key, int) and isinstance(branch.get("items"), dict):
+            return dict(branch["items"])
+    return {}
 
 
 def _static_config(config_model: type[BaseModel], raw: dict[str, Any]) -> BaseModel | None:

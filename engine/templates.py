@@ -9,30 +9,56 @@ names the expression. Anything reaching for private attributes
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import difflib
+import operator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 from jinja2 import meta, nodes
 from jinja2.nativetypes import NativeCodeGenerator
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import SecurityError
 
 from flowchat.errors import TemplateError, TemplateSecurityError
+from flowchat.sandbox import (
+    INTERCEPTED_BINOPS,
+    BoundedSandbox,
+    TemplateLimitExceeded,
+    bounded_lipsum,
+    bounded_range,
+    check_binop,
+    check_lipsum,
+    check_text,
+    end_budget,
+    guard_filters,
+    spend,
+    start_budget,
+)
 
 CONTEXT_NAMES = frozenset({"trigger", "vars", "flow", "execution", "secrets"})
 """Names every template may use besides upstream node ids."""
+RESERVED_NAMES = CONTEXT_NAMES | {"secrets"}
+"""Names of the template context: a node id may not shadow them."""
 
 _SAFE_GLOBALS = ("range", "dict", "lipsum")
 
 
 def _concat(values: Iterable[Any]) -> Any:
-    parts = [_materialise(part) for part in values]
-    for part in parts:
+    parts: list[Any] = []
+    size = 0
+    for part in map(_materialise, values):  # consumed one by one: a loop that outputs is bounded as it runs
+        spend()
         _refuse_undefined(part)
+        parts.append(part)
+        if isinstance(part, str):
+            size += len(part)
+            check_text(size)
     if len(parts) == 1:
         return parts[0]
-    return "".join(str(part) for part in parts)
+    texts = [str(part) for part in parts]
+    check_text(sum(map(len, texts)))
+    return "".join(texts)
 
 
 def _materialise(value: Any) -> Any:
@@ -66,7 +92,7 @@ class _CodeGenerator(NativeCodeGenerator):
         return repr("".join(str(value) for value in values))
 
 
-class _NativeSandbox(ImmutableSandboxedEnvironment):
+class _NativeSandbox(BoundedSandbox):
     code_generator_class = _CodeGenerator
     concat = staticmethod(_concat)
 
@@ -85,6 +111,9 @@ _NativeSandbox.template_class = _NativeTemplate
 def _environment() -> _NativeSandbox:
     env = _NativeSandbox(undefined=jinja2.StrictUndefined, autoescape=False)
     env.globals = {name: env.globals[name] for name in _SAFE_GLOBALS if name in env.globals}
+    env.globals["range"] = bounded_range
+    env.globals["lipsum"] = bounded_lipsum(env.globals["lipsum"])  # type: ignore[arg-type]
+    guard_filters(env.filters)
     return env
 
 
@@ -97,34 +126,152 @@ def is_template(value: Any) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Template:
-    """One compiled template string and the top-level names it reads."""
+    """One compiled template string, the top-level names it reads and the ``vars`` keys it names.
+
+    ``text`` marks a template rendered into a string-typed config field: a number it
+    renders becomes its string (``message: "{{ n.score }}"``).
+    """
 
     source: str
     names: frozenset[str]
     _compiled: jinja2.Template
+    var_keys: frozenset[str] = frozenset()
+    text: bool = False
 
     def render(self, context: dict[str, Any]) -> Any:
+        budget = start_budget()
         try:
-            return self._compiled.render(context)
+            result = self._compiled.render(context)
+        except TemplateLimitExceeded as exc:
+            raise TemplateError(f"{exc} in {_short(self.source)}", code="template-limit") from exc
         except SecurityError as exc:
             raise TemplateSecurityError(f"{exc} in {self.source!r}") from exc
         except jinja2.UndefinedError as exc:
             raise TemplateError(f"{exc} in {self.source!r}", code="template-undefined") from exc
-        except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError, LookupError) as exc:
+        except (MemoryError, RecursionError) as exc:
+            raise TemplateError(f"{type(exc).__name__} in {_short(self.source)}", code="template-limit") from exc
+        except Exception as exc:  # a filter or operator failing on the data: that node's error, not a crash
             raise TemplateError(f"{type(exc).__name__}: {exc} in {self.source!r}") from exc
+        finally:
+            end_budget(budget)
+        if self.text and isinstance(result, int | float) and not isinstance(result, bool):
+            return str(result)
+        return result
+
+    def as_text(self) -> Template:
+        """This template, rendering numbers as strings."""
+        return Template(self.source, self.names, self._compiled, self.var_keys, True)
+
+
+def _short(source: str) -> str:
+    return repr(source if len(source) <= 80 else source[:77] + "...")
 
 
 def compile_template(source: str) -> Template:
-    """Compile ``source``; raise TemplateError (syntax) or TemplateSecurityError."""
+    """Compile ``source``; raise TemplateError (syntax, unknown filter/test, limit) or TemplateSecurityError."""
     try:
         tree = ENVIRONMENT.parse(source)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax: {exc.message} in {source!r}", code="template-syntax") from exc
+    except RecursionError as exc:
+        raise TemplateError(f"template nested too deeply in {_short(source)}", code="template-limit") from exc
     unsafe = next(_unsafe_accesses(tree), None)
     if unsafe is not None:
         raise TemplateSecurityError(f"access to {unsafe!r} is not allowed in {source!r}")
+    _check_known(tree, source)
+    _check_constants(tree, source)
     names = frozenset(meta.find_undeclared_variables(tree))
-    return Template(source, names, ENVIRONMENT.from_string(tree))
+    try:
+        compiled = ENVIRONMENT.from_string(tree)
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"template: {exc} in {source!r}", code="template-syntax") from exc
+    except RecursionError as exc:
+        raise TemplateError(f"template nested too deeply in {_short(source)}", code="template-limit") from exc
+    return Template(source, names, compiled, frozenset(_var_keys(tree)))
+
+
+def _check_known(tree: nodes.Node, source: str) -> None:
+    """Unknown filters and tests are load-time problems (Jinja would fail only when rendering)."""
+    for node in tree.find_all((nodes.Filter, nodes.Test)):
+        kind, known = ("filter", ENVIRONMENT.filters) if isinstance(node, nodes.Filter) else ("test", ENVIRONMENT.tests)
+        if node.name not in known:
+            matches = difflib.get_close_matches(node.name, list(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {matches[0]!r}?)" if matches else ""
+            raise TemplateError(f"unknown {kind} {node.name!r} in {source!r}{hint}", code=f"template-unknown-{kind}")
+
+
+def _var_keys(tree: nodes.Node) -> Iterator[str]:
+    """The keys read from ``vars`` by name: ``vars.region``, ``vars['region']``."""
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        if not (isinstance(node, nodes.Getattr | nodes.Getitem) and isinstance(node.node, nodes.Name)):
+            continue
+        if node.node.name != "vars":
+            continue
+        if isinstance(node, nodes.Getattr):
+            yield node.attr
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            yield node.arg.value
+
+
+# --- constants over the limits are load-time problems -----------------------------------
+
+_BINARY: dict[type[nodes.BinExpr], Callable[[Any, Any], Any]] = {
+    nodes.Add: operator.add,
+    nodes.Sub: operator.sub,
+    nodes.Mul: operator.mul,
+    nodes.Pow: operator.pow,
+    nodes.Mod: operator.mod,
+    nodes.FloorDiv: operator.floordiv,
+    nodes.Div: operator.truediv,
+}
+_SYMBOL: dict[type[nodes.BinExpr], str] = {nodes.Mul: "*", nodes.Pow: "**", nodes.Mod: "%"}
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def _check_constants(tree: nodes.Node, source: str) -> None:
+    """Evaluate constant arithmetic with the run-time limits, so over-limit constants fail at load time."""
+    for node in tree.find_all((nodes.BinExpr, nodes.Call)):
+        try:
+            if isinstance(node, nodes.Call):
+                _constant_call(node)
+            else:
+                _constant(node)
+        except TemplateLimitExceeded as exc:
+            raise TemplateError(f"{exc} in {_short(source)}", code="template-limit") from exc
+        except (_NotConstant, ArithmeticError, TypeError, ValueError, RecursionError):
+            continue
+
+
+def _constant(node: nodes.Node) -> Any:
+    if isinstance(node, nodes.Const):
+        return node.value
+    if isinstance(node, nodes.Neg | nodes.Pos):
+        value = _constant(node.node)
+        return -value if isinstance(node, nodes.Neg) else value
+    if isinstance(node, nodes.List | nodes.Tuple):
+        return [_constant(item) for item in node.items]
+    if not isinstance(node, nodes.BinExpr) or type(node) not in _BINARY:
+        raise _NotConstant
+    compute = _BINARY[type(node)]
+    left, right = _constant(node.left), _constant(node.right)
+    symbol = _SYMBOL.get(type(node))
+    if symbol in INTERCEPTED_BINOPS:
+        check_binop(symbol, left, right)
+    return compute(left, right)
+
+
+def _constant_call(node: nodes.Call) -> None:
+    if not (isinstance(node.node, nodes.Name) and node.node.name in ("range", "lipsum")):
+        return
+    args = [_constant(arg) for arg in node.args]
+    kwargs = {keyword.key: _constant(keyword.value) for keyword in node.kwargs}
+    if node.node.name == "range":
+        bounded_range(*args)
+    else:
+        check_lipsum(*args, **kwargs)
 
 
 def compile_expression(source: str) -> Template:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from pydantic import Field, model_validator
 
-from flowchat import JsonSchema, Node, NodeConfig, NodeContext, NodeError, register
+from flowchat import JsonSchema, Node, NodeConfig, NodeContext, NodeError, SchemaFile, read_schema_file, register
 
 
 @register
@@ -23,7 +21,9 @@ class Validate(Node):
     class Config(NodeConfig):
         data: Any = Field(None, description="What to validate; defaults to the trigger payload.")
         schema_: JsonSchema | None = Field(None, alias="schema", description="Inline JSON Schema (2020-12).")
-        schema_file: str | None = Field(None, description="JSON Schema file, relative to the flow file.")
+        schema_file: SchemaFile | None = Field(
+            None, description="JSON Schema file in the flow's folder (or below), read when the flow loads."
+        )
         on_invalid: Literal["fail", "continue"] = Field("fail", description="Fail the node, or output valid: false.")
 
         @model_validator(mode="after")
@@ -49,14 +49,16 @@ def _validator_for(schema: dict[str, Any] | None, schema_file: str | None, flow_
     if schema is not None:
         return Draft202012Validator(schema)
     path = (flow_dir / str(schema_file)).resolve()
-    return _file_validator(path, path.stat().st_mtime_ns if path.exists() else 0)
+    try:
+        mtime_ns = path.stat().st_mtime_ns
+    except OSError:
+        mtime_ns = 0
+    return _file_validator(flow_dir, str(schema_file), mtime_ns)
 
 
 @lru_cache(maxsize=64)
-def _file_validator(path: Path, mtime_ns: int) -> Draft202012Validator:
+def _file_validator(flow_dir: Path, name: str, mtime_ns: int) -> Draft202012Validator:
     try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
-        Draft202012Validator.check_schema(schema)
-    except (OSError, ValueError, SchemaError) as exc:
-        raise NodeError(f"cannot use schema_file {path}: {exc}", code="schema-file-invalid") from exc
-    return Draft202012Validator(schema)
+        return Draft202012Validator(read_schema_file(flow_dir, name))
+    except ValueError as exc:
+        raise NodeError(str(exc), code="schema-file-invalid") from exc

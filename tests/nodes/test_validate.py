@@ -1,6 +1,8 @@
 """The ``validate`` node: JSON Schema checks with JSON paths, inline or from a file."""
 
 import json
+import os
+import time
 
 import pytest
 
@@ -117,8 +119,8 @@ async def test_schema_file_is_read_relative_to_the_flow_file(run_flow, write_flo
     assert bad.nodes["check"].output["errors"][0]["path"] == "$.phone"
 
 
-async def test_missing_schema_file_fails_with_a_clear_code(run_flow):
-    execution = await run_flow(
+def test_a_missing_schema_file_is_refused_when_the_flow_loads(write_flow, builtin_registry):
+    path = write_flow(
         """
         - id: check
           type: validate
@@ -126,9 +128,46 @@ async def test_missing_schema_file_fails_with_a_clear_code(run_flow):
         """
     )
 
-    assert execution.status == "failed"
-    assert execution.error["code"] == "schema-file-invalid"
-    assert "nowhere.json" in execution.error["message"]
+    with pytest.raises(flowchat.FlowInvalid) as caught:
+        flowchat.load_flow(path, builtin_registry)
+
+    [error] = caught.value.errors
+    assert error.code == "schema-file-invalid"
+    assert "nowhere.json" in error.message
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("/etc/passwd", "outside the flow's folder"),
+        ("../../etc/passwd", "outside the flow's folder"),
+        ("/dev/zero", "outside the flow's folder"),
+        ("fifo.json", "not a regular file"),
+        ("link.json", "outside the flow's folder"),
+        ("big.json", "over the limit"),
+        ("{{ trigger.schema }}", "may not be a template"),
+    ],
+)
+def test_schema_file_is_confined_to_the_flow_folder_and_read_at_load_time(write_flow, builtin_registry, name, why):
+    path = write_flow(
+        f"""
+        - id: check
+          type: validate
+          with: {{schema_file: "{name}"}}
+        """
+    )
+    os.mkfifo(path.parent / "fifo.json")
+    (path.parent / "link.json").symlink_to("/etc/hostname")
+    (path.parent / "big.json").write_text('{"description": "' + "x" * (1024 * 1024) + '"}')
+
+    started = time.monotonic()
+    with pytest.raises(flowchat.FlowInvalid) as caught:
+        flowchat.load_flow(path, builtin_registry)
+
+    assert time.monotonic() - started < 2
+    [error] = caught.value.errors
+    assert (error.code, error.location.line) == ("schema-file-invalid", 7)
+    assert why in error.message
 
 
 def test_an_invalid_inline_schema_is_refused_when_the_flow_loads(write_flow, builtin_registry):
