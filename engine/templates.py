@@ -20,7 +20,7 @@ from jinja2 import meta, nodes
 from jinja2.nativetypes import NativeCodeGenerator
 from jinja2.sandbox import SecurityError
 
-from flowchat.errors import TemplateError, TemplateSecurityError
+from flowchat.errors import FlowChatError, TemplateError, TemplateSecurityError
 from flowchat.sandbox import (
     INTERCEPTED_BINOPS,
     BoundedSandbox,
@@ -148,6 +148,8 @@ class Template:
             raise TemplateSecurityError(f"{exc} in {self.source!r}") from exc
         except jinja2.UndefinedError as exc:
             raise TemplateError(f"{exc} in {self.source!r}", code="template-undefined") from exc
+        except FlowChatError:
+            raise  # raised on purpose by something the context holds (a missing secret): keep its code
         except (MemoryError, RecursionError) as exc:
             raise TemplateError(f"{type(exc).__name__} in {_short(self.source)}", code="template-limit") from exc
         except Exception as exc:  # a filter or operator failing on the data: that node's error, not a crash
