@@ -13,8 +13,8 @@ import contextlib
 import gc
 import logging
 import signal
-import time
 import sys
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
