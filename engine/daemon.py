@@ -37,6 +37,7 @@ from flowchat.settings import Settings
 from flowchat.sink import Sink, SinkSettings, run_sink
 from flowchat.startup import eviction_warning, port_taken, unset_webhook_secrets
 from flowchat.twilio_webhooks import TwilioWebhooks, twilio_mode
+from flowchat.watchdog import LoopWatchdog
 from flowchat.worker import Worker, WorkerSettings
 
 log = logging.getLogger("flowchat.daemon")
@@ -157,6 +158,7 @@ async def serve(
         print(f"flowchat: {twilio_mode(rt.settings)}", flush=True)
         parts = _Parts(stop)
         parts.start(DelayedMover(rt.queue).run(), "delayed-work mover")
+        parts.start(LoopWatchdog(rt.metrics, rt.settings.stall_threshold).run(), "loop watchdog")
         parts.start(Scheduler(rt.queue, rt.catalog).run(), "scheduler")
         parts.start(rt.catalog.watch(), "flow watcher")
         worker = _worker(rt, concurrency) if workers else None
@@ -195,6 +197,7 @@ async def work(
         runner = await _listen(health_app(rt), host, port) if port is not None else None
         parts = _Parts(stop)
         parts.start(DelayedMover(rt.queue).run(), "delayed-work mover")
+        parts.start(LoopWatchdog(rt.metrics, rt.settings.stall_threshold).run(), "loop watchdog")
         parts.start(rt.catalog.watch(), "flow watcher")
         worker = _worker(rt, concurrency)
         worker_task = parts.start(worker.run(), "worker")

@@ -72,6 +72,11 @@ class Metrics:
             "flowchat_queue_depth", "Executions in the queue by state", ["state"], registry=self.registry
         )
         self.dead_letters = Gauge("flowchat_dead_letters", "Entries on the dead-letter stream", registry=self.registry)
+        self.loop_stalls = Counter(
+            "flowchat_event_loop_stalls",
+            "Times the event loop did not turn for longer than the stall threshold (a blocking node or template)",
+            registry=self.registry,
+        )
         self.cluster_executions = Gauge(
             "flowchat_cluster_executions",
             "Executions finished by every worker on this Redis, by flow and outcome (succeeded, failed, dead, retried)",
@@ -111,3 +116,7 @@ class Metrics:
         for name, count in stats.get("counters", {}).items():
             event, _, flow = name.partition(":")
             self.cluster_executions.labels(flow, event).set(count)
+
+    def loop_stalled(self) -> None:
+        """Count one event-loop stall (called from the watchdog's thread; prometheus counters are thread-safe)."""
+        self.loop_stalls.inc()

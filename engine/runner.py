@@ -139,7 +139,10 @@ class Runner:
         needs_context = isinstance(node.when, Template) or node.static_config is None
         context = template_context(flow, execution, self.services.secrets) if needs_context else {}
         try:
-            if not _truthy(node.when, context):
+            started = time.perf_counter()
+            go = _truthy(node.when, context)
+            _within_timeout(node, time.perf_counter() - started, "evaluating its `when`")
+            if not go:
                 await self._finish(execution, node, run, "skipped", output=None)
                 return
         except FlowChatError as error:
@@ -163,7 +166,7 @@ class Runner:
         if _node_log.isEnabledFor(logging.DEBUG):
             ctx.log.debug("→ %s attempt %d", node.type, run.attempts)
         try:
-            output = await self._execute(node, ctx, context)
+            output = await self._execute(node, ctx, context, started)
         except Suspend as suspend:
             run.attempts -= 1  # waiting is not a failed attempt
             run.duration_ms += (time.perf_counter() - started) * 1000
@@ -187,18 +190,24 @@ class Runner:
         await self._finish(execution, node, run, "ok", output=output)
         return None
 
-    async def _execute(self, node: FlowNode, ctx: NodeContext, context: dict[str, Any]) -> dict[str, Any]:
+    async def _execute(
+        self, node: FlowNode, ctx: NodeContext, context: dict[str, Any], started: float
+    ) -> dict[str, Any]:
+        """Render the config and run the node; both count against the node's timeout."""
         config = node.static_config
         try:
             if config is None:
                 config = node.node.Config.model_validate(render_tree(node.config, context))
+                # rendering is synchronous (no timer can interrupt it): what it took is taken from the budget
+                _within_timeout(node, time.perf_counter() - started, "rendering its config")
         except ValidationError as exc:
             fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'with'}: {e['msg']}" for e in exc.errors())
             raise NodeConfigError(f"rendered config is invalid: {fields}") from exc
         if node.node.pure:
             output = await node.node.run(ctx, config)
         else:
-            output = await _with_timeout(node.node.run(ctx, config), node.timeout)
+            remaining = node.timeout - (time.perf_counter() - started)
+            output = await _with_timeout(node.node.run(ctx, config), remaining, node.timeout)
         return node_output(output, mask=self.mask, max_bytes=self.max_output)
 
     def _context(self, flow: Flow, execution: Execution, node: FlowNode, run: NodeRun) -> NodeContext:
@@ -269,8 +278,16 @@ _PASSED = frozenset({"ok", "skipped"})
 _NO_SECRETS = Secrets()
 
 
-async def _with_timeout(work: Awaitable[Any], seconds: float) -> Any:
-    """Await ``work`` in the current task, cancelled after ``seconds`` (a leaner asyncio.timeout)."""
+def _within_timeout(node: FlowNode, spent: float, doing: str) -> None:
+    if spent > node.timeout:
+        raise NodeTimeout(f"{doing} took {spent:.1f}s, over the node's timeout of {node.timeout:g}s")
+
+
+async def _with_timeout(work: Awaitable[Any], seconds: float, budget: float | None = None) -> Any:
+    """Await ``work`` in the current task, cancelled after ``seconds`` (a leaner asyncio.timeout).
+
+    ``budget`` is the node's whole timeout, named in the error (``seconds`` may be what is left of it).
+    """
     task = asyncio.current_task()
     assert task is not None
     expired = False
@@ -280,12 +297,12 @@ async def _with_timeout(work: Awaitable[Any], seconds: float) -> Any:
         expired = True
         task.cancel()
 
-    handle = asyncio.get_running_loop().call_later(seconds, expire)
+    handle = asyncio.get_running_loop().call_later(max(0.0, seconds), expire)
     try:
         return await work
     except asyncio.CancelledError as exc:
         if expired and task.uncancel() == 0:
-            raise NodeTimeout(f"node took longer than its timeout of {seconds:g}s") from exc
+            raise NodeTimeout(f"node took longer than its timeout of {budget or seconds:g}s") from exc
         raise
     finally:
         handle.cancel()

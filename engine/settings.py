@@ -87,6 +87,7 @@ class Settings:
     visibility_timeout: float = 30.0
     grace: float = 30.0
     max_output: int = 1024 * 1024
+    stall_threshold: float = 1.0
 
     # --- ingress -----------------------------------------------------------------------
     public_url: str = ""
@@ -139,6 +140,7 @@ class Settings:
             visibility_timeout=_number(env, "FLOWCHAT_VISIBILITY_TIMEOUT", 30.0),
             grace=_number(env, "FLOWCHAT_GRACE", 30.0),
             max_output=_size(env, "FLOWCHAT_MAX_OUTPUT", 1024 * 1024),
+            stall_threshold=_number(env, "FLOWCHAT_STALL_THRESHOLD", 1.0),
             public_url=_text(env, "FLOWCHAT_PUBLIC_URL").rstrip("/"),
             secrets_file=_text(env, "FLOWCHAT_SECRETS_FILE"),
             default_region=_text(env, "FLOWCHAT_DEFAULT_REGION").upper(),

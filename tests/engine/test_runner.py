@@ -616,3 +616,29 @@ async def test_defer_waits_returns_waiting_with_wake_at_instead_of_sleeping(make
     assert execution.nodes["call"].error is None
     assert execution.wake_at is None
     assert len(stamps) == 3
+
+
+async def test_rendering_the_config_and_when_count_inside_the_node_timeout(make_flow):
+    class Quick(flowchat.Node):
+        type = "test.quick"
+
+        class Config(flowchat.NodeConfig):
+            n: int = 0
+
+        async def run(self, ctx: flowchat.NodeContext, config: Config) -> dict:
+            return {}
+
+    slow = "{{ range(90000) | map('string') | join | length }}"
+    flow = make_flow(
+        f"""
+        - {{id: gated, type: test.quick, timeout: 1ms, when: "{slow} > 0", needs: []}}
+        - {{id: rendered, type: test.quick, timeout: 1ms, retry: {{max_attempts: 1}}, with: {{n: "{slow}"}}, needs: []}}
+        """,
+        Quick,
+    )
+    execution = await run(flow)
+
+    for node_id, doing in (("gated", "evaluating its `when`"), ("rendered", "rendering its config")):
+        error = execution.nodes[node_id].error
+        assert error is not None and error["code"] == "node-timeout", node_id
+        assert doing in error["message"]
