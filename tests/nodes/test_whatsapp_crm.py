@@ -1,0 +1,167 @@
+"""The sender with the CRM's services: consent, the 24-hour window, 21610, pacing (real Redis, real twilio)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from twilio_fake import ACCOUNT_SID, AUTH_TOKEN, TwilioFake
+
+from flowchat.consent import consent_keyword
+from flowchat.contacts import Contacts
+from flowchat.errors import NodeError
+from flowchat.events import Events
+from flowchat.keys import Keys
+from flowchat.limiter import Limiter
+from flowchat.node import Suspend
+from flowchat.settings import Settings
+from flowchat.whatsapp import WhatsApp
+
+TO = "+5511987654321"
+TEMPLATE = {"content_sid": "HX0123456789abcdef0123456789abcdef", "variables": {"1": "Ana"}}
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[TwilioFake]:
+    server = await TwilioFake.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def book(redis: Redis) -> Contacts:
+    return Contacts(redis, Keys("fc"), events=Events(redis, Keys("fc")))
+
+
+@pytest.fixture
+async def sender(fake: TwilioFake, redis: Redis, book: Contacts) -> AsyncIterator[Any]:
+    made: list[WhatsApp] = []
+
+    def make(**changes: Any) -> WhatsApp:
+        settings = Settings().with_changes(
+            twilio_account_sid=ACCOUNT_SID, twilio_auth_token=AUTH_TOKEN, twilio_api_url=fake.url,
+            twilio_whatsapp_number="+14155550100", recipient_rate="off", **changes,
+        )  # fmt: skip
+        whatsapp = WhatsApp(
+            settings, redis=redis, keys=Keys("fc"), contacts=book, limiter=Limiter(redis, Keys("fc")),
+            events=book.events,
+        )  # fmt: skip
+        made.append(whatsapp)
+        return whatsapp
+
+    yield make
+    for whatsapp in made:
+        await whatsapp.aclose()
+
+
+async def wrote(book: Contacts, phone: str = TO, hours_ago: float = 0.0, sid: str = "SMin1") -> None:
+    at_ms = int((time.time() - hours_ago * 3600) * 1000)
+    await book.record_inbound(phone, profile_name="Ana", message_sid=sid, at_ms=at_ms)
+
+
+async def test_inside_the_window_the_body_is_sent(sender, book, fake):
+    await wrote(book, hours_ago=23)
+
+    output = await sender().send(to=TO, body="hi", template=TEMPLATE, execution="x1", node="n")
+
+    assert output["used_template"] is False
+    assert fake.sent[0].one("Body") == "hi" and fake.sent[0].one("ContentSid") is None
+
+
+@pytest.mark.parametrize("hours_ago", [None, 25.0])
+async def test_outside_the_window_the_template_is_sent_instead(sender, book, fake, hours_ago):
+    if hours_ago is not None:
+        await wrote(book, hours_ago=hours_ago)
+
+    output = await sender().send(to=TO, body="hi", template=TEMPLATE, execution="x1", node="n")
+
+    assert output["used_template"] is True
+    [sent] = fake.sent
+    assert sent.one("ContentSid") == TEMPLATE["content_sid"] and sent.one("Body") is None
+
+
+@pytest.mark.parametrize("hours_ago", [None, 25.0])
+async def test_outside_the_window_without_a_template_fails_without_calling_twilio(sender, book, fake, hours_ago):
+    if hours_ago is not None:
+        await wrote(book, hours_ago=hours_ago)
+
+    with pytest.raises(NodeError) as failed:
+        await sender().send(to=TO, body="hi", execution="x1", node="n")
+
+    assert failed.value.code == "outside-session-window" and failed.value.retryable is False
+    assert fake.posts == 0
+
+
+async def test_an_opted_out_contact_gets_nothing_and_twilio_is_not_called(sender, book, fake):
+    await wrote(book)
+    await book.set_consent(TO, "opted_out", "test")
+
+    with pytest.raises(NodeError) as failed:
+        await sender().send(to=TO, body="hi", template=TEMPLATE, execution="x1", node="n")
+
+    assert failed.value.code == "contact-opted-out"
+    assert fake.posts == 0
+
+
+async def test_twilio_21610_opts_the_contact_out(sender, book, fake):
+    await wrote(book)
+    fake.script("21610")
+
+    with pytest.raises(NodeError) as failed:
+        await sender().send(to=TO, body="hi", execution="x1", node="n")
+
+    assert failed.value.code == "twilio-21610"
+    contact = await book.get(TO)
+    assert contact is not None and contact["consent"]["state"] == "opted_out"
+    assert contact["consent"]["source"] == "twilio-21610"
+    with pytest.raises(NodeError, match="opted out"):
+        await sender().send(to=TO, body="again", execution="x2", node="n")
+    assert fake.posts == 1
+
+
+async def test_a_second_send_to_one_recipient_within_the_pace_is_deferred_not_slept(sender, book, fake):
+    await wrote(book)
+    whatsapp = sender(recipient_rate="1/6s")
+
+    await whatsapp.send(to=TO, body="one", execution="x1", node="n")
+    started = time.monotonic()
+    with pytest.raises(Suspend) as paced:
+        await whatsapp.send(to=TO, body="two", execution="x2", node="n")
+
+    assert time.monotonic() - started < 1.0  # told when to come back, not slept on
+    assert 4.0 < paced.value.until - time.time() <= 6.5
+    assert fake.posts == 1
+    await whatsapp.send(to="+5511987650000", body="other", execution="x3", node="n")  # others are not held up
+    assert fake.posts == 2
+
+
+async def test_sends_write_message_events(sender, book, fake, redis):
+    await wrote(book)
+
+    output = await sender().send(to=TO, body="hi", flow="crm", execution="x1", node="reply")
+    await book.events.flush()
+
+    entries = await redis.xrange(Keys("fc").events)
+    messages = [fields for _, fields in entries if fields[b"type"] == b"message"]
+    assert len(messages) == 1
+    assert messages[0][b"execution_id"] == b"x1" and messages[0][b"node"] == b"reply"
+    assert output["sid"].encode() in messages[0][b"data"] and TO.encode() in messages[0][b"data"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("STOP", "opted_out"), ("  stop  ", "opted_out"), ("Stop.", "opted_out"), ("STOPALL", "opted_out"),
+        ("unsubscribe", "opted_out"), ("CANCEL", "opted_out"), ("end", "opted_out"), ("quit", "opted_out"),
+        ("BAJA", "opted_out"), ("parar", "opted_out"), ("Cancelar", "opted_out"),
+        ("SAIR", "opted_out"), ("descadastrar", "opted_out"),
+        ("ARRÊT", "opted_out"), ("arrêter", "opted_out"), ("désabonner", "opted_out"),
+        ("START", "opted_in"), ("unstop", "opted_in"),
+        ("please stop sending me the price list", None), ("hello", None), ("", None),
+    ],
+)  # fmt: skip
+def test_consent_keywords_in_four_languages(body, expected):
+    assert consent_keyword(body) == expected
