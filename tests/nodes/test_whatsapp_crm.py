@@ -41,9 +41,10 @@ async def sender(fake: TwilioFake, redis: Redis, book: Contacts) -> AsyncIterato
     made: list[WhatsApp] = []
 
     def make(**changes: Any) -> WhatsApp:
+        options = {"recipient_rate": "off", **changes}
         settings = Settings().with_changes(
             twilio_account_sid=ACCOUNT_SID, twilio_auth_token=AUTH_TOKEN, twilio_api_url=fake.url,
-            twilio_whatsapp_number="+14155550100", recipient_rate="off", **changes,
+            twilio_whatsapp_number="+14155550100", **options,
         )  # fmt: skip
         whatsapp = WhatsApp(
             settings, redis=redis, keys=Keys("fc"), contacts=book, limiter=Limiter(redis, Keys("fc")),
