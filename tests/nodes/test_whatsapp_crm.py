@@ -125,6 +125,7 @@ async def test_twilio_21610_opts_the_contact_out(sender, book, fake):
 
 async def test_a_second_send_to_one_recipient_within_the_pace_is_deferred_not_slept(sender, book, fake):
     await wrote(book)
+    await wrote(book, "+5511987650000", sid="SMin2")
     whatsapp = sender(recipient_rate="1/6s")
 
     await whatsapp.send(to=TO, body="one", execution="x1", node="n")
