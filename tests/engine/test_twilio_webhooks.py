@@ -242,3 +242,22 @@ async def test_an_unsigned_status_callback_changes_nothing(start, queue):
 
     assert code == 403
     assert await Ledger(queue.redis, Keys("fc")).get("SMx") is None
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"MessageSid": "SMh1"},  # no From, no Body
+        {"MessageSid": "SMh2", "From": "whatsapp:ID.4566546130240823", "Body": "business-scoped id"},
+        {"MessageSid": "SMh3", "From": "whatsapp:+1", "Body": "\x00\ud7ff" + "é" * 5000},
+        {"From": "whatsapp:+5511987654321", "Body": "no sid"},
+        {"MessageSid": "SMh4", "From": "whatsapp:+5511987654321", "Body": "x" * 200_000},
+    ],
+)
+async def test_odd_but_signed_messages_are_answered_not_crashed_on(write_flow, start, queue, params):
+    write_flow("inbound", {"type": "twilio.message", "match": {"body": "x+"}})
+    write_flow("other", {"type": "twilio.message", "match": {"default": True}})
+    client = await start(twilio_auth_token=TOKEN)
+
+    assert await post(client, "/twilio/message", params) == 200
+    assert await post(client, "/twilio/status", {"MessageSid": params.get("MessageSid", "")}) == 200
