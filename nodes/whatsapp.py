@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flowchat import Node, NodeConfig, NodeContext, NodeError, RetryPolicy, register
 
@@ -14,10 +15,18 @@ class TemplateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    content_sid: str = Field(pattern=r"^HX[0-9a-fA-F]{32}$", description="The template's Content SID (HX…).")
+    # checked by a validator, not a schema pattern, so editors accept a template string here
+    content_sid: str = Field(description="The template's Content SID (HX followed by 32 hex digits).")
     variables: dict[str, str | int | float] = Field(
         default_factory=dict, description="Template variables by placeholder ('1', '2', …); each up to 1600 chars."
     )
+
+    @field_validator("content_sid")
+    @classmethod
+    def _sid(cls, value: str) -> str:
+        if not re.fullmatch(r"HX[0-9a-fA-F]{32}", value):
+            raise ValueError(f"content_sid must be HX followed by 32 hex digits, got {value[:40]!r}")
+        return value
 
     @model_validator(mode="after")
     def _limits(self) -> TemplateConfig:
