@@ -142,7 +142,7 @@ async def test_delivery_failure_example_tags_the_contact_from_a_failed_callback(
     [sent] = fake.ok_sends
     assert await fake.callback(sent.sid, "failed", error_code="63016", url=f"{d.url}/twilio/status") == 200
 
-    [(meta, nodes)] = await d.runs("delivery_failure")
+    [(meta, _)] = await d.runs("delivery_failure")
     assert meta["status"] == "succeeded", meta.get("error")
     contact = await d.contacts.get(ANA)
     assert contact is not None and "undeliverable" in contact["tags"]
