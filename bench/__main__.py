@@ -37,6 +37,7 @@ def run(bench: Bench) -> None:
         ("ingress_twilio", bench.ingress_twilio),
         ("latency", bench.latency),
         ("crm", bench.crm_rows),
+        ("sink", lambda: sink_step(bench)),
     ]
     seconds = bench.results.setdefault("step_seconds", {})
     for name, step in steps:
@@ -45,6 +46,13 @@ def run(bench: Bench) -> None:
         if result is not None:
             bench.results[name] = result
         seconds[name] = round(time.time() - started, 1)
+
+
+def sink_step(bench: Bench) -> dict[str, object]:
+    """The analytics sink draining the events stream, beside a raw DuckDB Arrow insert (bench/sink.py)."""
+    bench.flush()
+    out, _ = bench.spawn("-m", "bench.sink", bench.url, str(bench.n(200_000, 30_000))).communicate(timeout=600)
+    return dict(json.loads(out))
 
 
 def main() -> int:

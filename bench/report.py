@@ -31,7 +31,21 @@ class Targets:
 
 def rows(results: dict[str, Any]) -> list[Row]:
     t = Targets(results)
-    return [*engine_rows(results, t), *crm_rows(results, t)]
+    return [*engine_rows(results, t), *crm_rows(results, t), *sink_rows(results, t)]
+
+
+def sink_rows(results: dict[str, Any], t: Targets) -> list[Row]:
+    sink = results.get("sink")
+    if not sink:
+        return []
+    return [
+        (
+            "analytics sink: stream -> Parquet",
+            f"{sink['sink_per_s']:,.0f} events/s",
+            f"raw DuckDB Arrow insert {sink['raw_arrow_insert_per_s']:,.0f}/s",
+            t.at_least("sink_ratio", sink["ratio"], 1 / 3, f"0.33 raw ({sink['ratio']:.2f})"),
+        )
+    ]
 
 
 def _ms(result: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from flowchat.keys import Keys
 from flowchat.settings import Settings
-from flowchat.warehouse import Warehouse, event_row
+from flowchat.warehouse import Warehouse, entries_table
 
 log = logging.getLogger("flowchat.sink")
 
@@ -80,9 +80,13 @@ class SinkSettings:
 
 @dataclass
 class SinkStats:
+    """What a sink did: events and batches written, seconds writing, first read and last ack (monotonic)."""
+
     events: int = 0
     batches: int = 0
     write_seconds: float = 0.0
+    first_read: float = 0.0
+    last_ack: float = 0.0
 
 
 class Sink:
@@ -97,6 +101,7 @@ class Sink:
         self._stopping = asyncio.Event()
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._reader = _raw_reader(redis)
         self._warehouse: Warehouse | None = None
         self._last_maintenance = time.monotonic()
 
@@ -152,57 +157,73 @@ class Sink:
                 raise
 
     async def _consume(self, start: str) -> None:
-        """Read from ``start`` ("0": our pending entries until none are left; ">": new ones until stopped)."""
-        batch: list[tuple[str, dict[str, Any]]] = []
+        """Read from ``start`` ("0": our pending entries until none are left; ">": new ones until stopped).
+
+        The next batch is read while the last one is written (one write in flight at a time).
+        """
+        batch: list[tuple[bytes, list[bytes]]] = []
         first_at = 0.0
-        while not self._stopping.is_set() and await self._holding():
-            wait = self.settings.flush - (time.monotonic() - first_at) if batch else self.settings.flush
-            entries = await self._read(start, self.settings.batch - len(batch), max(wait, 0.001))
-            if entries and not batch:
-                first_at = time.monotonic()
-            batch += entries
-            if start == "0" and not entries:
-                break
-            due = batch and time.monotonic() - first_at >= self.settings.flush
-            if len(batch) >= self.settings.batch or due or (start == "0" and batch):
-                await self._flush(batch)
-                batch = []
-            await self._maintain()
+        writing: asyncio.Task[None] | None = None
+        try:
+            while not self._stopping.is_set() and await self._holding():
+                wait = self.settings.flush - (time.monotonic() - first_at) if batch else self.settings.flush
+                entries = await self._read(start, self.settings.batch - len(batch), max(wait, 0.001))
+                if entries and not batch:
+                    first_at = time.monotonic()
+                    self.stats.first_read = self.stats.first_read or first_at
+                batch += entries
+                if start == "0" and not entries:
+                    break
+                due = batch and time.monotonic() - first_at >= self.settings.flush
+                if len(batch) >= self.settings.batch or due or (start == "0" and batch):
+                    if writing is not None:
+                        await writing
+                    writing, batch = asyncio.create_task(self._flush(batch)), []
+                    if start == "0":  # the pending list only shrinks once the batch is acknowledged
+                        await writing
+                if writing is None or writing.done():
+                    await self._maintain()
+        finally:
+            if writing is not None:
+                await writing
         if batch and await self._holding():
             await self._flush(batch)
 
     async def _holding(self) -> bool:
         return bool(await self.redis.get(self.keys.sink_lease) == self.owner.encode())
 
-    async def _read(self, start: str, count: int, wait: float) -> list[tuple[str, dict[str, Any]]]:
+    async def _read(self, start: str, count: int, wait: float) -> list[tuple[bytes, list[bytes]]]:
+        """Up to ``count`` entries as (id, flat field list), blocking up to ``wait`` for new ones."""
         block = None if start == "0" else max(1, int(wait * 1000))
         try:
-            reply = await self.redis.xreadgroup(GROUP, CONSUMER, {self.keys.events: start}, count=count, block=block)
+            reply = await self._reader.xreadgroup(GROUP, CONSUMER, {self.keys.events: start}, count=count, block=block)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # the stream was deleted under us (FLUSHALL): make it again
                 await self._ensure_group()
                 return []
             raise
-        entries: list[tuple[str, dict[str, Any]]] = []
-        for _, items in reply or []:
+        entries: list[tuple[bytes, list[bytes]]] = []
+        for _, items in _streams(reply):
             for entry_id, fields in items:
                 if fields:  # a pending entry trimmed away comes back empty: nothing to write
-                    entries.append((entry_id.decode(), fields))
+                    entries.append((entry_id, fields if isinstance(fields, list) else _flat(fields)))
                 else:
                     await self.redis.xack(self.keys.events, GROUP, entry_id)
         return entries
 
-    async def _flush(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+    async def _flush(self, batch: list[tuple[bytes, list[bytes]]]) -> None:
         """Write, then acknowledge, then trim: nothing is acknowledged before it is on disk."""
         assert self._warehouse is not None
-        rows = [event_row(fields) for _, fields in batch]
+        warehouse = self._warehouse
         started = time.perf_counter()
-        await asyncio.to_thread(self._warehouse.write, rows, batch[0][0])
+        name = batch[0][0].decode()
+        await asyncio.to_thread(lambda: warehouse.write(entries_table([f for _, f in batch]), name))
         self.stats.write_seconds += time.perf_counter() - started
         ids = [entry_id for entry_id, _ in batch]
         await self.redis.xack(self.keys.events, GROUP, *ids)
         self.stats.events += len(batch)
         self.stats.batches += 1
+        self.stats.last_ack = time.monotonic()
         await self._trim()
 
     async def _trim(self) -> None:
@@ -233,6 +254,33 @@ class Sink:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
         except TimeoutError:
             pass
+
+
+def _raw_reader(redis: Redis) -> Redis:
+    """A client on the same connections whose XREADGROUP replies stay as Redis sent them.
+
+    redis-py turns each entry's fields into a dict, which costs more than everything else the sink
+    does per event; the warehouse reads the flat list directly. Cluster clients keep the dicts.
+    """
+    pool = getattr(redis, "connection_pool", None)
+    if pool is None or not isinstance(redis, Redis):
+        return redis
+    reader = Redis(connection_pool=pool)
+    reader.set_response_callback("XREADGROUP", lambda response, **options: response)
+    return reader
+
+
+def _streams(reply: Any) -> list[tuple[Any, list[Any]]]:
+    """XREADGROUP's reply as (stream, entries) pairs: RESP2 gives a list, RESP3 (or a parsed reply) a dict."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return [(stream, items) for stream, items in reply]
+
+
+def _flat(fields: dict[Any, Any]) -> list[bytes]:
+    return [x for pair in fields.items() for x in pair]
 
 
 def _text(value: Any) -> str:

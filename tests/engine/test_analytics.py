@@ -21,7 +21,7 @@ from flowchat.analytics import AnalyticsError, check_query, query
 from flowchat.keys import Keys
 from flowchat.report import build_report, format_report
 from flowchat.sink import GROUP, Sink, SinkSettings
-from flowchat.warehouse import Warehouse, phone_hash
+from flowchat.warehouse import Warehouse, entries_table, phone_hash
 
 
 @pytest.fixture
@@ -236,10 +236,10 @@ async def test_erasure_hides_the_phone_at_once_and_compaction_removes_it(
 class CrashAfterWrite(Sink):
     """Writes its first batch, then dies before XACK (as a SIGKILL between write and ack would)."""
 
-    async def _flush(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+    async def _flush(self, batch: list[tuple[bytes, list[bytes]]]) -> None:
         assert self._warehouse is not None
-        rows = [__import__("flowchat.warehouse").warehouse.event_row(f) for _, f in batch]
-        await asyncio.to_thread(self._warehouse.write, rows, batch[0][0] + "-crashed")
+        table = entries_table([fields for _, fields in batch])
+        await asyncio.to_thread(self._warehouse.write, table, batch[0][0].decode() + "-crashed")
         raise RuntimeError("killed between write and ack")
 
 
@@ -366,3 +366,20 @@ def test_sql_query_reads_while_files_change(tmp_path: Path) -> None:
     columns, result = query(tmp_path / "analytics.duckdb", "SELECT count(*) AS n FROM metrics")
     assert (columns, result) == (["n"], [(1,)])
     warehouse.close()
+
+
+def test_entries_table_takes_any_field_order_and_odd_values() -> None:
+    ordered = [b"id", b"a", b"type", b"metric", b"ts", b"5", b"flow", b"f", b"execution_id", b"x", b"node", b"n"]
+    table = entries_table(
+        [
+            [*ordered, b"data", b'{"name": "m", "value": 1}'],
+            [b"type", b"contact", b"id", b"b", b"data", b'{"action": "created", "phone": "+14155550100"}'],
+            [b"id", b"c", b"type", b"message", b"ts", b"soon", b"data", b"not json"],
+            [b"id", b"\xff\xfe", b"type", b"node_run", b"ts", b"7"],
+        ]
+    )
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == ["a", "b", "c", "\ufffd\ufffd"]
+    assert [r["ts"] for r in rows] == [5, 0, 0, 7]
+    assert rows[1]["phone"] == "+14155550100" and rows[1]["flow"] == "" and rows[2]["phone"] is None
+    assert rows[3]["data"] == "{}"

@@ -1,0 +1,106 @@
+"""`python -m bench.sink URL COUNT`: the analytics sink's events/s beside a raw DuckDB Arrow insert.
+
+The sink drains COUNT events already in the stream (XREADGROUP, rows, Parquet through DuckDB,
+fsync, XACK, trim) into a fresh data dir; the raw side builds an Arrow table of the same rows and
+inserts it into a DuckDB table (no Redis, no files). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from flowchat.keys import Keys
+from flowchat.sink import Sink, SinkSettings
+from flowchat.warehouse import COLUMNS, SCHEMA, event_row
+
+
+def events(count: int) -> list[dict[str, str]]:
+    """Node-run events shaped as the runtime writes them (the commonest kind)."""
+    now = int(time.time() * 1000)
+    rows = []
+    for i in range(count):
+        data = {"node_type": "set", "status": "ok", "attempt": 1, "started_at": now + i, "duration_ms": 1}
+        rows.append(
+            {
+                "id": f"{i:032x}",
+                "type": "node_run",
+                "ts": str(now + i),
+                "flow": "bench",
+                "execution_id": f"{i // 5:032x}",
+                "node": f"n{i % 5}",
+                "data": orjson.dumps({**data, "error_code": ""}).decode(),
+            }
+        )
+    return rows
+
+
+def fill(url: str, rows: list[dict[str, str]]) -> None:
+    client = sync_redis.Redis.from_url(url)
+    client.delete(Keys().events, Keys().sink_lease)
+    pipe = client.pipeline(transaction=False)
+    for index, fields in enumerate(rows):
+        pipe.xadd(Keys().events, fields)  # type: ignore[arg-type]
+        if index % 2000 == 1999:
+            pipe.execute()
+    pipe.execute()
+    client.close()
+
+
+async def drain(url: str, count: int, data_dir: Path) -> float:
+    """Seconds the sink takes to write ``count`` waiting events: its first read to its last XACK."""
+    redis = Redis.from_url(url)
+    sink = Sink(redis, Keys(), SinkSettings(data_dir, batch=10_000, flush=0.2, compact_every=3600))
+    task = asyncio.create_task(sink.run())
+    while sink.stats.events < count:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.005)
+    seconds = sink.stats.last_ack - sink.stats.first_read
+    sink.stop()
+    await task
+    await redis.aclose()
+    return seconds
+
+
+def raw_insert(rows: list[dict[str, str]]) -> float:
+    """Seconds for Arrow table + DuckDB INSERT of the same rows, in batches of the sink's size."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE events (id VARCHAR, type VARCHAR, ts BIGINT, flow VARCHAR, execution_id VARCHAR, "
+                "node VARCHAR, data VARCHAR, phone VARCHAR)")  # fmt: skip
+    parsed = [event_row(fields) for fields in rows]
+    started = time.perf_counter()
+    for start in range(0, len(parsed), 10_000):
+        chunk = parsed[start : start + 10_000]
+        table = pa.Table.from_pydict({c: [r[c] for r in chunk] for c in COLUMNS}, schema=SCHEMA)
+        con.register("batch", table)
+        con.execute("INSERT INTO events SELECT * FROM batch")
+        con.unregister("batch")
+    seconds = time.perf_counter() - started
+    con.close()
+    return seconds
+
+
+def measure(url: str, count: int) -> dict[str, Any]:
+    rows = events(count)
+    fill(url, rows)
+    with tempfile.TemporaryDirectory(prefix="flowchat-sink-bench-") as folder:
+        sink_seconds = asyncio.run(drain(url, count, Path(folder)))
+    raw_seconds = raw_insert(rows)
+    sink_rate, raw_rate = count / sink_seconds, count / raw_seconds
+    return {"events": count, "sink_per_s": sink_rate, "raw_arrow_insert_per_s": raw_rate, "ratio": sink_rate / raw_rate}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]))))
