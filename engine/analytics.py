@@ -16,7 +16,7 @@ import decimal
 import io
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,6 @@ from flowchat.settings import Settings
 if TYPE_CHECKING:
     import duckdb
 
-Command = Callable[[argparse.Namespace], int]
 ALLOWED = ("SELECT", "EXPLAIN")
 
 
@@ -203,9 +202,10 @@ async def run_sink_alone(settings: Settings) -> int:
     return 0
 
 
-def add_commands(sub: Any) -> dict[str, Command]:
-    """Add ``analytics`` and ``sink`` to the CLI; returns their handlers by command name."""
+def add_commands(sub: Any) -> None:
+    """Add ``analytics`` and ``sink`` to the CLI, each with its handler."""
     p = sub.add_parser("analytics", help="query the analytics views (read-only) and print reports")
+    p.set_defaults(handler=_analytics)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = actions.add_parser("sql", help="run a read-only query", description="Run a read-only SQL query on the views.")
     a.add_argument("sql", help='e.g. "SELECT flow, count(*) FROM executions GROUP BY flow"')
@@ -214,8 +214,8 @@ def add_commands(sub: Any) -> dict[str, Command]:
     a.add_argument("--since", default="7d", help="window, e.g. 24h, 7d (default 7d)")
     a.add_argument("--flow", help="only this flow")
     a.add_argument("--json", action="store_true")
-    sub.add_parser("sink", help="run only the analytics sink (events stream -> Parquet); one per deployment is active")
-    return {"analytics": _analytics, "sink": sink_command}
+    p = sub.add_parser("sink", help="run only the analytics sink (events stream -> Parquet); one per deployment is active")
+    p.set_defaults(handler=sink_command)
 
 
 def _analytics(args: argparse.Namespace) -> int:

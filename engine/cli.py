@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from flowchat import contacts_cli, whatsapp_cli
+from flowchat import analytics, contacts_cli, whatsapp_cli
 from flowchat.codec import encode_run, execution_json
 from flowchat.errors import FlowChatError, FlowInvalid
 from flowchat.execution import Execution, NodeRun
@@ -481,9 +481,7 @@ environment:
     whatsapp_cli.add_commands(sub)
 
     # -- analytics (analytics, sink)
-    from flowchat.analytics import add_commands as analytics_commands
-
-    COMMANDS.update(analytics_commands(sub))
+    analytics.add_commands(sub)
 
     # -- operations
     accept_global_options_anywhere(parser)

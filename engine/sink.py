@@ -31,13 +31,13 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from flowchat.keys import Keys
+from flowchat.keys import EVENTS_GROUP, Keys
 from flowchat.settings import Settings
 from flowchat.warehouse import Warehouse, entries_table
 
 log = logging.getLogger("flowchat.sink")
 
-GROUP = "analytics"
+GROUP = EVENTS_GROUP
 CONSUMER = "sink"
 
 # Extend the lease only while we still hold it (a lapsed lease taken by another sink stays theirs).

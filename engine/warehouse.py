@@ -379,7 +379,7 @@ VIEW_SQL = {
     "executions": f"""CREATE VIEW executions AS
 SELECT execution_id, flow, data->>'flow_version' AS flow_version, data->>'trigger_type' AS trigger_type,
        data->>'status' AS status, {_ms("data->>'started_at'")} AS started_at,
-       {_ms("data->>'finished_at'")} AS finished_at, TRY_CAST(data->>'duration_ms' AS BIGINT) AS duration_ms,
+       {_ms("data->>'finished_at'")} AS finished_at, TRY_CAST(data->>'duration_ms' AS DOUBLE) AS duration_ms,
        TRY_CAST(data->>'attempts' AS INTEGER) AS attempts, NULLIF(data->>'error_code', '') AS error_code,
        epoch_ms(ts) AS ts, id AS event_id
 FROM events WHERE type = 'execution'
@@ -387,7 +387,7 @@ QUALIFY row_number() OVER (PARTITION BY execution_id ORDER BY ts DESC, id DESC) 
     "node_runs": f"""CREATE VIEW node_runs AS
 SELECT execution_id, flow, node, data->>'node_type' AS node_type, data->>'status' AS status,
        TRY_CAST(data->>'attempt' AS INTEGER) AS attempt, {_ms("data->>'started_at'")} AS started_at,
-       TRY_CAST(data->>'duration_ms' AS BIGINT) AS duration_ms, NULLIF(data->>'error_code', '') AS error_code,
+       TRY_CAST(data->>'duration_ms' AS DOUBLE) AS duration_ms, NULLIF(data->>'error_code', '') AS error_code,
        epoch_ms(ts) AS ts, id AS event_id
 FROM events WHERE type = 'node_run'""",
     "metrics": """CREATE VIEW metrics AS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -383,3 +384,24 @@ def test_entries_table_takes_any_field_order_and_odd_values() -> None:
     assert [r["ts"] for r in rows] == [5, 0, 0, 7]
     assert rows[1]["phone"] == "+14155550100" and rows[1]["flow"] == "" and rows[2]["phone"] is None
     assert rows[3]["data"] == "{}"
+
+
+README_QUERY = re.compile(r"<!-- query: (\w+) -->\n```sql\n(.*?)```", re.S)
+
+
+async def test_the_readme_queries_answer_on_recorded_data(
+    redis_url: str, start_sink: Callable[..., Sink], data_dir: Path
+) -> None:
+    await loaded(redis_url, start_sink, data_dir)
+    queries = dict(README_QUERY.findall((ROOT / "README.md").read_text()))
+    assert len(queries) >= 5
+    views = data_dir / "analytics.duckdb"
+    answers = {name: query(views, sql)[1] for name, sql in queries.items()}
+    # the data set spans two hours, so a day boundary may split it: compare the sums over days
+    assert [sum(column) for column in list(zip(*answers["funnel_by_day"], strict=True))[1:]] == [5, 3, 2, 2]
+    assert answers["failure_codes_by_flow"] == [("welcome", "twilio-21211", 1), ("welcome", "twilio-63016", 1)]
+    slowest = answers["slowest_nodes"][0]
+    assert slowest[:4] == ("welcome", "send", "whatsapp.send", 8) and slowest[5] == 49.0
+    assert answers["tags_of_repliers"] == [("spring", 1), ("vip", 1)]
+    assert answers["metric_sums_by_tag"] == [("order_value", "fall", 4.0, 1), ("order_value", "spring", 12.5, 2)]
+    assert [sum(column) for column in list(zip(*answers["opt_outs_by_day"], strict=True))[1:]] == [1, 1]

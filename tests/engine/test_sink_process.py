@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import duckdb
 import redis as sync_redis
 from analytics_data import append, bulk, count, physical_rows
 from support import ROOT, Processes, daemon_env, write_flow
@@ -98,3 +99,76 @@ def _wait(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s")
         time.sleep(0.05)
+
+
+SHOP_FLOW = """flow: shop
+trigger: {type: webhook, path: shop}
+nodes:
+  - {id: tag, type: contact.tag, with: {phone: "{{ trigger.phone }}", add: ["{{ trigger.campaign }}"]}}
+  - id: order
+    type: metric
+    with: {name: order_value, value: "{{ trigger.value }}", tags: {campaign: "{{ trigger.campaign }}"}}
+  - {id: check, type: validate, with: {schema: {type: object, required: [paid]}}}
+"""
+
+
+def test_real_executions_reach_the_views(processes: Processes, redis_url: str, tmp_path: Path) -> None:
+    """Webhooks and an inbound WhatsApp message through `flowchat serve`; the views and the report show them."""
+    import urllib.request
+
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    (flows / "shop.yaml").write_text(SHOP_FLOW)
+    (flows / "whatsapp_welcome.yaml").write_text((ROOT / "flows" / "whatsapp_welcome.yaml").read_text())
+    data = tmp_path / "data"
+    env = daemon_env(redis_url, FLOWCHAT_DATA_DIR=str(data), FLOWCHAT_ANALYTICS_FLUSH="0.2")
+    for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER"):
+        env.pop(name, None)  # outbox mode: sends are recorded as simulated
+    port = free_port()
+    processes.start("serve", "--flows", str(flows), "--port", str(port), env=env)
+    orders = [("+14155550111", "spring", 10, True), ("+14155550112", "spring", 5, False), ("+14155550113", "fall", 7, True)]
+    for phone, campaign, value, paid in orders:
+        body = {"phone": phone, "campaign": campaign, "value": value, **({"paid": True} if paid else {})}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/hooks/shop", data=json.dumps(body).encode(), method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 202
+    simulate = ["simulate", "message", "--from", "+14155550199", "--body", "hi", "--url", f"http://127.0.0.1:{port}"]
+    sent = subprocess.run([sys.executable, "-m", "flowchat.cli", *simulate], cwd=ROOT, env=env, capture_output=True)
+    assert sent.returncode == 0, sent.stderr
+    _wait(lambda: count(data, "SELECT count(*) FROM executions") == 4, timeout=30)
+    _wait(lambda: count(data, "SELECT count(*) FROM messages WHERE direction = 'outbound'") == 1, timeout=30)
+    con = duckdb.connect(str(data / "analytics.duckdb"), read_only=True)
+    try:
+        rows = con.execute(
+            "SELECT flow, status, error_code, trigger_type, duration_ms >= 0 FROM executions ORDER BY flow, status"
+        ).fetchall()
+        assert rows == [
+            ("shop", "failed", "validation-failed", "webhook", True),
+            ("shop", "succeeded", None, "webhook", True),
+            ("shop", "succeeded", None, "webhook", True),
+            ("whatsapp_welcome", "succeeded", None, "twilio.message", True),
+        ]
+        assert con.execute(
+            "SELECT node, node_type, status FROM node_runs WHERE status = 'failed'"
+        ).fetchall() == [("check", "validate", "failed")]
+        assert con.execute("SELECT count(*) FROM node_runs WHERE duration_ms IS NULL OR started_at IS NULL").fetchone() == (0,)
+        sums = con.execute("SELECT tags['campaign'], sum(value) FROM metrics GROUP BY 1 ORDER BY 1").fetchall()
+        assert sums == [("fall", 7.0), ("spring", 15.0)]
+        tagged = con.execute(
+            "SELECT phone, tags FROM contact_events WHERE action = 'tagged' ORDER BY phone"
+        ).fetchall()
+        assert [p for p, _ in tagged] == [p for p, *_ in orders] and tagged[0][1] == ["spring"]
+        message = con.execute(
+            "SELECT flow, node, phone, status, simulated_at IS NOT NULL FROM messages WHERE direction = 'outbound'"
+        ).fetchone()
+        assert message == ("whatsapp_welcome", "reply", "+14155550199", "simulated", True)
+    finally:
+        con.close()
+    report = subprocess.run(
+        [sys.executable, "-m", "flowchat.cli", "analytics", "report", "--json"], cwd=ROOT, env=env, capture_output=True
+    )
+    flows_report = {row["flow"]: row for row in json.loads(report.stdout)["flows"]}
+    assert flows_report["shop"]["executions"] == 3 and flows_report["shop"]["success_rate"] == 0.6667
