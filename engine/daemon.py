@@ -89,8 +89,11 @@ def _startup_line(settings: Settings, redis: object, flows: Path, count: int) ->
     )
 
 
-def _stop_on_signals(stop: asyncio.Event, grace: float) -> None:
+def _stop_on_signals(stop: asyncio.Event, grace: float, catalog: Catalog | None = None) -> None:
+    """SIGTERM/SIGINT drain and stop; SIGHUP (systemd ``ExecReload``) reloads the flows folder now."""
     loop = asyncio.get_running_loop()
+    if catalog is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload, catalog)
 
     def stopping(sig: signal.Signals) -> None:
         if not stop.is_set():
@@ -99,6 +102,16 @@ def _stop_on_signals(stop: asyncio.Event, grace: float) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping, sig)
+
+
+def _reload(catalog: Catalog) -> None:
+    changed = catalog.reload()
+    log.info(
+        "SIGHUP received: flows reloaded from %s (%s); %d flow(s)",
+        catalog.folder,
+        "changed" if changed else "no change",
+        len(catalog.flows),
+    )
 
 
 def _drained(started: float, status: int) -> int:
@@ -145,7 +158,7 @@ async def serve(
     """
     stop = asyncio.Event()
     async with runtime(flows, plugins) as rt:
-        _stop_on_signals(stop, rt.settings.grace)
+        _stop_on_signals(stop, rt.settings.grace, rt.catalog)
         if strict and rt.catalog.problems:
             for problems in rt.catalog.problems.values():
                 for problem in problems:
@@ -193,7 +206,7 @@ async def work(
     """
     stop = asyncio.Event()
     async with runtime(flows, plugins) as rt:
-        _stop_on_signals(stop, rt.settings.grace)
+        _stop_on_signals(stop, rt.settings.grace, rt.catalog)
         runner = await _listen(health_app(rt), host, port) if port is not None else None
         parts = _Parts(stop)
         parts.start(DelayedMover(rt.queue).run(), "delayed-work mover")

@@ -11,9 +11,19 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from flowchat.backoff import REDIS
 
 NODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -58,6 +68,25 @@ class _EngineCollector(Collector):
         for (node_type, status), histogram in sorted(self.metrics.durations.items()):
             durations.add_metric([node_type, status], histogram.cumulative(), histogram.total)
         yield durations
+        cluster = CounterMetricFamily(
+            "flowchat_cluster_executions",
+            "Executions finished by every worker on this Redis (read from Redis at scrape time), by flow and outcome",
+            labels=["scope", "flow", "event"],
+        )
+        for (flow, event), count in sorted(self.metrics.cluster_counts.items()):
+            cluster.add_metric(["cluster", flow, event], count)
+        yield cluster
+        crashes = CounterMetricFamily(
+            "flowchat_worker_task_crashes", "Execution tasks that ended in an unexpected exception (a bug: see the log)"
+        )
+        crashes.add_metric([], self.metrics.crashes)
+        yield crashes
+        errors = CounterMetricFamily("flowchat_redis_errors", "Redis calls that failed in this process's loops")
+        errors.add_metric([], REDIS.errors)
+        yield errors
+        reconnects = CounterMetricFamily("flowchat_redis_reconnects", "Times this process got Redis back after losing it")
+        reconnects.add_metric([], REDIS.reconnects)
+        yield reconnects
 
 
 class Metrics:
@@ -67,7 +96,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.events: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.durations: defaultdict[tuple[str, str], _Histogram] = defaultdict(_Histogram)
+        self.cluster_counts: dict[tuple[str, str], int] = {}
+        self.crashes = 0
         self.registry.register(_EngineCollector(self))
+        # the usual process_* (CPU, memory, file descriptors) and python_* (GC, version) families
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.queue_depth = Gauge(
             "flowchat_queue_depth", "Executions in the queue by state", ["state"], registry=self.registry
         )
@@ -75,12 +110,6 @@ class Metrics:
         self.loop_stalls = Counter(
             "flowchat_event_loop_stalls",
             "Times the event loop did not turn for longer than the stall threshold (a blocking node or template)",
-            registry=self.registry,
-        )
-        self.cluster_executions = Gauge(
-            "flowchat_cluster_executions",
-            "Executions finished by every worker on this Redis, by flow and outcome (succeeded, failed, dead, retried)",
-            ["flow", "event"],
             registry=self.registry,
         )
         self.events_length = Gauge(
@@ -113,9 +142,11 @@ class Metrics:
         self.dead_letters.set(stats["dead"])
         self.events_length.set(stats.get("events", 0))
         self.events_age.set(stats.get("events_age_seconds", 0.0))
+        counts = {}
         for name, count in stats.get("counters", {}).items():
             event, _, flow = name.partition(":")
-            self.cluster_executions.labels(flow, event).set(count)
+            counts[(flow, event)] = int(count)
+        self.cluster_counts = counts
 
     def loop_stalled(self) -> None:
         """Count one event-loop stall (called from the watchdog's thread; prometheus counters are thread-safe)."""

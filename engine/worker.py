@@ -258,6 +258,7 @@ class Worker:
     async def _fail_unexpectedly(self, job: _Job, exc: Exception) -> None:
         """Dead-letter an execution after an error that is not its nodes' (a bug, an unstorable state)."""
         execution_id = job.delivery.execution_id
+        self.metrics.crashes += 1  # flowchat_worker_task_crashes_total
         log.error("%s failed in the worker: %s: %s", execution_id, type(exc).__name__, exc, exc_info=exc)
         if job.execution is None:
             return  # its state could not even be read: nothing to record it on; left for take-over

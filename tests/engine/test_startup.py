@@ -178,3 +178,31 @@ async def test_a_worker_with_a_port_serves_health_and_metrics(redis_url, flows_d
 def test_the_redis_is_named_without_its_password():
     settings = Settings.from_env({"FLOWCHAT_REDIS_URL": "rediss://app:s3cretpass@redis.internal:6380/0"})
     assert str(describe(settings, object())) == "rediss://redis.internal:6380 (single)"
+
+
+async def test_sighup_reloads_flows_instead_of_killing_the_daemon(redis_url, flows_dir, processes):
+    hook_flow(flows_dir)
+    serve = processes.start("serve", "--flows", str(flows_dir), "--port", str(free_port()), env=daemon_env(redis_url))
+    hook_flow(flows_dir, "second")
+    serve.send_signal(signal.SIGHUP)
+    await wait_for(lambda: "SIGHUP received: flows reloaded" in processes.log_of(serve))
+    assert serve.poll() is None
+    assert re.search(
+        r"SIGHUP received: flows reloaded from .+ \((changed|no change)\); 2 flow\(s\)", processes.log_of(serve)
+    )
+
+
+async def test_metrics_include_process_python_and_failure_counters(redis_url, flows_dir, processes):
+    hook_flow(flows_dir)
+    port = free_port()
+    processes.start("worker", "--flows", str(flows_dir), "--port", str(port), env=daemon_env(redis_url))
+    _, text = await get(port, "/metrics")
+    for name in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "python_gc_collections_total",
+        "flowchat_worker_task_crashes_total 0.0",
+        "flowchat_redis_errors_total",
+        "flowchat_redis_reconnects_total",
+    ):
+        assert name in text, name

@@ -304,4 +304,5 @@ async def test_metrics_count_executions_and_time_nodes_and_any_process_sees_clus
     ingress_metrics = Metrics()  # e.g. `serve --no-workers` on another box
     ingress_metrics.set_queue(await queue.stats())
     cluster = samples(ingress_metrics)
-    assert cluster[("flowchat_cluster_executions", (("event", "succeeded"), ("flow", "counted")))] == 3
+    key = (("event", "succeeded"), ("flow", "counted"), ("scope", "cluster"))
+    assert cluster[("flowchat_cluster_executions_total", key)] == 3  # a counter: rate() works on it
