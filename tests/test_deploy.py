@@ -11,7 +11,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 from support import ROOT, daemon_env, wait_for
 
 from flowchat.metrics import Metrics
@@ -21,7 +20,7 @@ DEPLOY = ROOT / "examples" / "deploy"
 
 
 def compose() -> dict:
-    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return json.loads((DEPLOY / "compose.json").read_text())
 
 
 def local_command(command: list[str], port: int) -> list[str]:
