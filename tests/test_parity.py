@@ -1,0 +1,194 @@
+"""What runs in `flowchat run` runs the same in the daemon.
+
+Every built-in node type, the example plugin and every file in examples/ and flows/ goes
+through a real `flowchat worker` process on a real redis-server (HTTP nodes against a local
+server) and through `flowchat run --json` over the same input; the stored trace and the
+printed one must agree: the execution's status, each node's status, attempts and output,
+nodes in flow order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from support import ROOT, daemon_env, settled
+
+from flowchat import load_flow, load_registry, open_services
+from flowchat.operations import load_execution
+from flowchat.settings import Settings
+
+VOLATILE = frozenset({"sid", "waited_until", "date", "tick"})
+"""Keys whose values differ between two runs by nature (ids minted per send, clocks)."""
+
+
+def built_in_cases(base: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """One small flow per built-in node type (and the example plugin): name -> (nodes YAML, trigger)."""
+    return {
+        "node_set": (
+            "  - {id: s, type: set, with: {values: {n: '{{ trigger.n + 1 }}', tags: \"{{ trigger.tags | map('upper') }}\", "
+            "pair: '{{ {1: trigger.n} }}'}}}\n",
+            {"n": 41, "tags": ["a", "b"]},
+        ),
+        "node_log": (
+            "  - {id: l, type: log, with: {message: 'hi {{ trigger.name }}', level: warning}}\n",
+            {"name": "Ana"},
+        ),
+        "node_validate": (
+            "  - {id: v, type: validate, with: {schema: {type: object, required: [phone]}, on_invalid: continue}}\n"
+            "  - {id: after, type: set, with: {values: {ok: '{{ v.valid }}'}}}\n",
+            {"name": "Ana"},
+        ),
+        "node_http": (
+            f"  - {{id: get, type: http.request, with: {{url: '{base}/contact'}}}}\n"
+            f"  - {{id: post, type: http.request, with: {{method: POST, url: '{base}/echo', json: {{id: '{{{{ get.json.id }}}}'}}}}}}\n"
+            "  - {id: read, type: set, with: {values: {type: \"{{ post.headers['content-type'] }}\", back: '{{ post.json }}'}}}\n",
+            {},
+        ),
+        "node_http_failing": (
+            f"  - {{id: gone, type: http.request, with: {{url: '{base}/missing'}}}}\n",
+            {},
+        ),
+        "node_delay": (
+            "  - {id: wait, type: delay, with: {for: 300ms}}\n"
+            "  - {id: past, type: delay, with: {until: '2020-01-01T00:00:00Z'}}\n",
+            {},
+        ),
+        "node_greeting": (
+            "  - {id: hi, type: example.greeting, with: {name: '{{ trigger.name }}', language: pt}}\n",
+            {"name": "Ana"},
+        ),
+    }
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[str]:
+    async def contact(request: web.Request) -> web.Response:
+        return web.json_response({"id": 42, "tags": ["vip"]})
+
+    async def echo(request: web.Request) -> web.Response:
+        response = web.json_response(await request.json())
+        response.headers.add("Set-Cookie", "a=1")
+        response.headers.add("Set-Cookie", "b=2")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/contact", contact)
+    app.router.add_post("/echo", echo)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}"
+    await runner.cleanup()
+
+
+def normalise(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: "<varies>" if key in VOLATILE else normalise(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [normalise(item) for item in value]
+    return value
+
+
+def trace(execution: dict[str, Any]) -> dict[str, Any]:
+    """What must agree: statuses, attempts, outputs, error codes, node order."""
+    nodes = execution["nodes"]
+    return {
+        "status": execution["status"],
+        "error": (execution["error"] or {}).get("code"),
+        "order": list(nodes),
+        "nodes": {
+            node_id: (
+                run["status"],
+                run["attempts"],
+                normalise(run["output"]),
+                (run["error"] or {}).get("code"),
+            )
+            for node_id, run in nodes.items()
+        },
+    }
+
+
+async def run_in_process(path: Path, trigger: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "flowchat.cli",
+        "run",
+        str(path),
+        "--input",
+        "-",
+        "--json",
+        "--fast-forward",
+        cwd=ROOT,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(json.dumps(trigger).encode()), 60)
+    assert process.returncode in (0, 1), stderr.decode()
+    return json.loads(stdout)
+
+
+async def test_flowchat_run_and_a_worker_process_agree(queue, redis_url, processes, tmp_path, api):
+    folder = tmp_path / "flows"
+    folder.mkdir()
+    cases: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for source in sorted([*(ROOT / "examples").iterdir(), *(ROOT / "flows").iterdir()]):
+        shutil.copy(source, folder / source.name)  # flows with the files they read (schemas)
+    for path in sorted(folder.glob("*.yaml")):
+        sample = folder / f"{path.stem}.input.json"
+        cases[path.stem] = (path, json.loads(sample.read_text()) if sample.exists() else {})
+    for name, (nodes, trigger) in built_in_cases(api).items():
+        path = folder / f"{name}.yaml"
+        path.write_text(f"flow: {name}\ntrigger: {{type: webhook}}\nnodes:\n{nodes}")
+        cases[name] = (path, trigger)
+
+    env = daemon_env(redis_url, FLOWCHAT_PLUGINS=str(ROOT / "plugins"), FLOWCHAT_DATA_DIR=str(tmp_path / "data"))
+    registry = load_registry(ROOT / "plugins")
+    settings = Settings.from_env(env)
+    async with open_services(settings) as services:
+        contacts = services.get("contacts") if "contacts" in services else None
+        for _, trigger in cases.values():
+            if "MessageSid" in trigger and contacts is not None:
+                # ingress records an inbound message on its contact before a Twilio flow runs
+                await contacts.record_inbound(
+                    trigger["From"],
+                    profile_name=trigger.get("ProfileName"),
+                    message_sid=trigger["MessageSid"],
+                    at_ms=int(time.time() * 1000),
+                )
+
+    in_process = await asyncio.gather(*(run_in_process(path, trigger, env) for path, trigger in cases.values()))
+    processes.start("worker", "--flows", str(folder), env=env)
+    ids = {}
+    for name, (path, trigger) in cases.items():
+        flow = load_flow(path, registry)
+        await queue.store_flow(flow)
+        ids[name], _ = await queue.enqueue(flow.name, flow.version, trigger)
+
+    traces: dict[str, Any] = {}
+    for (name, execution_id), printed in zip(ids.items(), in_process, strict=True):
+        await settled(queue, execution_id)
+        stored = await load_execution(queue, execution_id)
+        assert stored is not None
+        assert trace(stored.to_dict()) == trace(printed), name
+        traces[name] = trace(printed)
+    statuses = {name: printed["status"] for name, printed in zip(cases, in_process, strict=True)}
+    assert statuses.pop("node_http_failing") == "failed"
+    assert set(statuses.values()) == {"succeeded"}, statuses
+    # the output contract, seen the same way by both
+    assert traces["node_set"]["nodes"]["s"][2] == {"n": 42, "tags": ["A", "B"], "pair": {"1": 41}}
+    assert traces["node_http"]["nodes"]["read"][2]["type"] == "application/json; charset=utf-8"
+    assert traces["node_http"]["nodes"]["post"][2]["headers"]["set-cookie"] == ["a=1", "b=2"]
