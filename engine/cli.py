@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     registry = _registry(args)
     try:
         flow = load_flow(args.flow, registry)
-        trigger = _trigger_payload(flow, _read_input(args.input))
+        trigger = trigger_payload(flow, _read_input(args.input))
     except FlowInvalid as invalid:
         _print_problems(invalid.errors)
         return 1
@@ -95,15 +95,17 @@ def run(args: argparse.Namespace) -> int:
     return 0 if execution.status == "succeeded" else 1
 
 
-async def run_in_process(flow: Flow, trigger: dict[str, Any], *, fast_forward: bool = False) -> Execution:
+async def run_in_process(
+    flow: Flow, trigger: dict[str, Any], *, fast_forward: bool = False, settings: Settings | None = None
+) -> Execution:
     """Run ``flow`` as a worker would: same output boundary, every node state through the storage codec.
 
     With ``fast_forward`` durable waits (``delay``, retry backoff) are skipped: the clock nodes see
     jumps ahead instead of the process sleeping.
     """
-    settings = Settings.from_env()
+    settings = settings or Settings.from_env()
     clock = _Clock()
-    async with open_services(only=flow.services) as services:
+    async with open_services(settings, only=flow.services) as services:
         if fast_forward:
             services.clock = clock.now
         runner = Runner(
@@ -135,7 +137,7 @@ async def _through_codec(execution: Execution, run: NodeRun, node: object) -> No
     run.output, run.error = stored["output"], stored["error"]
 
 
-def _trigger_payload(flow: Flow, given: dict[str, Any]) -> dict[str, Any]:
+def trigger_payload(flow: Flow, given: dict[str, Any]) -> dict[str, Any]:
     """The trigger as the daemon would build it: a schedule's payload, tick and missed; a webhook's schema checked."""
     if flow.trigger.type == "schedule":
         tick = datetime.fromtimestamp(time.time(), UTC).replace(second=0, microsecond=0).isoformat()

@@ -305,7 +305,6 @@ class Worker:
             message = f"cannot checkpoint node {run.id}: {type(exc).__name__}: {exc}"
             raise QueueError(message, code="checkpoint-failed", retryable=False).at(node=run.id) from exc
 
-
     def _send_events(self, execution: Execution, final: bool = False) -> None:
         """Queue pending events on the queue's auto-pipeline, beside the write that follows."""
         if self.events is None or not self.events.enabled:

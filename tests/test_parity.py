@@ -2,17 +2,15 @@
 
 Every built-in node type, the example plugin and every file in examples/ and flows/ goes
 through a real `flowchat worker` process on a real redis-server (HTTP nodes against a local
-server) and through `flowchat run --json` over the same input; the stored trace and the
+server) and through `flowchat run --json`'s code over the same input; the stored trace and the
 printed one must agree: the execution's status, each node's status, attempts and output,
 nodes in flow order.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +21,8 @@ from aiohttp import web
 from support import ROOT, daemon_env, settled
 
 from flowchat import load_flow, load_registry, open_services
+from flowchat.cli import trigger_payload, run_in_process
+from flowchat.codec import execution_json
 from flowchat.operations import load_execution
 from flowchat.settings import Settings
 
@@ -119,26 +119,11 @@ def trace(execution: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def run_in_process(path: Path, trigger: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "flowchat.cli",
-        "run",
-        str(path),
-        "--input",
-        "-",
-        "--json",
-        "--fast-forward",
-        cwd=ROOT,
-        env=env,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(json.dumps(trigger).encode()), 60)
-    assert process.returncode in (0, 1), stderr.decode()
-    return json.loads(stdout)
+async def run_like_the_cli(path: Path, trigger: dict[str, Any], registry: Any, settings: Settings) -> dict[str, Any]:
+    """What `flowchat run FILE --input - --json --fast-forward` prints (its code, in this process: fast)."""
+    flow = load_flow(path, registry)
+    execution = await run_in_process(flow, trigger_payload(flow, trigger), fast_forward=True, settings=settings)
+    return json.loads(json.dumps(execution_json(execution), default=str))
 
 
 async def test_flowchat_run_and_a_worker_process_agree(queue, redis_url, processes, tmp_path, api):
@@ -170,7 +155,7 @@ async def test_flowchat_run_and_a_worker_process_agree(queue, redis_url, process
                     at_ms=int(time.time() * 1000),
                 )
 
-    in_process = await asyncio.gather(*(run_in_process(path, trigger, env) for path, trigger in cases.values()))
+    in_process = [await run_like_the_cli(path, trigger, registry, settings) for path, trigger in cases.values()]
     processes.start("worker", "--flows", str(folder), env=env)
     ids = {}
     for name, (path, trigger) in cases.items():
