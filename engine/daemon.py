@@ -26,6 +26,7 @@ from flowchat.access_log import access_log
 from flowchat.catalog import Catalog
 from flowchat.connections import describe, open_queue, open_redis, queue_keys, redis_client
 from flowchat.ingress import CATALOG_KEY, METRICS_KEY, QUEUE_KEY, create_app, healthz, metrics_endpoint, readyz
+from flowchat.listener import BoundedSite
 from flowchat.metrics import Metrics
 from flowchat.mover import DelayedMover
 from flowchat.queue import Queue
@@ -119,12 +120,20 @@ def _drained(started: float, status: int) -> int:
     return status
 
 
-async def _listen(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start serving ``app``; a taken port is a :class:`StartupError` (one line, exit 1), not a traceback."""
-    runner = web.AppRunner(app, access_log=None)  # flowchat.access logs each request instead
+async def _listen(app: web.Application, host: str, port: int, settings: Settings) -> web.AppRunner:
+    """Start serving ``app``; a taken port is a :class:`StartupError` (one line, exit 1), not a traceback.
+
+    Stalled connections are closed after ``settings.header_timeout`` and at most
+    ``settings.max_connections`` are open (see flowchat.listener).
+    """
+    # flowchat.access logs each request instead of aiohttp's access log
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=settings.header_timeout)
     await runner.setup()
+    site = BoundedSite(
+        runner, host, port, header_timeout=settings.header_timeout, max_connections=settings.max_connections
+    )
     try:
-        await web.TCPSite(runner, host, port).start()
+        await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise port_taken(host, port, exc) from None
@@ -166,7 +175,8 @@ async def serve(
             print(f"flowchat: --strict: not starting, {len(rt.catalog.problems)} broken flow file(s)", flush=True)
             return 1
         twilio = TwilioWebhooks(rt.settings, rt.services)
-        runner = await _listen(create_app(rt.queue, rt.catalog, rt.metrics, twilio), host, port)
+        app = create_app(rt.queue, rt.catalog, rt.metrics, twilio, settings=rt.settings)
+        runner = await _listen(app, host, port, rt.settings)
         print(f"flowchat: listening on http://{host}:{port} with {len(rt.catalog.flows)} flow(s)", flush=True)
         print(f"flowchat: {twilio_mode(rt.settings)}", flush=True)
         parts = _Parts(stop)
@@ -207,7 +217,7 @@ async def work(
     stop = asyncio.Event()
     async with runtime(flows, plugins) as rt:
         _stop_on_signals(stop, rt.settings.grace, rt.catalog)
-        runner = await _listen(health_app(rt), host, port) if port is not None else None
+        runner = await _listen(health_app(rt), host, port, rt.settings) if port is not None else None
         parts = _Parts(stop)
         parts.start(DelayedMover(rt.queue).run(), "delayed-work mover")
         parts.start(LoopWatchdog(rt.metrics, rt.settings.stall_threshold).run(), "loop watchdog")

@@ -15,12 +15,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -31,7 +29,9 @@ from flowchat.catalog import Catalog
 from flowchat.errors import QueueError
 from flowchat.flow import Flow
 from flowchat.metrics import Metrics
+from flowchat.payloads import PayloadError, check_header, parse_payload
 from flowchat.queue import Queue
+from flowchat.settings import Settings
 from flowchat.twilio_webhooks import (
     TWIML_EMPTY,
     TwilioWebhooks,
@@ -51,6 +51,7 @@ QUEUE_KEY = web.AppKey("queue", Queue)
 CATALOG_KEY = web.AppKey("catalog", Catalog)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 TWILIO_KEY = web.AppKey("twilio", TwilioWebhooks)
+SETTINGS_KEY = web.AppKey("settings", Settings)
 
 
 class HttpProblem(Exception):
@@ -62,10 +63,16 @@ class HttpProblem(Exception):
 
 
 def create_app(
-    queue: Queue, catalog: Catalog, metrics: Metrics, twilio: TwilioWebhooks | None = None
+    queue: Queue,
+    catalog: Catalog,
+    metrics: Metrics,
+    twilio: TwilioWebhooks | None = None,
+    *,
+    settings: Settings | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[access_log, _count_requests])
     app[QUEUE_KEY], app[CATALOG_KEY], app[METRICS_KEY] = queue, catalog, metrics
+    app[SETTINGS_KEY] = settings or Settings()
     app[TWILIO_KEY] = twilio or TwilioWebhooks()
     app.router.add_post("/hooks/{path:.+}", webhook)
     app.router.add_post("/twilio/message", twilio_message)
@@ -86,6 +93,9 @@ async def _count_requests(request: web.Request, handler: Handler) -> web.StreamR
         response = await handler(request)
     except HttpProblem as problem:
         response = web.json_response(problem.body, status=problem.status)
+    except PayloadError as bad:
+        errors = [{"path": bad.path, "message": bad.message}]
+        response = web.json_response({"error": bad.message, "errors": errors}, status=bad.status)
     except (QueueError, RedisError, OSError) as exc:
         REDIS.failed(f"ingress: {exc}", 1.0)  # once per outage; each refused request is in the access log
         response = web.json_response(
@@ -93,6 +103,9 @@ async def _count_requests(request: web.Request, handler: Handler) -> web.StreamR
         )
     except web.HTTPException as exc:
         response = web.json_response({"error": exc.reason}, status=exc.status)
+    except Exception:  # a bug: answered and counted like any other status, with its traceback in the log
+        log.exception("unexpected error answering %s %s", request.method, route)
+        response = web.json_response({"error": "internal error"}, status=500)
     request.app[METRICS_KEY].ingress.labels(route, str(response.status)).inc()
     return response
 
@@ -106,32 +119,39 @@ async def webhook(request: web.Request) -> web.Response:
     if flow is None:
         raise HttpProblem(404, f"no flow listens on /hooks/{path}")
     trigger = flow.trigger
+    idempotency_key = check_header(IDEMPOTENCY_HEADER, request.headers.get(IDEMPOTENCY_HEADER), 256)
     raw = await _read_body(request, trigger.max_body)
     _authenticate(request, raw, trigger.secret_env, trigger.token_env)
-    payload = _parse_body(raw, request.content_type)
+    payload = parse_payload(raw, request.content_type)
     if trigger.schema_ is not None:
         _check_schema(flow, payload)
-    execution_id, created = await _enqueue(request, flow, payload, request.headers.get(IDEMPOTENCY_HEADER))
+    execution_id, created = await _enqueue(request, flow, payload, idempotency_key)
     return web.json_response({"execution_id": execution_id, "duplicate": not created}, status=202)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes (413), arriving within the body timeout (408)."""
     if request.content_length is not None and request.content_length > limit:
         raise HttpProblem(413, f"body of {request.content_length} bytes is over the limit of {limit}")
+    timeout = request.app[SETTINGS_KEY].body_timeout
     chunks: list[bytes] = []
     size = 0
-    while chunk := await request.content.read(limit + 1 - size):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            raise HttpProblem(413, f"body is over the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.read(limit + 1 - size):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise HttpProblem(413, f"body is over the limit of {limit} bytes")
+    except TimeoutError:
+        raise HttpProblem(408, f"body not received within {timeout:g}s") from None
     return b"".join(chunks)
 
 
 def _authenticate(request: web.Request, raw: bytes, secret_env: str | None, token_env: str | None) -> None:
     if secret_env:
         secret = _secret(secret_env)
-        given = request.headers.get(SIGNATURE_HEADER)
+        given = _credential(request, SIGNATURE_HEADER)
         if not given:
             raise HttpProblem(401, f"missing {SIGNATURE_HEADER} header (sha256=<hex HMAC of the body>)")
         expected = "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
@@ -139,11 +159,19 @@ def _authenticate(request: web.Request, raw: bytes, secret_env: str | None, toke
             raise HttpProblem(403, f"{SIGNATURE_HEADER} does not match the body")
     if token_env:
         token = _secret(token_env)
-        header = request.headers.get("Authorization", "")
+        header = _credential(request, "Authorization") or ""
         if not header.startswith("Bearer "):
             raise HttpProblem(401, "missing Authorization: Bearer <token> header")
         if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
             raise HttpProblem(403, "bearer token is not valid")
+
+
+def _credential(request: web.Request, name: str) -> str | None:
+    """A credential header; one that is not UTF-8 text cannot match, so the caller is not authenticated (401)."""
+    try:
+        return check_header(name, request.headers.get(name), 4096)
+    except PayloadError as bad:
+        raise HttpProblem(401, bad.message) from None
 
 
 def _secret(env_name: str) -> str:
@@ -152,20 +180,6 @@ def _secret(env_name: str) -> str:
         log.error("environment variable %s is not set; refusing requests to its webhook", env_name)
         raise HttpProblem(503, f"webhook authentication is not configured (set {env_name})")
     return value
-
-
-def _parse_body(raw: bytes, content_type: str) -> dict[str, Any]:
-    if content_type == "application/x-www-form-urlencoded":
-        return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
-    if not raw.strip():
-        return {}
-    try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HttpProblem(400, f"body is not valid JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise HttpProblem(400, "body must be a JSON object", errors=[{"path": "$", "message": "expected an object"}])
-    return payload
 
 
 def _check_schema(flow: Flow, payload: dict[str, Any]) -> None:
@@ -190,6 +204,7 @@ async def _enqueue(
 
 async def twilio_message(request: web.Request) -> web.Response:
     hooks, settings = request.app[TWILIO_KEY], request.app[TWILIO_KEY].settings
+    _credential(request, "X-Twilio-Signature")
     params = read_params(await _read_body(request, MAX_TWILIO_BODY))
     flows = [flow for flow in request.app[CATALOG_KEY].by_trigger("twilio.message") if addressed_to(flow, params)]
     flows = signed_flows(request, params, flows, hooks, settings)
@@ -205,6 +220,7 @@ async def twilio_message(request: web.Request) -> web.Response:
 
 async def twilio_status(request: web.Request) -> web.Response:
     hooks, settings = request.app[TWILIO_KEY], request.app[TWILIO_KEY].settings
+    _credential(request, "X-Twilio-Signature")
     params = read_params(await _read_body(request, MAX_TWILIO_BODY))
     flows = signed_flows(request, params, request.app[CATALOG_KEY].by_trigger("twilio.status"), hooks, settings)
     queue = request.app[QUEUE_KEY]
@@ -226,19 +242,36 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
 
+READY_TIMEOUT = 1.0
+"""Seconds ``/readyz`` waits for Redis before answering 503 (a paused Redis does not hang it)."""
+
+
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when Redis accepts a write within READY_TIMEOUT (not OOM, not a read-only replica) and flows are loaded."""
     catalog = request.app[CATALOG_KEY]
     problems: list[str] = []
-    try:
-        await request.app[QUEUE_KEY].redis.ping()
-    except (RedisError, OSError) as exc:
-        problems.append(f"redis unreachable: {exc}")
+    redis_problem = await _redis_refuses_writes(request.app[QUEUE_KEY])
+    if redis_problem:
+        problems.append(redis_problem)
     if not catalog.by_file:
         problems.append(f"no flows loaded from {catalog.folder}")
     status = 503 if problems else 200
     return web.json_response(
         {"ready": not problems, "problems": problems, "flows": sorted(catalog.flows)}, status=status
     )
+
+
+async def _redis_refuses_writes(queue: Queue) -> str | None:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await queue.redis.set(queue.keys.ready_probe, b"1", px=5000)
+    except TimeoutError:
+        return f"redis did not answer within {READY_TIMEOUT:g}s"
+    except RedisError as exc:
+        return f"redis refuses writes: {exc}"
+    except OSError as exc:
+        return f"redis unreachable: {exc}"
+    return None
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -143,3 +143,10 @@ class Keys:
     def sink_lease(self) -> str:
         """String: the id of the one active analytics sink, with a TTL it keeps renewing."""
         return f"{{{self.prefix}:events}}:sink-lease"
+
+    # --- hostile input: readiness probe ----------------------------------------------------
+
+    @property
+    def ready_probe(self) -> str:
+        """String: written by ``/readyz`` (short TTL) to prove Redis accepts writes."""
+        return f"{self.tag}:readyz"

@@ -58,6 +58,9 @@ class Pipeliner:
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
             replies = await self.round_trip([command for command, _ in batch])
+        except (TypeError, ValueError) as exc:  # a command that cannot be packed: nothing was sent
+            await self._send_without_culprits(batch, exc)
+            return
         except Exception as exc:  # connection-level failure: every caller gets it
             for _, future in batch:
                 if not future.done():
@@ -70,6 +73,26 @@ class Pipeliner:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    async def _send_without_culprits(
+        self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], exc: Exception
+    ) -> None:
+        """Fail only the commands that cannot be packed (bad bytes from one caller) and send the rest."""
+        good: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        for command, future in batch:
+            try:
+                hiredis.pack_command(command)
+            except (TypeError, ValueError) as error:
+                if not future.done():
+                    future.set_exception(error)
+            else:
+                good.append((command, future))
+        if len(good) == len(batch):  # the packing was not the cause: every caller gets the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        elif good:
+            await self._send(good)
 
     async def round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` now, in one write (packed by hiredis); replies are raw, errors returned in place."""

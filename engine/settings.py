@@ -91,6 +91,9 @@ class Settings:
 
     # --- ingress -----------------------------------------------------------------------
     public_url: str = ""
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 1024
 
     # --- sdk: secrets ---------------------------------------------------------------------
     secrets_file: str = ""
@@ -142,6 +145,9 @@ class Settings:
             max_output=_size(env, "FLOWCHAT_MAX_OUTPUT", 1024 * 1024),
             stall_threshold=_number(env, "FLOWCHAT_STALL_THRESHOLD", 1.0),
             public_url=_text(env, "FLOWCHAT_PUBLIC_URL").rstrip("/"),
+            header_timeout=_number(env, "FLOWCHAT_HEADER_TIMEOUT", 10.0),
+            body_timeout=_number(env, "FLOWCHAT_BODY_TIMEOUT", 30.0),
+            max_connections=_size(env, "FLOWCHAT_MAX_CONNECTIONS", 1024),
             secrets_file=_text(env, "FLOWCHAT_SECRETS_FILE"),
             default_region=_text(env, "FLOWCHAT_DEFAULT_REGION").upper(),
             analytics=_flag(env, "FLOWCHAT_ANALYTICS", True),
