@@ -520,8 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_level = "INFO" if args.command in ("serve", "worker") else "WARNING"
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
-        log_format = args.log_format or Settings.from_env().log_format
-        configure_logging((args.log_level or default_level).upper(), log_format)
+        settings = Settings.from_env()
+        log_format = args.log_format or settings.log_format
+        configure_logging((args.log_level or default_level).upper(), log_format, region=settings.default_region)
         return handler(args)
     except KeyboardInterrupt:
         return 130  # Ctrl-C: quietly, with the shell's usual status

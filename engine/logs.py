@@ -7,6 +7,7 @@ every record (``+1415***4567``) and secret values never reach a handler.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,14 +25,55 @@ _PHONE = re.compile(
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 
 
-def mask_phones(text: str) -> str:
+_CANDIDATE = re.compile(r"(?<![\w])(?:\+|%2[Bb]|\()?\d[\d\s().-]{5,}\d")
+"""Cheap pre-filter: a run of at least 7 digits with separators; only these reach phonenumbers."""
+_region = ""
+
+
+def set_default_region(region: str) -> None:
+    """The region national numbers are read for (FLOWCHAT_DEFAULT_REGION, e.g. ``GB``)."""
+    global _region
+    _region = region.upper()
+
+
+def mask_phones(text: str, region: str | None = None) -> str:
     """``+14155554567`` → ``+1415***4567``: enough to tell numbers apart, not to dial.
 
     E.164 numbers (``+`` or ``%2B`` then 9 to 15 digits, spaces, dots or dashes
-    allowed between them) and national numbers (``415 555 0123``, ``(415) 555-0123``,
-    10 or 11 bare digits) are masked; order numbers, dates and timestamps are not.
+    allowed between them) and US-style national numbers (``(415) 555-0123``) are
+    masked by a regex; then numbers written with ``00`` or in the national format
+    of ``region`` (default FLOWCHAT_DEFAULT_REGION: ``020 7946 0958`` for GB,
+    ``06 12 34 56 78`` for FR) are found by ``phonenumbers``' matcher, run only on
+    digit runs the cheap pre-filter finds. Order numbers, dates and timestamps
+    are not phone numbers and stay.
     """
-    return _PHONE.sub(_mask, text)
+    text = _PHONE.sub(_mask, text)
+    if not _CANDIDATE.search(text):
+        return text
+    return _CANDIDATE.sub(lambda match: _mask_candidate(match.group(0), region or _region), text)
+
+
+_DATE = re.compile(r"\d{4}-\d\d-\d\d")
+
+
+@functools.lru_cache(maxsize=1024)  # the same numbers recur in an execution's lines
+def _mask_candidate(candidate: str, region: str) -> str:
+    digits = sum(char.isdigit() for char in candidate)
+    if not 8 <= digits <= 17 or _DATE.match(candidate):  # too short or long for a phone number, or a date
+        return candidate
+    import phonenumbers  # imported on first use: most processes never log a national number
+
+    probe = "+" + candidate[2:].lstrip() if candidate.startswith("00") else candidate
+    out, last = [], 0
+    for match in phonenumbers.PhoneNumberMatcher(probe, region or "ZZ", leniency=phonenumbers.Leniency.VALID):
+        offset = len(candidate) - len(probe)
+        start, end = match.start + (offset if match.start else 0), match.end + offset
+        digits = phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164)[1:]
+        out.append(candidate[last:start])
+        out.append(f"+{digits[:4]}***{digits[-4:]}")
+        last = end
+    out.append(candidate[last:])
+    return "".join(out)
 
 
 def _mask(match: re.Match[str]) -> str:
@@ -135,8 +177,12 @@ def logger_for(execution_id: str, node_id: str) -> logging.LoggerAdapter[logging
     return _ExecutionAdapter(_EXECUTION_LOGGER, {"execution": execution_id, "node": node_id})
 
 
-def configure_logging(level: int | str = logging.INFO, log_format: str = "text") -> None:
-    """Root logging for the CLI and daemon (``text`` or ``json`` lines on stderr), redacted on every handler."""
+def configure_logging(level: int | str = logging.INFO, log_format: str = "text", *, region: str = "") -> None:
+    """Root logging for the CLI and daemon (``text`` or ``json`` lines on stderr), redacted on every handler.
+
+    ``region`` (FLOWCHAT_DEFAULT_REGION) is where national phone numbers are read for masking.
+    """
+    set_default_region(region)
     handler = logging.StreamHandler()
     handler.setFormatter(
         JsonFormatter()

