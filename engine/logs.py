@@ -58,13 +58,14 @@ _DATE = re.compile(r"\d{4}-\d\d-\d\d")
 
 @functools.lru_cache(maxsize=1024)  # the same numbers recur in an execution's lines
 def _mask_candidate(candidate: str, region: str) -> str:
-    digits = sum(char.isdigit() for char in candidate)
-    if not 8 <= digits <= 17 or _DATE.match(candidate):  # too short or long for a phone number, or a date
+    count = sum(char.isdigit() for char in candidate)
+    if not 8 <= count <= 17 or _DATE.match(candidate):  # too short or long for a phone number, or a date
         return candidate
     import phonenumbers  # imported on first use: most processes never log a national number
 
     probe = "+" + candidate[2:].lstrip() if candidate.startswith("00") else candidate
-    out, last = [], 0
+    out: list[str] = []
+    last = 0
     for match in phonenumbers.PhoneNumberMatcher(probe, region or "ZZ", leniency=phonenumbers.Leniency.VALID):
         offset = len(candidate) - len(probe)
         start, end = match.start + (offset if match.start else 0), match.end + offset
