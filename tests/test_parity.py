@@ -21,7 +21,7 @@ from aiohttp import web
 from support import ROOT, daemon_env, settled
 
 from flowchat import load_flow, load_registry, open_services
-from flowchat.cli import trigger_payload, run_in_process
+from flowchat.cli import run_in_process, trigger_payload
 from flowchat.codec import execution_json
 from flowchat.operations import load_execution
 from flowchat.settings import Settings
