@@ -300,7 +300,9 @@ def executions(args: argparse.Namespace) -> int:
     if args.action == "list":
         rows = _with_queue(lambda q: operations.list_executions(q, args.flow, args.status, args.limit))
         if args.json:
-            print(json.dumps(rows, indent=2, default=str))
+            from flowchat.listing import execution_record
+
+            print(json.dumps([execution_record(row) for row in rows], indent=2, default=str))
             return 0
         print(f"{'id':<26} {'flow':<20} {'status':<10} created")
         for row in rows:
@@ -321,7 +323,9 @@ def dlq(args: argparse.Namespace) -> int:
     if args.action == "list":
         entries = _with_queue(lambda q: q.dead_letters())
         if args.json:
-            print(json.dumps(entries, indent=2))
+            from flowchat.listing import dead_letter_record
+
+            print(json.dumps([dead_letter_record(entry) for entry in entries], indent=2))
             return 0
         print(f"{'execution':<26} {'flow':<20} {'node':<14} error")
         for entry in entries:
@@ -357,13 +361,24 @@ def dlq(args: argparse.Namespace) -> int:
 
 @command("queue")
 def queue_stats(args: argparse.Namespace) -> int:
-    stats = _with_queue(lambda q: q.stats())
+    from flowchat import capacity, listing
+
+    async def read(queue: Any) -> tuple[dict[str, Any], capacity.Capacity | None]:
+        stats = await queue.stats()
+        try:
+            return stats, await capacity.measure(queue)
+        except Exception:  # memory facts are extra: INFO/MEMORY may be disabled on managed Redis
+            return stats, None
+
+    stats, room = _with_queue(read)
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps(listing.queue_stats_record(stats, room.as_dict() if room else None), indent=2))
         return 0
     for key in ("ready", "delayed", "in_flight", "dead", "events"):
         print(f"{key:<10} {stats[key]}")
     print(f"{'events_age':<10} {stats['events_age_seconds']:.1f}s")
+    for line in capacity.lines(room) if room is not None else ():
+        print(line)
     per_flow: dict[str, dict[str, int]] = {}
     for name, value in stats["counters"].items():
         event, _, flow = name.partition(":")
@@ -395,7 +410,14 @@ environment:
   FLOWCHAT_PLUGINS             folder of plugin nodes (default ./plugins)
   FLOWCHAT_VISIBILITY_TIMEOUT  seconds before a silent worker's execution is taken over (30)
   FLOWCHAT_GRACE               seconds in-flight work may take to finish on SIGTERM (30)
-  FLOWCHAT_PUBLIC_URL          public base URL, for Twilio signatures behind a proxy""",
+  FLOWCHAT_PUBLIC_URL          public base URL, for Twilio signatures behind a proxy
+  FLOWCHAT_QUEUE               queue (partition) name, its keys' hash tag (default fc)
+  FLOWCHAT_REDIS_CLUSTER       1: Redis Cluster, 0: never (default: ask the server)
+  FLOWCHAT_REDIS_SENTINELS     host:port,... of Sentinels (with FLOWCHAT_REDIS_SENTINEL_MASTER)
+  FLOWCHAT_RETENTION_SUCCEEDED how long finished executions stay in Redis (24h)
+  FLOWCHAT_RETENTION_FAILED    how long failed/dead executions and dead letters stay (7d)
+  FLOWCHAT_DEDUPE_TTL          how long an Idempotency-Key maps to its execution (24h)
+  FLOWCHAT_LOG_FORMAT          text or json (text)""",
     )
     parser.add_argument("--plugins", metavar="DIR", help="plugins folder (default: $FLOWCHAT_PLUGINS or ./plugins)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for serve/worker)")

@@ -32,7 +32,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
 from flowchat.keys import Keys
-from flowchat.queue import Queue
+from flowchat.queue import Queue, Retention
 from flowchat.redis_server import RedisServer
 from flowchat.settings import Settings
 
@@ -172,6 +172,11 @@ async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
             embedded.stop()
 
 
+def retention(settings: Settings) -> Retention:
+    """``FLOWCHAT_RETENTION_SUCCEEDED``, ``FLOWCHAT_RETENTION_FAILED`` and ``FLOWCHAT_DEDUPE_TTL``."""
+    return Retention(settings.retention_succeeded, settings.retention_failed, settings.dedupe_ttl)
+
+
 def queue_keys(settings: Settings) -> Keys:
     """The key names of the configured queue (``FLOWCHAT_QUEUE``)."""
     return Keys(settings.queue)
@@ -181,6 +186,6 @@ def queue_keys(settings: Settings) -> Keys:
 async def open_queue(settings: Settings) -> AsyncIterator[Queue]:
     """A set-up :class:`Queue` on the configured Redis (operator commands, tools)."""
     async with open_redis(settings) as redis:
-        queue = Queue(redis, queue_keys(settings))
+        queue = Queue(redis, queue_keys(settings), retention=retention(settings))
         await queue.setup()
         yield queue

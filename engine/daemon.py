@@ -22,9 +22,10 @@ from typing import Any
 
 from aiohttp import web
 
+from flowchat import capacity
 from flowchat.access_log import access_log
 from flowchat.catalog import Catalog
-from flowchat.connections import describe, open_queue, open_redis, queue_keys, redis_client
+from flowchat.connections import describe, open_queue, open_redis, queue_keys, redis_client, retention
 from flowchat.ingress import CATALOG_KEY, METRICS_KEY, QUEUE_KEY, create_app, healthz, metrics_endpoint, readyz
 from flowchat.listener import BoundedSite
 from flowchat.metrics import Metrics
@@ -78,7 +79,7 @@ async def runtime(flows: Path, plugins: Path | None = None, settings: Settings |
         async with open_services(settings, redis=redis, keys=keys) as services:
             for warning in unset_secret_warnings(flow_secrets(catalog.flows.values()), services.secrets):
                 log.warning("%s", warning)
-            yield Runtime(Queue(redis, keys), catalog, services, Metrics(), settings)
+            yield Runtime(Queue(redis, keys, retention=retention(settings)), catalog, services, Metrics(), settings)
 
 
 def _startup_line(settings: Settings, redis: object, flows: Path, count: int) -> str:
@@ -184,6 +185,7 @@ async def serve(
         parts.start(LoopWatchdog(rt.metrics, rt.settings.stall_threshold).run(), "loop watchdog")
         parts.start(Scheduler(rt.queue, rt.catalog).run(), "scheduler")
         parts.start(rt.catalog.watch(), "flow watcher")
+        parts.start(capacity.watch(rt.queue, rt.metrics), "capacity watch")
         worker = _worker(rt, concurrency) if workers else None
         worker_task = parts.start(worker.run(), "worker") if worker else None
         sink = _sink(rt)
@@ -222,6 +224,7 @@ async def work(
         parts.start(DelayedMover(rt.queue).run(), "delayed-work mover")
         parts.start(LoopWatchdog(rt.metrics, rt.settings.stall_threshold).run(), "loop watchdog")
         parts.start(rt.catalog.watch(), "flow watcher")
+        parts.start(capacity.watch(rt.queue, rt.metrics), "capacity watch")
         worker = _worker(rt, concurrency)
         worker_task = parts.start(worker.run(), "worker")
         print(f"flowchat: worker {worker.settings.consumer} running {len(rt.catalog.flows)} flow(s)", flush=True)

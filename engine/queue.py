@@ -54,11 +54,45 @@ from flowchat.keys import GROUP, Keys
 from flowchat.outcome import Outcome
 from flowchat.pipeliner import Pipeliner
 
-__all__ = ["DEDUPE_TTL", "RETENTION", "Delivery", "Loaded", "Queue", "dumps", "execution_from_parts"]
+__all__ = [
+    "DEDUPE_TTL",
+    "RETENTION",
+    "RETENTION_SUCCEEDED",
+    "Delivery",
+    "Loaded",
+    "Queue",
+    "Retention",
+    "dumps",
+    "execution_from_parts",
+]
 
-DEDUPE_TTL = 7 * 24 * 3600
+DEDUPE_TTL = 24 * 3600
+"""Default ``FLOWCHAT_DEDUPE_TTL``: how long an idempotency key maps to its first execution."""
 STORE_AGAIN_AFTER = 60.0
 RETENTION = 7 * 24 * 3600
+"""The longest default retention (failed executions): index entries older than this are dropped."""
+RETENTION_SUCCEEDED = 24 * 3600
+"""Default ``FLOWCHAT_RETENTION_SUCCEEDED``: a finished execution's state is kept this long."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long Redis keeps finished executions and idempotency keys (seconds; history is analytics' job)."""
+
+    succeeded: float = RETENTION_SUCCEEDED
+    failed: float = RETENTION
+    dedupe: float = DEDUPE_TTL
+
+    @property
+    def longest(self) -> float:
+        return max(self.succeeded, self.failed)
+
+    def after(self, action: str, status: str) -> int:
+        """Seconds to keep an execution that ends with ``action`` (done/dead) and ``status``; 0 while live."""
+        if action == "dead" or status == "failed":
+            return int(self.failed)
+        return int(self.succeeded) if action == "done" else 0
+
 
 _ENQUEUE = """
 if ARGV[5] == '1' then
@@ -87,7 +121,7 @@ elseif ARGV[3] == 'dead' then
 end
 if ARGV[11] ~= '' then redis.call('HINCRBY', KEYS[5], ARGV[11], 1) end
 for i = 14, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[3] == 'done' and tonumber(ARGV[12]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[12]) end
+if ARGV[3] ~= 'wait' and tonumber(ARGV[12]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[12]) end
 return 1
 """
 
@@ -146,10 +180,13 @@ class Loaded:
 class Queue:
     """FlowChat's queue operations over one Redis connection pool."""
 
-    def __init__(self, redis: Redis, keys: Keys | None = None, *, max_deliveries: int = 5) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys | None = None, *, max_deliveries: int = 5, retention: Retention | None = None
+    ) -> None:
         self.redis = redis
         self.keys = keys or Keys()
         self.max_deliveries = max_deliveries
+        self.retention = retention or Retention()
         self.pipeliner = Pipeliner(redis)
         self._enqueue = redis.register_script(_ENQUEUE)
         self._finish = redis.register_script(_FINISH)
@@ -207,7 +244,7 @@ class Queue:
             execution.id,
             encode_meta(execution),
             execution.created_at,
-            DEDUPE_TTL,
+            int(self.retention.dedupe),
             "1" if idempotency_key else "0",
             encode_state(execution),
         ]
@@ -318,7 +355,7 @@ class Queue:
             GROUP,
             letter.message if letter else "",
             outcome.counter,
-            RETENTION,
+            self.retention.after(outcome.action, execution.status),
             consumer,
             *run_fields(runs),
         ]
@@ -334,7 +371,12 @@ class Queue:
 
     async def forget_expired(self, now: float | None = None) -> int:
         """Drop index entries older than the retention (their hashes have expired)."""
-        return int(await self.redis.zremrangebyscore(self.keys.index, "-inf", (now or time.time()) - RETENTION))
+        now = now or time.time()
+        # dead letters go with the failed executions they name (their state has expired by then)
+        await self.redis.xtrim(
+            self.keys.dead, minid=f"{int((now - self.retention.failed) * 1000)}-0", approximate=False
+        )
+        return int(await self.redis.zremrangebyscore(self.keys.index, "-inf", now - self.retention.longest))
 
     async def next_due(self) -> float | None:
         first = await self.redis.zrange(self.keys.delayed, 0, 0, withscores=True)

@@ -47,6 +47,19 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} is not on/off")
 
 
+def _duration(env: Mapping[str, str], name: str, default: float) -> float:
+    """``24h``, ``7d``, ``90m`` or plain seconds."""
+    from flowchat.durations import parse_duration
+
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return parse_duration(float(raw) if raw.replace(".", "", 1).isdigit() else raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a duration (like 24h, 7d or seconds)") from None
+
+
 def _optional_flag(env: Mapping[str, str], name: str) -> bool | None:
     return _flag(env, name, False) if env.get(name, "").strip() else None
 
@@ -128,6 +141,9 @@ class Settings:
     redis_sentinel_password: str = ""
     redis_tls: bool = False
     redis_tls_ca_file: str = ""
+    retention_succeeded: float = 24 * 3600.0
+    retention_failed: float = 7 * 24 * 3600.0
+    dedupe_ttl: float = 24 * 3600.0
 
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     """The environment these settings were read from, for names a flow chooses (``token_env``)."""
@@ -171,6 +187,9 @@ class Settings:
             redis_sentinel_password=env.get("FLOWCHAT_REDIS_SENTINEL_PASSWORD", ""),
             redis_tls=_flag(env, "FLOWCHAT_REDIS_TLS", False),
             redis_tls_ca_file=_text(env, "FLOWCHAT_REDIS_TLS_CA_FILE"),
+            retention_succeeded=_duration(env, "FLOWCHAT_RETENTION_SUCCEEDED", 24 * 3600.0),
+            retention_failed=_duration(env, "FLOWCHAT_RETENTION_FAILED", 7 * 24 * 3600.0),
+            dedupe_ttl=_duration(env, "FLOWCHAT_DEDUPE_TTL", 24 * 3600.0),
             environ=env,
         )
 

@@ -245,7 +245,7 @@ async def test_dlq_list_shows_the_failed_node_and_error_code(lab, cli):
     assert f"{lab.marker} is missing".startswith(message.removesuffix("…"))
     assert as_json.returncode == 0, as_json.stderr
     [entry] = json.loads(as_json.stdout)
-    assert entry["e"] == fragile
+    assert entry["execution_id"] == fragile
     assert entry["flow"] == "fragile"
     assert entry["node"] == "gate"
     assert entry["code"] == "test-missing"
