@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import orjson
 from prometheus_client import Gauge
 from redis.exceptions import RedisError, ResponseError
 
@@ -91,7 +92,7 @@ async def _sizes(queue: Queue) -> tuple[float | None, float | None]:
             size = await queue.redis.memory_usage(key)
         except ResponseError:
             return None, None  # MEMORY is renamed or disabled on some managed Redis
-        state = await queue.redis.hget(key, "s")
+        state = await queue.redis.hget(key, "s")  # type: ignore[misc]
         if size is None or state is None:
             continue
         (live if _status(state) in LIVE else finished).append(int(size))
@@ -99,8 +100,6 @@ async def _sizes(queue: Queue) -> tuple[float | None, float | None]:
 
 
 def _status(state: Any) -> str:
-    import orjson
-
     try:
         return str(orjson.loads(state).get("status", ""))
     except (orjson.JSONDecodeError, AttributeError):
