@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 import redis as sync_redis
-from support import ROOT, daemon_env, lines, wait_for, write_flow
+from support import ROOT, TEST_PLUGINS, daemon_env, lines, wait_for, write_flow
 
 from flowchat.connections import open_queue
 from flowchat.keys import Keys
+from flowchat.loader import load_flow
 from flowchat.local_redis import LocalCluster
 from flowchat.redis_server import free_port
+from flowchat.registry import load_registry
 from flowchat.settings import Settings
 
 
@@ -88,12 +92,50 @@ async def test_ingress_and_two_workers_run_every_execution_once_on_a_cluster(clu
     pids = {line.split()[3] for line in lines(marks)}
     assert pids <= {str(w.pid) for w in workers} and len(pids) == 2  # both workers took part
 
+    # the CRM, WhatsApp (outbox) and analytics parts, each under its own hash tag, on the cluster too
+    crm = await run_the_crm_example(cluster.url, flows_dir)
+    assert crm == ["succeeded"] * len(crm), crm
+
     result = cli("queue", "stats", "--json", env=env)
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
     assert stats["ready"] == 0 and stats["dead"] == 0
+    assert stats["flows"]["crm"]["succeeded"] == len(crm)
     assert "cluster" in processes.log_of(serve)
+    for process in (serve, *workers):
+        log = processes.log_of(process)
+        assert "CROSSSLOT" not in log and "Traceback" not in log, log
     assert serve.poll() is None and all(w.poll() is None for w in workers)
+
+
+async def run_the_crm_example(url: str, flows_dir: Path) -> list[str]:
+    """examples/crm.yaml (contacts, tags, rate limit, WhatsApp outbox send, metric) for five contacts."""
+    shutil.copy(ROOT / "examples" / "crm.yaml", flows_dir / "crm.yaml")
+    await asyncio.sleep(1.5)  # the workers' flow watchers pick the file up
+    flow = load_flow(flows_dir / "crm.yaml", load_registry(TEST_PLUGINS))
+    trigger = json.loads((ROOT / "examples" / "crm.input.json").read_text())
+    async with open_queue(Settings.from_env({"FLOWCHAT_REDIS_URL": url})) as queue:
+        await queue.store_flow(flow)
+        ids = []
+        for n in range(5):
+            phone = f"+55119876543{n:02d}"
+            payload = {**trigger, "From": f"whatsapp:{phone}", "MessageSid": f"SM{n:032d}"}
+            payload["contact"] = {**trigger["contact"], "phone": phone}
+            ids.append((await queue.enqueue(flow.name, flow.version, payload))[0])
+
+        async def statuses() -> list[str]:
+            found = []
+            for execution_id in ids:
+                stored = await queue.get(execution_id)
+                found.append(stored[0]["status"] if stored else "missing")
+            return found
+
+        await wait_for(lambda: _settled(statuses()), timeout=60)
+        return await statuses()
+
+
+async def _settled(statuses: Awaitable[list[str]]) -> bool:
+    return all(status in ("succeeded", "failed") for status in await statuses)
 
 
 async def test_every_key_of_a_queue_and_of_each_feature_stays_in_its_slot(cluster):
