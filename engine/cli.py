@@ -298,7 +298,10 @@ def executions(args: argparse.Namespace) -> int:
     from flowchat import operations
 
     if args.action == "list":
-        rows = _with_queue(lambda q: operations.list_executions(q, args.flow, args.status, args.limit))
+        since = _since(args.since)
+        status = "failed" if args.status == "dead" else args.status
+        rows = _with_queue(lambda q: operations.list_executions(q, args.flow, status, args.limit))
+        rows = [row for row in rows if since is None or (row.get("created_at") or 0) >= since]
         if args.json:
             from flowchat.listing import execution_record
 
@@ -308,12 +311,43 @@ def executions(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"{row['id']:<26} {row['flow']:<20} {row['status']:<10} {age(row['created_at'])}")
         return 0
+    if args.action == "cancel":
+        return _cancel(args.id)
     execution = _with_queue(lambda q: operations.load_execution(q, args.id))
     if execution is None:
         print(f"error: no execution {args.id}", file=sys.stderr)
         return 1
     print(json.dumps(execution_json(execution), indent=2, default=str) if args.json else format_trace(execution))
     return 0
+
+
+def _since(age: str | None) -> float | None:
+    if not age:
+        return None
+    from flowchat.durations import parse_duration
+
+    try:
+        return time.time() - parse_duration(age)
+    except ValueError as exc:
+        raise StartupError("bad-since", f"--since {age!r}: {exc}", status=2) from None
+
+
+def _cancel(execution_id: str) -> int:
+    """``executions cancel ID``: one line saying what happened; exit 0 only when it is cancelled now."""
+    import logging
+
+    status = _with_queue(lambda q: q.cancel(execution_id))
+    if status == "cancelled":
+        logging.getLogger("flowchat.audit").warning("execution %s cancelled by an operator", execution_id)
+        print(f"cancelled {execution_id}")
+        return 0
+    if status == "missing":
+        print(f"error: no execution {execution_id}", file=sys.stderr)
+    elif status == "running":
+        print(f"error: {execution_id} is running; it cannot be cancelled until it waits or finishes", file=sys.stderr)
+    else:
+        print(f"error: {execution_id} is {status}: nothing to cancel", file=sys.stderr)
+    return 1
 
 
 @command("dlq")
@@ -470,9 +504,16 @@ environment:
     actions = _Described(p.add_subparsers(dest="action", required=True, metavar="ACTION"))
     a = actions.add_parser("list", help="recent executions, newest first")
     a.add_argument("--flow", help="only this flow")
-    a.add_argument("--status", choices=["queued", "running", "waiting", "succeeded", "failed"], help="only this status")
+    a.add_argument(
+        "--status",
+        choices=["queued", "running", "waiting", "succeeded", "failed", "dead", "cancelled"],
+        help="only this status (dead: failed for good, with a dead letter; the same as failed)",
+    )
+    a.add_argument("--since", metavar="AGE", help="only executions created in the last AGE (30m, 1h, 7d)")
     a.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     a.add_argument("--json", action="store_true")
+    a = actions.add_parser("cancel", help="cancel a queued or waiting execution (e.g. a contact who opted out)")
+    a.add_argument("id")
     a = actions.add_parser("show", help="one execution: per node status, attempts, duration, output or error")
     a.add_argument("id")
     a.add_argument("--json", action="store_true")

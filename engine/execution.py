@@ -6,7 +6,8 @@ trace and what the durable queue checkpoints after every node
 
 An execution's status is one of ``queued`` (accepted, not yet picked up), ``running``
 (a worker is on it), ``waiting`` (parked until a retry backoff or a ``delay`` is due),
-``succeeded`` or ``failed``; every failed execution has a dead letter.
+``succeeded``, ``failed`` or ``cancelled`` (by ``flowchat executions cancel`` while it was
+queued or waiting); every failed execution has a dead letter.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 NodeStatus = Literal["pending", "ok", "failed", "skipped", "waiting"]
-ExecutionStatus = Literal["queued", "running", "waiting", "succeeded", "failed"]
+ExecutionStatus = Literal["queued", "running", "waiting", "succeeded", "failed", "cancelled"]
 FINISHED_NODE: frozenset[str] = frozenset({"ok", "failed", "skipped"})
-FINISHED_EXECUTION: frozenset[str] = frozenset({"succeeded", "failed"})
+FINISHED_EXECUTION: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 
 @dataclass

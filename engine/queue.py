@@ -145,6 +145,15 @@ redis.call('XADD', KEYS[2], '*', 'e', ARGV[1])
 return 1
 """
 
+_CANCEL = """
+if redis.call('HGET', KEYS[1], 's') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 's', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'cancelled:' .. ARGV[4], 1)
+if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+return 1
+"""
+
 _EXTEND = """
 local lost = {}
 for i = 3, #ARGV do
@@ -193,6 +202,7 @@ class Queue:
         self._move_due = redis.register_script(_MOVE_DUE)
         self._requeue = redis.register_script(_REQUEUE)
         self._extend = redis.register_script(_EXTEND)
+        self._cancel = redis.register_script(_CANCEL)
         self._stored_versions: dict[tuple[str, str], float] = {}
 
     async def _run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
@@ -408,6 +418,34 @@ class Queue:
         pipe.xack(self.keys.ready, GROUP, delivery.message_id)
         pipe.xdel(self.keys.ready, delivery.message_id)
         await pipe.execute()
+
+    async def cancel(self, execution_id: str, now: float | None = None) -> str:
+        """Cancel a queued or waiting execution at once; returns its status afterwards.
+
+        ``cancelled`` when done here (a queue entry it still has is dropped by the worker that
+        reads it); ``missing`` for an unknown id; any other status is left as it is (running,
+        or already finished). Atomic against a worker taking it: the state is swapped only if
+        it is still the one read.
+        """
+        key = self.keys.execution(execution_id)
+        for _ in range(5):
+            raw_meta, raw_state = await self.redis.hmget(key, ["m", "s"])  # type: ignore[misc]
+            meta = decode_meta(raw_meta, raw_state)
+            if meta is None:
+                return "missing"
+            if meta["status"] not in ("queued", "waiting"):
+                return str(meta["status"])
+            execution = Execution(**{**meta, "nodes": {}, "status": "cancelled", "finished_at": now or time.time()})
+            args = [
+                execution_id,
+                raw_state,
+                encode_state(execution),
+                execution.flow,
+                self.retention.after("done", "cancelled"),
+            ]
+            if await self._cancel(keys=[key, self.keys.delayed, self.keys.counters], args=args):
+                return "cancelled"
+        return "busy"
 
     async def requeue(self, execution: Execution) -> bool:
         """Put a failed execution back on the ready stream with its node states (False if it is not failed)."""

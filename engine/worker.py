@@ -227,6 +227,10 @@ class Worker:
             log.error("%s has no stored state; dropping its queue entry", delivery.execution_id)
             await self.queue.drop_delivery(delivery)
             return None
+        if meta.get("status") == "cancelled":  # cancelled while queued: its entry just goes
+            log.info("%s was cancelled; dropping its queue entry", delivery.execution_id)
+            await self.queue.drop_delivery(delivery)
+            return None
         flow = await self.catalog.version(meta["flow"], meta["flow_version"], self.queue.flow_source)
         execution = execution_from_parts(meta, loaded.nodes, _order(flow, loaded.nodes))
         job.flow, job.execution = flow, execution
