@@ -130,7 +130,10 @@ class Bench:
     ) -> list[subprocess.Popen[str]]:
         folder = str(flows or self.flows)
         args = ("-m", "bench.worker_proc", self.url, folder, "64")
-        return [self.spawn(*args, ready="ready", env=env) for _ in range(count)]
+        procs = [self.spawn(*args, ready="ready", env={**(env or {}), "BENCH_WAIT_GO": "1"}) for _ in range(count)]
+        for proc in procs:  # all start together
+            proc.send_signal(signal.SIGUSR1)
+        return procs
 
     def stop_workers(self, procs: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
         return [json.loads(self.stop(proc).strip().splitlines()[-1]) for proc in procs]
@@ -274,7 +277,8 @@ class Bench:
         """Ours (`flowchat serve --no-workers`) and the bare handler, same load, same run."""
         count, concurrency = self.n(20_000, 600), 32
         results: dict[str, Any] = {}
-        for name in ("flowchat", "bare"):
+        # alternate the two, best of the rounds each: a shared machine's load comes and goes
+        for name in ("flowchat", "bare") * self.n(2, 1):
             self.flush()
             port = free_port()
             if name == "flowchat":
@@ -285,7 +289,8 @@ class Bench:
             result = self.load(url, count, concurrency, *options, "--warmup", str(self.n(500, 100)), secret=secret)
             result.pop("ids")
             self.stop(server)
-            results[name] = result
+            if name not in results or result["rate"] > results[name]["rate"]:
+                results[name] = result
         return results
 
     def ingress(self) -> None:

@@ -6,12 +6,15 @@ Redis, registry, catalog and services come from ``flowchat.daemon.runtime`` exac
 ``flowchat worker`` sets them up (settings from the environment, with this Redis and
 queue name). Every network write of
 a command or a pipeline is one round trip; the count, the CPU time spent after start-up
-and the process's peak RSS are printed as JSON on SIGTERM.
+and the process's peak RSS are printed as JSON on SIGTERM. Modules a long-running worker
+imports on its first send are imported before the clock starts. With ``BENCH_WAIT_GO``
+set the worker prints ``ready`` and starts reading on SIGUSR1, so several start at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -39,17 +42,22 @@ AbstractConnection.send_packed_command = _counting_send  # type: ignore[method-a
 
 
 async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -> None:
-    stop = asyncio.Event()
+    stop, go = asyncio.Event(), asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, go.set)
+    with contextlib.suppress(ImportError):
+        import twilio.rest  # noqa: F401  (imported on the first send otherwise)
     settings = Settings.from_env({**os.environ, "FLOWCHAT_REDIS_URL": url, "FLOWCHAT_QUEUE": queue_name})
     async with runtime(Path(flows), settings=settings) as rt:
         worker_settings = WorkerSettings.from_settings(rt.settings, concurrency=concurrency, block_ms=200)
         worker = Worker(rt.queue, rt.catalog, rt.services, worker_settings, rt.metrics)
-        mover = asyncio.create_task(DelayedMover(rt.queue).run())
-        task = asyncio.create_task(worker.run())
+        print("ready", flush=True)
+        if os.environ.get("BENCH_WAIT_GO"):
+            await go.wait()
         ROUND_TRIPS["count"] = 0
         at_ready = resource.getrusage(resource.RUSAGE_SELF)
-        print("ready", flush=True)
+        mover = asyncio.create_task(DelayedMover(rt.queue).run())
+        task = asyncio.create_task(worker.run())
         await stop.wait()
         worker.stop()
         await task
