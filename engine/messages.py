@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from flowchat.keys import Keys
+from flowchat.pipeliner import Pipeliner
 
 SEND_RECORD_TTL = 30 * 24 * 3600
 """How long a node's send record is kept (longer than any execution is retained or replayed)."""
@@ -129,6 +131,7 @@ class Ledger:
     def __init__(self, redis: Redis, keys: Keys | None = None) -> None:
         self.redis = redis
         self.keys = keys or Keys()
+        self.pipeliner = Pipeliner.shared(redis)  # a send's reads and record ride the worker's round trips
         self._record = redis.register_script(_RECORD_SEND)
         self._advance = redis.register_script(_ADVANCE)
         self._inbound = redis.register_script(_RECORD_INBOUND)
@@ -144,7 +147,7 @@ class Ledger:
         """The message this node of this execution already sent, if any."""
         if not execution_id:
             return None
-        sid = await self.redis.get(self.keys.send_record(execution_id, node_id))
+        sid = await self.pipeliner.execute("GET", self.keys.send_record(execution_id, node_id))
         if sid is None:
             return None
         return await self.get(_text(sid)) or {"sid": _text(sid), "status": "queued"}
@@ -160,7 +163,12 @@ class Ledger:
         has_record = bool(by.execution)
         record_key = self.keys.send_record(by.execution, by.node) if has_record else self.keys.send_record("-", "-")
         keys = [self.keys.message(sid), record_key, self.keys.messages]
-        await self._record(keys=keys, args=[sid, "1" if has_record else "0", SEND_RECORD_TTL, *flat])
+        args = [sid, "1" if has_record else "0", SEND_RECORD_TTL, *flat]
+        try:
+            await self.pipeliner.execute("EVALSHA", self._record.sha, len(keys), *keys, *args)
+        except NoScriptError:  # Redis restarted and lost its scripts
+            await self.redis.script_load(self._record.script)
+            await self.pipeliner.execute("EVALSHA", self._record.sha, len(keys), *keys, *args)
 
     async def advance(
         self, sid: str, status: str, *, error_code: str = "", error_message: str = "", to: str = "", from_: str = ""

@@ -15,6 +15,7 @@ its slot map.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 import hiredis
@@ -23,6 +24,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
 
 _REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
+_SHARED: weakref.WeakKeyDictionary[Any, Pipeliner] = weakref.WeakKeyDictionary()
 
 
 class Pipeliner:
@@ -36,6 +38,15 @@ class Pipeliner:
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresh = False
+
+    @classmethod
+    def shared(cls, redis: Redis) -> Pipeliner:
+        """The one pipeliner of this client, so the queue's and the services' commands issued in
+        the same loop turn share one round trip rather than one per service."""
+        found = _SHARED.get(redis)
+        if found is None:
+            found = _SHARED[redis] = cls(redis)
+        return found
 
     def execute(self, *command: Any) -> asyncio.Future[Any]:
         """Queue one command; await the returned future for its reply."""

@@ -196,7 +196,7 @@ class Queue:
         self.keys = keys or Keys()
         self.max_deliveries = max_deliveries
         self.retention = retention or Retention()
-        self.pipeliner = Pipeliner(redis)
+        self.pipeliner = Pipeliner.shared(redis)
         self._enqueue = redis.register_script(_ENQUEUE)
         self._finish = redis.register_script(_FINISH)
         self._move_due = redis.register_script(_MOVE_DUE)
