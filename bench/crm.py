@@ -60,14 +60,14 @@ def run_crm(bench: Bench) -> None:
         return
     folder, source = crm_flow_folder(bench.workdir)
     crm = CrmBench(bench, folder)
-    count = bench.n(10_000, 400)
+    count = bench.n(5_000, 200)
     results: dict[str, Any] = {"flow_file": source}
     results["outbox_1_worker"] = crm.drain(count, workers=1, env=PACING_OFF)
     results["outbox_2_workers"] = crm.drain(count, workers=2, env=PACING_OFF)
-    results["outbox_paced"] = crm.paced(bench.n(480, 200))
+    results["outbox_paced"] = crm.paced(bench.n(480, 120))
     results["twilio_1_worker"] = crm.twilio(count)
     results["latency"] = crm.latency()
-    results["memory"] = crm.contacts_memory(bench.n(100_000, 2_000))
+    results["memory"] = crm.contacts_memory(bench.n(100_000, 500))
     bench.results["crm"] = results
 
 
@@ -243,8 +243,8 @@ class CrmBench:
 
         bench = self.bench
         bench.flush()
-        burst_count = bench.n(3_000, 300)
-        seconds = bench.n(10, 2)
+        burst_count = bench.n(2_000, 150)
+        seconds = bench.n(10, 1)
         port = free_port()
         serve = bench.serve(port, "--concurrency", "64", flows=self.folder, env=PACING_OFF)
         url = f"http://127.0.0.1:{port}/twilio/message"

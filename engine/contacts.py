@@ -164,7 +164,7 @@ class Contacts:
         self.keys = keys or Keys()
         self.default_region = default_region
         self.events = events
-        self.pipeliner = Pipeliner(redis)
+        self.pipeliner = Pipeliner.shared(redis)
         self._apply = redis.register_script(_APPLY)
         self.owned: AsyncExitStack | None = None
         """A connection this service opened itself (``flowchat run``), closed with it."""
@@ -179,8 +179,9 @@ class Contacts:
 
     async def get(self, phone: str) -> dict[str, Any] | None:
         """The contact (the keys of ``contact.lookup``'s output, without ``found``), or None."""
-        fields = await self.redis.hgetall(self.keys.contact(self.phone(phone)))  # type: ignore[misc]
-        return contact_from_fields(fields) if fields else None
+        # through the pipeline: whatsapp.send reads the contact on every send
+        reply = await self.pipeliner.execute("HGETALL", self.keys.contact(self.phone(phone)))
+        return contact_from_fields(_pairs(reply)) if reply else None
 
     async def details(self, phone: str, audit: int = 10) -> dict[str, Any] | None:
         """The contact with ``updated_at`` and its last ``audit`` changes (newest first)."""

@@ -103,7 +103,7 @@ class Events:
         self.redis = redis
         self.keys = keys or Keys()
         self.enabled = enabled
-        self.pipeliner = Pipeliner(redis)
+        self.pipeliner = Pipeliner.shared(redis)
         self._trim = redis.register_script(_TRIM)
         self._next_trim = time.monotonic() + TRIM_EVERY
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -74,7 +74,7 @@ class Limiter:
     def __init__(self, redis: Redis, keys: Keys | None = None) -> None:
         self.redis = redis
         self.keys = keys or Keys()
-        self.pipeliner = Pipeliner(redis)
+        self.pipeliner = Pipeliner.shared(redis)
         self._acquire = redis.register_script(_ACQUIRE)
         self.owned: AsyncExitStack | None = None
         """A connection this service opened itself (``flowchat run``), closed with it."""

@@ -8,6 +8,8 @@ insists only on a *possible* number, not a valid one, so test and fictional rang
 
 from __future__ import annotations
 
+import functools
+
 import phonenumbers
 
 from flowchat.errors import NodeError
@@ -22,8 +24,15 @@ def normalize(raw: str, default_region: str = "") -> str:
         text = text[len(WHATSAPP_PREFIX) :].strip()
     if text.startswith("00"):  # the international prefix most of the world dials
         text = "+" + text[2:]
+    return _e164(text, (default_region or "").upper())
+
+
+# One execution of the CRM flow normalises its sender's number in ingress, contact.*, the limiter key
+# and whatsapp.send; parsing costs ~50 µs each time. Only successes are cached (errors are raised).
+@functools.lru_cache(maxsize=8192)
+def _e164(text: str, region: str) -> str:
     try:
-        number = phonenumbers.parse(text, (default_region or "").upper() or None)
+        number = phonenumbers.parse(text, region or None)
     except phonenumbers.NumberParseException as exc:
         raise _invalid(text, _reason(exc)) from exc
     # local-only numbers (7 digits in the US) are possible to dial locally but cannot key a contact
