@@ -143,6 +143,10 @@ class Bench:
     def used_memory(self) -> int:
         return int(self.client().info("memory")["used_memory"])
 
+    def events_bytes(self) -> int:
+        """Bytes of the analytics events stream (kept until `flowchat sink` has read and trimmed it)."""
+        return int(self.client().memory_usage(Keys().events, samples=0) or 0)
+
     def redis_cpu(self) -> float:
         """Seconds of CPU of Redis's main thread (commands, networking), user + system."""
         info = self.client().info("cpu")
@@ -197,7 +201,7 @@ class Bench:
     def queue_drain(self, flow_name: str, workers: int = 1) -> dict[str, Any]:
         """Enqueue in bulk, then time workers draining it; CPU, round trips and memory per execution."""
         self.flush()
-        count = self.n(50_000, 1_000)
+        count = self.n(30_000, 1_000)
         asyncio.run(self._enqueue(flow_name, 0))  # the group and the stored flow version
         empty = self.used_memory()
         ids = asyncio.run(self._enqueue(flow_name, count))
@@ -207,7 +211,7 @@ class Bench:
         self.wait_counter(f"succeeded:{flow_name}", count)
         stats = self.stop_workers(procs)
         redis_cpu = self.redis_cpu() - cpu_before
-        finished = self.used_memory()
+        finished, events = self.used_memory(), self.events_bytes()
         started_at, finished_at = self._span(ids)
         return {
             "workers": workers,
@@ -218,7 +222,8 @@ class Bench:
             "worker_cpu_us_per_execution": sum(s["cpu_seconds"] for s in stats) / count * 1e6,
             "redis_cpu_us_per_execution": redis_cpu / count * 1e6,
             "redis_bytes_per_queued": (queued - empty) / count,
-            "redis_bytes_per_finished": (finished - empty) / count,
+            "redis_bytes_per_finished": (finished - empty - events) / count,
+            "events_bytes_per_execution": events / count,
             "commandstats_per_execution": self.command_stats(count),
         }
 
@@ -275,7 +280,7 @@ class Bench:
 
     def _ingress_pair(self, path: str, *options: str, secret: str) -> dict[str, Any]:
         """Ours (`flowchat serve --no-workers`) and the bare handler, same load, same run."""
-        count, concurrency = self.n(20_000, 600), 32
+        count, concurrency = self.n(10_000, 600), 32
         results: dict[str, Any] = {}
         # alternate the two, best of the rounds each: a shared machine's load comes and goes
         for name in ("flowchat", "bare") * self.n(2, 1):

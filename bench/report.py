@@ -116,7 +116,8 @@ def engine_rows(results: dict[str, Any], t: Targets) -> list[Row]:
         (
             "memory: Redis / finished, retained",
             f"{lead['redis_bytes_per_finished']:,.0f} B",
-            f"lead_intake; 1-node {q1['redis_bytes_per_finished']:,.0f} B",
+            f"lead_intake (1-node {q1['redis_bytes_per_finished']:,.0f} B); events until read: "
+            f"{lead['events_bytes_per_execution']:,.0f} B",
             t.at_most("memory_finished_bytes", lead["redis_bytes_per_finished"], 500, "500 B"),
         ),
         ("memory: worker peak RSS", f"{q1['worker_peak_rss_mb']:.0f} MB", "draining the 1-node queue", ""),
@@ -195,7 +196,8 @@ def crm_rows(results: dict[str, Any], t: Targets) -> list[Row]:
         (
             "memory: Redis / queued CRM execution",
             f"{one['redis_bytes_per_queued']:,.0f} B",
-            f"finished, retained: {one['redis_bytes_per_finished']:,.0f} B",
+            f"finished, retained: {one['redis_bytes_per_finished']:,.0f} B (events until read: "
+            f"{one['events_bytes_per_execution']:,.0f} B)",
             t.at_most("memory_crm_finished_bytes", one["redis_bytes_per_finished"], 500, "500 B finished"),
         )
     )
