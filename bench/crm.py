@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "crm.yaml"
-BENCH_COPY = ROOT / "bench" / "flows" / "crm.yaml"
 PACING_OFF = {"FLOWCHAT_SEND_RATE": "off", "FLOWCHAT_RECIPIENT_RATE": "off"}
 TWILIO_NUMBER = "+14155238886"
 BURST = 80  # FLOWCHAT_SEND_RATE=80/1s lets one second's worth through at once
@@ -45,7 +44,7 @@ BURST = 80  # FLOWCHAT_SEND_RATE=80/1s lets one second's worth through at once
 
 def crm_flow_folder(workdir: Path) -> tuple[Path, str]:
     """A folder holding only the CRM flow (and the files it refers to); where it came from."""
-    source = EXAMPLE if EXAMPLE.exists() else BENCH_COPY
+    source = EXAMPLE
     folder = workdir / "crm"
     folder.mkdir(exist_ok=True)
     shutil.copy(source, folder / "crm.yaml")
