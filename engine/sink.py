@@ -47,6 +47,21 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Acknowledge what the consumer holds between two ids (one batch: entries are delivered in
+# order), so a batch of thousands is acknowledged without sending each id.
+_ACK_RANGE = """
+local acked = 0
+while true do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[4], 1000, ARGV[2])
+  local n = #pending
+  if n == 0 then break end
+  local ids = {}
+  for i = 1, n do ids[i] = pending[i][1] end
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+  if n < 1000 then break end
+end
+return acked
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -102,12 +117,17 @@ class Sink:
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._reader = _raw_reader(redis)
+        self._ack_range = redis.register_script(_ACK_RANGE)
         self._warehouse: Warehouse | None = None
         self._last_maintenance = time.monotonic()
 
     def stop(self) -> None:
         """Finish the batch in hand, release the lease and return from :meth:`run`."""
         self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     async def run(self) -> None:
         """Wait for the lease, then consume until stopped; on losing the lease, wait again."""
@@ -120,8 +140,11 @@ class Sink:
                 else:
                     await self._sleep(self.settings.lease_ttl / 3)
         finally:
-            await self._release(keys=[self.keys.sink_lease], args=[self.owner])
             self._warehouse.close()
+            try:
+                await self._release(keys=[self.keys.sink_lease], args=[self.owner])
+            except RedisError:
+                pass  # the lease lapses by itself
 
     async def _acquire(self) -> bool:
         ttl_ms = int(self.settings.lease_ttl * 1000)
@@ -204,6 +227,9 @@ class Sink:
             raise
         entries: list[tuple[bytes, list[bytes]]] = []
         for _, items in _streams(reply):
+            if all(fields and isinstance(fields, list) for _, fields in items):
+                entries += items  # the common case: as Redis sent them
+                continue
             for entry_id, fields in items:
                 if fields:  # a pending entry trimmed away comes back empty: nothing to write
                     entries.append((entry_id, fields if isinstance(fields, list) else _flat(fields)))
@@ -217,10 +243,12 @@ class Sink:
         warehouse = self._warehouse
         started = time.perf_counter()
         name = batch[0][0].decode()
-        await asyncio.to_thread(lambda: warehouse.write(entries_table([f for _, f in batch]), name))
+        await asyncio.to_thread(
+            lambda: warehouse.write(entries_table([f for _, f in batch], [i for i, _ in batch]), name)
+        )
         self.stats.write_seconds += time.perf_counter() - started
-        ids = [entry_id for entry_id, _ in batch]
-        await self.redis.xack(self.keys.events, GROUP, *ids)
+        bounds = [batch[0][0], batch[-1][0]]
+        await self._ack_range(keys=[self.keys.events], args=[GROUP, CONSUMER, *bounds])
         self.stats.events += len(batch)
         self.stats.batches += 1
         self.stats.last_ack = time.monotonic()
@@ -287,12 +315,19 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def run_sink(sink: Sink, retry_after: float = 1.0) -> None:
-    """Run a sink, riding out Redis outages (the events wait in Redis, or the writers fail over)."""
-    while not sink._stopping.is_set():
+async def run_sink(sink: Sink, retry_after: float = 1.0, ceiling: float = 30.0) -> None:
+    """Run a sink until stopped, riding out any failure (Redis away, a full disk) with a growing pause.
+
+    Analytics is off the hot path: a failing sink never stops the daemon; its events wait in Redis.
+    """
+    pause = retry_after
+    while not sink.stopping:
         try:
             await sink.run()
             return
         except (RedisError, OSError) as exc:
-            log.warning("analytics sink: %r; retrying in %.0f s", exc, retry_after)
-            await sink._sleep(retry_after)
+            log.warning("analytics sink: %r; retrying in %.0f s", exc, pause)
+        except Exception:
+            log.exception("analytics sink failed; retrying in %.0f s", pause)
+        await sink._sleep(pause)
+        pause = min(ceiling, pause * 2)

@@ -112,20 +112,32 @@ def rows_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pydict({c: [r[c] for r in rows] for c in COLUMNS}, schema=SCHEMA)
 
 
-FIELD_ORDER = tuple(c.encode() for c in COLUMNS[:-1])
+FIELD_ORDER = [c.encode() for c in COLUMNS[:-1]]
 """The order the events writer sets the fields in: entries in it take the fastest path."""
 _PHONE_TYPES = (b"contact", b"message")
 
 
-def entries_table(entries: Sequence[Sequence[bytes]]) -> pa.Table:
+def entries_table(entries: Sequence[Sequence[bytes]], entry_ids: Sequence[bytes] | None = None) -> pa.Table:
     """Stream entries (each its flat ``[field, value, ...]`` list of bytes, as Redis sends it) as Arrow.
 
     Per event the Python work is a slice and a compare; the columns come from one ``zip`` and are
     decoded and converted (``ts`` to int) by Arrow. Entries with other fields or order go through a
     dict; anything odd (text that is not UTF-8, a ts that is not a number) falls back to the
-    row-by-row path, which never fails.
+    row-by-row path, which never fails. An event without an id gets its stream entry's id
+    (``entry_ids``), so it is neither lost nor merged with another.
     """
-    if all(len(f) == 14 and tuple(f[0::2]) == FIELD_ORDER for f in entries):
+    table = _entries_table(entries)
+    if entry_ids is not None and pc.any(pc.equal(table["id"], "")).as_py():
+        stream_ids = pa.array(entry_ids, pa.binary()).cast(pa.string())
+        fixed = pc.if_else(
+            pc.equal(table["id"], ""), pc.binary_join_element_wise("stream-", stream_ids, ""), table["id"]
+        )
+        table = table.set_column(0, "id", fixed)
+    return table
+
+
+def _entries_table(entries: Sequence[Sequence[bytes]]) -> pa.Table:
+    if all(f[0::2] == FIELD_ORDER for f in entries):
         values: list[Sequence[bytes]] = [f[1::2] for f in entries]
     else:
         values = [_ordered(f) for f in entries]
@@ -356,7 +368,8 @@ def view_statements(events_dir: Path, have_files: bool, tombs: list[Tombstone]) 
             "WHERE false)"
         )
     statements.append(
-        f"CREATE VIEW events AS SELECT * FROM (SELECT DISTINCT ON (id) {', '.join(COLUMNS)} FROM {source}) e "
+        f"CREATE VIEW events AS SELECT * REPLACE (CASE WHEN json_valid(data) THEN data ELSE '{{}}' END AS data) "
+        f"FROM (SELECT DISTINCT ON (id) {', '.join(COLUMNS)} FROM {source}) e "
         "WHERE e.phone IS NULL OR NOT EXISTS "
         "(SELECT 1 FROM erased t WHERE t.phone_hash = sha256(e.phone) AND e.ts <= t.erased_at)"
     )

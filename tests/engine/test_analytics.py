@@ -405,3 +405,30 @@ async def test_the_readme_queries_answer_on_recorded_data(
     assert answers["tags_of_repliers"] == [("spring", 1), ("vip", 1)]
     assert answers["metric_sums_by_tag"] == [("order_value", "fall", 4.0, 1), ("order_value", "spring", 12.5, 2)]
     assert [sum(column) for column in list(zip(*answers["opt_outs_by_day"], strict=True))[1:]] == [1, 1]
+
+
+async def test_hostile_entries_neither_stop_the_sink_nor_break_the_views(
+    redis_url: str, redis: Redis, start_sink: Callable[..., Sink], data_dir: Path
+) -> None:
+    good = bulk(10)
+    hostile: list[dict[Any, Any]] = [
+        {"junk": "no contract fields at all"},
+        {"id": "bad-json", "type": "execution", "ts": "1", "data": "{not json"},
+        {"id": "bad-ts", "type": "metric", "ts": "yesterday", "data": '{"name": "m", "value": "NaN?"}'},
+        {"id": b"\xff\xfe", "type": "contact", "data": b'{"action": "created", "phone": "\xff"}'},
+        {"id": "array", "type": "node_run", "ts": "2", "data": "[1, 2]"},
+        {"id": "unknown", "type": "mystery", "ts": "3", "data": "{}"},
+        {"type": "metric", "data": '{"name": "no id", "value": 1}'},
+        {"type": "metric", "data": '{"name": "no id either", "value": 2}'},
+    ]
+    for fields in hostile:
+        await redis.xadd(Keys().events, fields)
+    append(redis_url, good)
+    sink = start_sink()
+    await wait_for(lambda: sink.stats.events == len(good) + len(hostile))
+    assert count(data_dir, "SELECT count(*) FROM node_runs WHERE flow = 'load'") == 10
+    assert count(data_dir, "SELECT count(*) FROM events") == 18
+    for view in ("executions", "node_runs", "messages", "metrics", "contact_events"):
+        assert count(data_dir, f"SELECT count(*) FROM {view}") >= 0
+    assert count(data_dir, "SELECT count(*) FROM metrics WHERE name LIKE 'no id%'") == 2
+    assert _pending(redis_url) == 0

@@ -172,3 +172,10 @@ def test_real_executions_reach_the_views(processes: Processes, redis_url: str, t
     )
     flows_report = {row["flow"]: row for row in json.loads(report.stdout)["flows"]}
     assert flows_report["shop"]["executions"] == 3 and flows_report["shop"]["success_rate"] == 0.6667
+    # erasure through the contacts CLI: the phone leaves every view at once
+    erase = ["contacts", "erase", "+14155550111"]
+    erased = subprocess.run([sys.executable, "-m", "flowchat.cli", *erase], cwd=ROOT, env=env, capture_output=True)
+    assert erased.returncode == 0, erased.stderr
+    _wait(lambda: count(data, "SELECT count(*) FROM contact_events WHERE phone = '+14155550111'") == 0, timeout=5)
+    # left: the other two contacts (created, tagged) and the one who wrote in (created)
+    assert count(data, "SELECT count(*) FROM contact_events") == 5
