@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from flowchat import Duration, Node, NodeConfig, NodeContext, NodeError, RetryableError, Suspend, register
 
@@ -66,6 +66,14 @@ class Metric(Node):
         value: float = Field(description="The number.")
         tags: dict[str, str] = Field(default_factory=dict, description="Dimensions, name → string value.")
 
+        @field_validator("tags", mode="before")
+        @classmethod
+        def _strings(cls, tags: Any) -> Any:
+            # a rendered template may be a bool or a number ({{ known.found }}): keep it as text
+            if isinstance(tags, dict):
+                return {k: _text(v) for k, v in tags.items()}
+            return tags
+
     async def run(self, ctx: NodeContext, config: Config) -> dict[str, Any]:
         if not math.isfinite(config.value):
             raise NodeError(f"metric {config.name} value must be a finite number", code="metric-invalid")
@@ -74,3 +82,11 @@ class Metric(Node):
         if events is not None:
             events.emit("metric", ctx, {"name": config.name, "value": value, "tags": config.tags})
         return {"name": config.name, "value": value}
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
-from support import daemon_env, wait_for
+import aiohttp
+import orjson
+from support import ROOT, daemon_env, settled, wait_for
 
 from flowchat.contacts import Contacts
 from flowchat.keys import Keys
 from flowchat.loader import load_flow
 from flowchat.queue import Queue
+from flowchat.redis_server import free_port
 from flowchat.registry import load_registry
 
 
@@ -112,3 +116,48 @@ async def test_rate_limit_delay_lets_every_execution_through_and_none_before_its
             assert times[j] - times[i] >= (j - i - limit + 1) * interval - slack, (i, j, times)
     waited = [gate for gate in gates if gate["started_at"] < gate["finished_at"] - interval / 2]
     assert len(waited) >= count - limit - 1  # most were parked, not let through early
+
+
+async def test_the_shipped_welcome_flow_runs_end_to_end_through_the_daemon(
+    queue, redis_url, flows_dir, processes
+) -> None:
+    """flows/welcome.yaml under `flowchat serve`: lookup → upsert → tag → rate limit → metric."""
+    shutil.copy(ROOT / "flows" / "welcome.yaml", flows_dir / "welcome.yaml")
+    port = free_port()
+    env = daemon_env(redis_url, FLOWCHAT_WEBHOOK_TOKEN="s3cret-token")
+    processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=env)
+    payload = orjson.loads((ROOT / "examples" / "welcome.input.json").read_bytes())
+    ids = []
+    async with aiohttp.ClientSession() as http:
+        for n in range(2):
+            headers = {"Authorization": "Bearer s3cret-token", "Idempotency-Key": f"w{n}"}
+            async with http.post(f"http://127.0.0.1:{port}/hooks/welcome", json=payload, headers=headers) as answer:
+                assert answer.status == 202, await answer.text()
+                ids.append((await answer.json())["execution_id"])
+            await settled(queue, ids[-1])
+    first, second = [(await queue.get(execution_id)) for execution_id in ids]
+    assert first is not None and second is not None
+    assert first[0]["status"] == second[0]["status"] == "succeeded"
+    assert first[1]["known"]["output"]["found"] is False and second[1]["known"]["output"]["found"] is True
+    assert first[1]["contact"]["output"]["created"] is True and second[1]["contact"]["output"]["created"] is False
+    assert first[1]["tags"]["output"]["tags"] == ["customer", "vip"]
+    assert first[1]["once_a_day"]["output"]["allowed"] is True and second[1]["once_a_day"]["output"]["allowed"] is False
+    assert first[1]["paced"]["status"] == "ok" and second[1]["paced"]["status"] == "skipped"
+    contact = await Contacts(queue.redis, Keys("fc")).get("+14155550142")
+    assert contact is not None and contact["name"] == "Grace Hopper" and contact["groups"] == ["welcome-2026"]
+
+    async def events_in() -> bool:
+        kinds = [f[b"type"] for _, f in await queue.redis.xrange(Keys("fc").events)]
+        return kinds.count(b"execution") == 2
+
+    await wait_for(events_in)
+    entries = [{k.decode(): v.decode() for k, v in f.items()} for _, f in await queue.redis.xrange(Keys("fc").events)]
+    metrics = [orjson.loads(e["data"]) for e in entries if e["type"] == "metric"]
+    assert [m["tags"] for m in metrics] == [
+        {"returning": "no", "welcomed": "yes", "plan": "pro"},
+        {"returning": "yes", "welcomed": "no", "plan": "pro"},
+    ]
+    actions = [orjson.loads(e["data"])["action"] for e in entries if e["type"] == "contact"]
+    assert actions == ["created", "tagged", "grouped"]  # the second run changed nothing
+    runs = [e for e in entries if e["type"] == "node_run" and e["execution_id"] == ids[0]]
+    assert sorted(e["node"] for e in runs) == sorted(first[1])
