@@ -105,7 +105,9 @@ async def run_in_process(
     """
     settings = settings or Settings.from_env()
     clock = _Clock()
-    async with open_services(settings, only=flow.services) as services:
+    # a flow that uses services gets all of them, as in the daemon: services use each other
+    # (whatsapp reads contacts for the 24-hour window); a flow that uses none starts none
+    async with open_services(settings, only=None if flow.services else ()) as services:
         if fast_forward:
             services.clock = clock.now
         runner = Runner(
