@@ -343,10 +343,12 @@ def _cancel(execution_id: str) -> int:
         logging.getLogger("flowchat.audit").warning("execution %s cancelled by an operator", execution_id)
         print(f"cancelled {execution_id}")
         return 0
+    if status == "cancelling":
+        logging.getLogger("flowchat.audit").warning("execution %s cancelled by an operator while running", execution_id)
+        print(f"cancelling {execution_id}: it is running and stops at its next node boundary")
+        return 0
     if status == "missing":
         print(f"error: no execution {execution_id}", file=sys.stderr)
-    elif status == "running":
-        print(f"error: {execution_id} is running; it cannot be cancelled until it waits or finishes", file=sys.stderr)
     else:
         print(f"error: {execution_id} is {status}: nothing to cancel", file=sys.stderr)
     return 1

@@ -18,7 +18,7 @@ from typing import Literal
 from flowchat.execution import Execution
 
 Action = Literal["done", "wait", "dead"]
-Event = Literal["succeeded", "failed", "retried", "waiting"]
+Event = Literal["succeeded", "failed", "retried", "waiting", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,12 @@ def decide(execution: Execution, now: float) -> Outcome:
         return Outcome(execution, "done", "succeeded")
     retrying = any(run.error for run in runs if run.status == "waiting")
     return Outcome(execution, "wait", "retried" if retrying else "waiting")
+
+
+def cancelled(execution: Execution, now: float) -> Outcome:
+    """Stop ``execution`` at a node boundary because an operator cancelled it (``executions cancel``)."""
+    execution.status, execution.finished_at = "cancelled", now
+    return Outcome(execution, "done", "cancelled")
 
 
 def dead(execution: Execution, code: str, message: str, node: str = "", now: float | None = None) -> Outcome:

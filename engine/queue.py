@@ -147,7 +147,7 @@ return 1
 
 _CANCEL = """
 if redis.call('HGET', KEYS[1], 's') ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 's', ARGV[3])
+redis.call('HSET', KEYS[1], 's', ARGV[3], 'c', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'cancelled:' .. ARGV[4], 1)
 if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
@@ -433,6 +433,9 @@ class Queue:
             meta = decode_meta(raw_meta, raw_state)
             if meta is None:
                 return "missing"
+            if meta["status"] == "running":  # stops at its next checkpoint (the worker checks the flag)
+                await self.redis.hset(key, "c", "1")  # type: ignore[misc]
+                return "cancelling"
             if meta["status"] not in ("queued", "waiting"):
                 return str(meta["status"])
             execution = Execution(**{**meta, "nodes": {}, "status": "cancelled", "finished_at": now or time.time()})
@@ -446,6 +449,10 @@ class Queue:
             if await self._cancel(keys=[key, self.keys.delayed, self.keys.counters], args=args):
                 return "cancelled"
         return "busy"
+
+    def cancel_requested(self, execution_id: str) -> Any:
+        """A future of whether ``executions cancel`` flagged this execution (rides the next pipelined write)."""
+        return self.pipeliner.execute("HEXISTS", self.keys.execution(execution_id), "c")
 
     async def requeue(self, execution: Execution) -> bool:
         """Put a failed execution back on the ready stream with its node states (False if it is not failed)."""

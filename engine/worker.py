@@ -32,7 +32,7 @@ from flowchat.execution import Execution, NodeRun
 from flowchat.flow import Flow, FlowNode
 from flowchat.metrics import Metrics
 from flowchat.mover import DelayedMover  # re-exported: it lived here before flowchat.mover
-from flowchat.outcome import Outcome, dead
+from flowchat.outcome import Outcome, cancelled, dead
 from flowchat.queue import Delivery, Loaded, Queue, execution_from_parts
 from flowchat.runner import Runner
 from flowchat.services import Services
@@ -211,6 +211,8 @@ class Worker:
             outcome = await self._advance(loaded, job)
             if outcome is not None:
                 await self._record(outcome, delivery)
+        except ExecutionCancelled:
+            await self._stop_cancelled(job)
         except Exception as exc:
             if redis_unreachable(exc):
                 log.warning("%s left for take-over (Redis unreachable): %s", delivery.execution_id, exc)
@@ -219,6 +221,15 @@ class Worker:
         finally:  # also when cancelled (lease lost, or shutdown past the grace period)
             self._unsaved.pop(delivery.execution_id, None)
             self._events.pop(delivery.execution_id, None)
+
+    async def _stop_cancelled(self, job: _Job) -> None:
+        """An operator cancelled this execution: stop at this node boundary and record it once."""
+        stored = await self.queue.get(job.delivery.execution_id)
+        if stored is not None and stored[0]["status"] == "cancelled":  # cancelled (and counted) while queued
+            await self.queue.drop_delivery(job.delivery)
+        elif job.execution is not None:
+            await self._record(cancelled(job.execution, time.time()), job.delivery)
+        log.info("%s cancelled by an operator; stopped at a node boundary", job.delivery.execution_id)
 
     async def _advance(self, loaded: Loaded, job: _Job) -> Outcome | None:
         """Decode, check and run the execution; its outcome, or None when there is nothing to record."""
@@ -301,8 +312,13 @@ class Worker:
             return
         del self._unsaved[execution.id]
         self._send_events(execution)
+        flagged = self.queue.cancel_requested(execution.id)  # same round trip as the checkpoint
         try:
             await self.queue.checkpoint(execution, unsaved)
+            if await flagged:
+                raise ExecutionCancelled(execution.id)
+        except ExecutionCancelled:
+            raise
         except Exception as exc:
             if redis_unreachable(exc):
                 raise
@@ -321,6 +337,10 @@ class Worker:
 
 
 _WORKER_CODES = frozenset({"flow-missing", "poison"})
+
+
+class ExecutionCancelled(Exception):
+    """Raised at a checkpoint of an execution an operator cancelled while it ran."""
 
 
 @dataclass

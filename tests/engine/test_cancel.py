@@ -83,3 +83,32 @@ async def test_cancel_says_why_it_cannot(redis_url, queue, flows_dir, catalog_fa
 async def _status(queue, execution_id: str, status: str) -> bool:
     stored = await queue.get(execution_id)
     return stored is not None and stored[0]["status"] == status
+
+
+async def test_a_running_execution_stops_at_its_next_node_boundary(
+    redis_url, queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
+    marks = tmp_path / "marks"
+    write_flow(
+        flows_dir,
+        "long",
+        f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 1.5}}}}\n"
+        f"  - {{id: next, type: test.mark, needs: [slow], with: {{file: '{marks}'}}}}\n",
+    )
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    running = await enqueue(queue, catalog, "long")
+    await wait_for(lambda: any(f"{running} slow start" in line for line in lines(marks)))
+    assert await queue.cancel(running) == "cancelled"  # what `executions cancel` calls (its state says queued)
+    await wait_for(lambda: _status(queue, running, "cancelled"))
+    await wait_for(lambda: _drained(queue))
+    await asyncio.sleep(0.5)
+    assert any(f"{running} slow done" in line for line in lines(marks))  # the node in progress finished
+    assert not any(f"{running} next" in line for line in lines(marks))  # nothing after the boundary ran
+    counters = await queue.redis.hgetall(queue.keys.counters)
+    assert counters.get(b"cancelled:long") == b"1" and b"succeeded:long" not in counters
+
+
+async def _drained(queue) -> bool:
+    stats = await queue.stats()
+    return stats["ready"] == 0 and stats["in_flight"] == 0
