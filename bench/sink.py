@@ -74,6 +74,23 @@ async def drain(url: str, count: int, data_dir: Path) -> float:
     return seconds
 
 
+def read_only(url: str, count: int) -> float:
+    """Seconds to read and acknowledge ``count`` waiting entries through a consumer group, writing nothing:
+    the Redis side's ceiling for any sink."""
+    client = sync_redis.Redis.from_url(url)
+    client.set_response_callback("XREADGROUP", lambda response, **options: response)
+    client.xgroup_create(Keys().events, "bench-read", id="0")
+    started, got = time.perf_counter(), 0
+    while got < count:
+        reply = client.xreadgroup("bench-read", "r", {Keys().events: ">"}, count=10_000)
+        items = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
+        client.xack(Keys().events, "bench-read", *[entry_id for entry_id, _ in items])
+        got += len(items)
+    seconds = time.perf_counter() - started
+    client.close()
+    return seconds
+
+
 def raw_insert(rows: list[dict[str, str]]) -> float:
     """Seconds for Arrow table + DuckDB INSERT of the same rows, in batches of the sink's size."""
     con = duckdb.connect()
@@ -103,10 +120,13 @@ def measure(url: str, count: int, rounds: int = 2) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="flowchat-sink-bench-") as folder:
             sink.append(asyncio.run(drain(url, count, Path(folder))))
         raw.append(raw_insert(rows))
+    fill(url, rows)
+    reading = read_only(url, count)
     sink_rate, raw_rate = count / min(sink), count / min(raw)
     return {
         "events": count,
         "rounds": rounds,
+        "stream_read_per_s": count / reading,
         "sink_per_s": sink_rate,
         "raw_arrow_insert_per_s": raw_rate,
         "ratio": sink_rate / raw_rate,
