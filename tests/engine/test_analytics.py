@@ -432,3 +432,30 @@ async def test_hostile_entries_neither_stop_the_sink_nor_break_the_views(
         assert count(data_dir, f"SELECT count(*) FROM {view}") >= 0
     assert count(data_dir, "SELECT count(*) FROM metrics WHERE name LIKE 'no id%'") == 2
     assert _pending(redis_url) == 0
+
+
+async def test_the_sink_compacts_and_expires_on_its_own(
+    redis_url: str, start_sink: Callable[..., Sink], data_dir: Path
+) -> None:
+    sink = start_sink(batch=100, flush=0.05, compact_every=0.2, retention_days=3)
+    from analytics_data import Recorder
+
+    old = Recorder(hours_ago=24 * 10)  # ten days ago: past the retention
+    old.add("metric", {"name": "old", "value": 1})
+    append(redis_url, old.events)
+    for _ in range(6):
+        append(redis_url, bulk(100))
+        await wait_for(lambda n=sink.stats.events: sink.stats.events > n)
+    await wait_for(lambda: sink.stats.events == 601)
+    files = lambda: sorted((data_dir / "analytics" / "events").glob("day=*/*.parquet"))  # noqa: E731
+    await wait_for(lambda: len(files()) <= 2 and all(f.name.startswith("c-") for f in files()), timeout=10)
+    assert count(data_dir, "SELECT count(*) FROM node_runs") == 600
+    assert count(data_dir, "SELECT count(*) FROM metrics") == 0
+
+
+def test_sink_with_analytics_off_has_nothing_to_do(tmp_path: Path) -> None:
+    env = {"FLOWCHAT_DATA_DIR": str(tmp_path), "FLOWCHAT_ANALYTICS": "off", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-m", "flowchat.cli", "sink"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "analytics is off" in out.stdout
