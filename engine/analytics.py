@@ -75,23 +75,32 @@ def check_query(sql: str) -> None:
             raise AnalyticsError("analytics-sql-refused", f"only queries are allowed here, not {kind}")
 
 
-def query(path: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run read-only SQL against the views; the last statement's columns and rows."""
+def query(path: Path, sql: str, tries: int = 3) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run read-only SQL against the views; the last statement's columns and rows.
+
+    A compaction may remove a file between a query finding it and reading it: that query is run
+    again (the files it finds then hold the same rows).
+    """
     import duckdb
 
     check_query(sql)
-    con = connect(path)
-    try:
-        statements = duckdb.extract_statements(sql)
-        for statement in statements[:-1]:
-            con.execute(statement)
-        cursor = con.execute(statements[-1])
-        columns = [d[0] for d in cursor.description or []]
-        return columns, cursor.fetchall()
-    except duckdb.Error as exc:
-        raise AnalyticsError("analytics-sql-failed", str(exc).splitlines()[0]) from exc
-    finally:
-        con.close()
+    for attempt in range(tries):
+        con = connect(path)
+        try:
+            statements = duckdb.extract_statements(sql)
+            for statement in statements[:-1]:
+                con.execute(statement)
+            cursor = con.execute(statements[-1])
+            columns = [d[0] for d in cursor.description or []]
+            return columns, cursor.fetchall()
+        except duckdb.IOException as exc:
+            if attempt + 1 == tries:
+                raise AnalyticsError("analytics-sql-failed", str(exc).splitlines()[0]) from exc
+        except duckdb.Error as exc:
+            raise AnalyticsError("analytics-sql-failed", str(exc).splitlines()[0]) from exc
+        finally:
+            con.close()
+    raise AssertionError("unreachable")
 
 
 def _plain(value: Any) -> Any:
