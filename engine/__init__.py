@@ -1,7 +1,10 @@
 """FlowChat: a reactive, low-code flow engine for WhatsApp CRM automation.
 
-The public surface for plugin authors and embedders. Built-in nodes in
-``nodes/`` use exactly this surface and nothing else.
+Two public surfaces live here. :data:`PLUGIN_API` is what node plugins (and
+the built-in nodes in ``nodes/``, which a test holds to it) may import: the
+node SDK, its errors, ``Settings`` and ``Services`` for service factories; their
+tests add :mod:`flowchat.testing`. The rest of ``__all__`` is the embedding
+API, for programs that load and run flows themselves.
 """
 
 from flowchat.durations import Duration, parse_duration
@@ -28,6 +31,24 @@ from flowchat.node import Node, NodeConfig, NodeContext, RetryPolicy, Suspend, r
 from flowchat.registry import Registry, load_registry
 from flowchat.runner import Runner
 from flowchat.services import Services, open_services
+from flowchat.settings import Settings
+
+PLUGIN_API = (
+    "Duration",
+    "JsonSchema",
+    "Node",
+    "NodeConfig",
+    "NodeContext",
+    "NodeError",
+    "RetryPolicy",
+    "RetryableError",
+    "Services",
+    "Settings",
+    "Suspend",
+    "mask_phones",
+    "register",
+)
+"""Names plugins import from ``flowchat``: stable across minor versions."""
 
 __all__ = [
     # writing nodes
@@ -63,6 +84,8 @@ __all__ = [
     "Registry",
     "Runner",
     "Services",
+    "Settings",
+    "PLUGIN_API",
     "load_flow",
     "load_flows",
     "load_registry",

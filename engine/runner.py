@@ -79,7 +79,8 @@ class Runner:
         # secret values never reach storage, downstream templates or the trace (secrets.Secrets.mask)
         self.mask = mask if mask is not identity or not self.services.secrets else self.services.secrets.mask
         self.max_output = max_output
-        self.sleep = sleep
+        # an explicit sleep wins; else the services' (flowchat.testing's fake clock jumps instead)
+        self.sleep = sleep if sleep is not asyncio.sleep else self.services.sleep
         """How the in-process runner waits out a retry backoff or a ``delay`` (``--fast-forward`` skips)."""
 
     async def run(self, flow: Flow, execution: Execution) -> Execution:

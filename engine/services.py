@@ -20,11 +20,12 @@ where the service is not installed.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,7 @@ class Services:
         http: aiohttp.ClientSession | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         extra: Mapping[str, Any] | None = None,
         settings: Settings | None = None,
         redis: Redis | None = None,
@@ -77,6 +79,8 @@ class Services:
         self._http = http
         self._own_http = False
         self.clock = clock
+        self.sleep = sleep
+        """How an in-process run waits (``flowchat run``); ``flowchat.testing`` jumps its fake clock instead."""
         self.extra: dict[str, Any] = dict(extra or {})
         self.settings = settings if settings is not None else Settings()
         self.redis = redis
@@ -130,6 +134,7 @@ async def open_services(
     only: Iterable[str] | None = None,
     factories: Mapping[str, Factory] | None = None,
     clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     **extra: Any,
 ) -> AsyncIterator[Services]:
     """Services with a live HTTP session and the installed services started; all closed on exit.
@@ -146,7 +151,9 @@ async def open_services(
         wanted = set(only)
         chosen = {name: loader for name, loader in chosen.items() if name in wanted}
     async with aiohttp.ClientSession(raise_for_status=False) as http:
-        services = Services(http, clock=clock, extra=extra, settings=settings, redis=redis, keys=keys, secrets=secrets)
+        services = Services(
+            http, clock=clock, sleep=sleep, extra=extra, settings=settings, redis=redis, keys=keys, secrets=secrets
+        )
         started: list[tuple[str, Any]] = []
         try:
             for name, loader in chosen.items():

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 import flowchat
+from flowchat import testing
 
 RunFlow = Callable[..., Awaitable[flowchat.Execution]]
 StartServer = Callable[[Iterable[web.RouteDef]], Awaitable[str]]
@@ -46,10 +47,8 @@ def run_flow(write_flow: Callable[..., Path], builtin_registry: flowchat.Registr
         nodes: str | Path, trigger: dict[str, Any] | None = None, *, execution_id: str | None = None
     ) -> flowchat.Execution:
         path = nodes if isinstance(nodes, Path) else write_flow(nodes)
-        flow = flowchat.load_flow(path, builtin_registry)
-        async with flowchat.open_services() as services:
-            execution = flowchat.Execution.new(flow, trigger or {}, execution_id)
-            return await flowchat.Runner(services).run(flow, execution)
+        # real time: these tests measure Retry-After and timeouts
+        return await testing.run_flow(path, trigger, fast_forward=False, registry=builtin_registry, execution_id=execution_id)
 
     return run
 
