@@ -226,7 +226,12 @@ def list_nodes(args: argparse.Namespace) -> int:
 
 @command("schema")
 def schema(args: argparse.Namespace) -> int:
-    print(dumps(flow_schema(_registry(args))))
+    if args.builtins_only:
+        registry = Registry()
+        registry.load_builtins()
+    else:
+        registry = _registry(args)
+    sys.stdout.write(dumps(flow_schema(registry)))
     return 0
 
 
@@ -481,7 +486,12 @@ environment:
     p = sub.add_parser("nodes", help="list node types with their summary and config")
     p.add_argument("--json", action="store_true", help="print types, summaries and config schemas as JSON")
 
-    sub.add_parser("schema", help="print the JSON Schema of flow files (for editor autocompletion)")
+    p = sub.add_parser("schema", help="print the JSON Schema of flow files (for editor autocompletion)")
+    p.add_argument(
+        "--builtins-only",
+        action="store_true",
+        help="only the built-in node types (the schema shipped as flowchat/flow.schema.json)",
+    )
 
     p = sub.add_parser("graph", help="print a flow as a Mermaid flowchart")
     p.add_argument("flow", metavar="FLOW.yaml")

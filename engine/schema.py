@@ -3,15 +3,25 @@
 Editors (the YAML language server) use it to autocomplete and check flows::
 
     # yaml-language-server: $schema=./flowchat.schema.json
+
+The schema of the built-in node types ships inside the package as
+``flowchat/flow.schema.json`` (:func:`packaged_schema`), with the stable ``$id``
+:data:`FLOW_SCHEMA_ID`; ``flowchat schema`` prints the one for the node types in
+effect (built-ins, installed plugins and the plugins folder).
 """
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from typing import Any
 
 from flowchat.registry import Registry
 from flowchat.spec import FlowSpec, NodeSpec
+
+FLOW_SCHEMA_ID = "urn:flowchat-engine:schema:flow:1"
+"""The ``$id`` of every flow schema FlowChat writes: it names the format, version 1."""
+PACKAGED_SCHEMA = "flow.schema.json"
 
 TEMPLATE_STRING = {"type": "string", "pattern": r"\{[{%]", "description": "A Jinja2 template."}
 
@@ -28,8 +38,19 @@ def flow_schema(registry: Registry) -> dict[str, Any]:
     }
     node["allOf"] = [_node_type_rule(name, registry, definitions) for name in registry.names()]
     schema["properties"]["nodes"]["items"] = node
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "FlowChat flow"
+    schema.pop("title", None)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": FLOW_SCHEMA_ID,
+        "title": "FlowChat flow",
+        **schema,
+    }
+
+
+def packaged_schema() -> dict[str, Any]:
+    """The flow schema of the built-in node types, as shipped in the package."""
+    text = resources.files("flowchat").joinpath(PACKAGED_SCHEMA).read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
     return schema
 
 
@@ -69,4 +90,4 @@ def _rename_refs(value: Any, renamed: dict[str, str]) -> Any:
 
 
 def dumps(schema: dict[str, Any]) -> str:
-    return json.dumps(schema, indent=2, sort_keys=False)
+    return json.dumps(schema, indent=2, sort_keys=False) + "\n"
