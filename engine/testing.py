@@ -34,7 +34,7 @@ import yaml
 
 from flowchat.codec import encode_run
 from flowchat.errors import FlowChatError, NodeError
-from flowchat.execution import Execution
+from flowchat.execution import Execution, NodeRun
 from flowchat.flow import Flow
 from flowchat.loader import load_flow, load_flow_text
 from flowchat.node import Node
@@ -167,12 +167,14 @@ async def _run(
     execution_id: str | None = None,
 ) -> Execution:
     async with _services(flow, given, extra, clock, secrets) as services:
-        runner = Runner(services, max_output=services.settings.max_output)
-        execution = await runner.run(flow, Execution.new(flow, trigger, execution_id))
-    for run in execution.nodes.values():  # what a worker stores is what a test sees
-        stored = orjson.loads(encode_run(run))
-        run.output, run.error = stored["output"], stored["error"]
-    return execution
+        runner = Runner(services, checkpoint=_through_codec, max_output=services.settings.max_output)
+        return await runner.run(flow, Execution.new(flow, trigger, execution_id))
+
+
+async def _through_codec(execution: Execution, run: NodeRun, node: object) -> None:
+    """What a worker stores, and what nodes downstream and the test then read: a codec round trip."""
+    stored = orjson.loads(encode_run(run))
+    run.output, run.error = stored["output"], stored["error"]
 
 
 @contextlib.asynccontextmanager

@@ -16,10 +16,12 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 README_FILE = re.compile(r"```(?:toml|python)\n# file: (?P<path>\S+)\n(?P<body>.*?)```", re.S)
@@ -166,3 +168,12 @@ def test_the_readme_plugin_package_installs_is_discovered_type_checks_and_its_te
     tested = run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=plugin, env=clean_env())
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "2 passed" in tested.stdout
+
+
+def test_pyproject_states_the_real_floors():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    requirements = {Requirement(line).name: Requirement(line) for line in declared}
+
+    assert not requirements["redis"].specifier.contains("5.2.1")
+    assert requirements["redis"].specifier.contains("5.3.0")
+    assert {"pydantic", "pyyaml", "jinja2", "aiohttp", "redis", "twilio", "duckdb", "jsonschema"} <= set(requirements)
