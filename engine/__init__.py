@@ -44,8 +44,10 @@ PLUGIN_API = (
     "RetryableError",
     "Services",
     "Settings",
+    "SchemaFile",
     "Suspend",
     "mask_phones",
+    "read_schema_file",
     "register",
 )
 """Names plugins import from ``flowchat``: stable across minor versions."""

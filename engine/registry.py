@@ -110,6 +110,8 @@ class Registry:
             )
         for entry_point in found:
             self.load_source(f"built-in {entry_point.value}", entry_point.load, builtin=True)
+        # the engine's own services come with its nodes (contacts for contact.*, whatsapp for whatsapp.send)
+        self.services |= service_names(ENGINE_DISTRIBUTION)
 
     def load_entry_points(self) -> None:
         """Installed plugins' node types (entry points of other distributions)."""

@@ -120,9 +120,13 @@ class Services:
             await self._http.close()
 
 
-def service_names() -> set[str]:
-    """Names of the installed services: what flows may declare they need."""
-    return {entry_point.name for entry_point in importlib.metadata.entry_points(group=SERVICES_GROUP)}
+def service_names(distribution: str | None = None) -> set[str]:
+    """Names of the installed services (of one ``distribution`` if given): what flows may declare they need."""
+    return {
+        entry_point.name
+        for entry_point in importlib.metadata.entry_points(group=SERVICES_GROUP)
+        if distribution is None or (entry_point.dist is not None and entry_point.dist.name == distribution)
+    }
 
 
 @asynccontextmanager

@@ -274,7 +274,8 @@ def test_the_committed_flow_schema_is_what_flowchat_schema_prints():
     )
     committed = (REPO / "flowchat.schema.json").read_text()
     assert json.loads(committed) == json.loads(result.stdout), (
-        "run: flowchat --plugins plugins schema > flowchat.schema.json"
+        "run: flowchat --plugins plugins schema > flowchat.schema.json "
+        "&& flowchat schema --builtins-only > engine/flow.schema.json"
     )
 
 

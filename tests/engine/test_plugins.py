@@ -271,6 +271,7 @@ def test_built_ins_come_from_entry_points_one_per_module_of_nodes():
     registry.load_builtins()
     assert registry.errors == []
     assert {"set", "log", "delay", "http.request", "validate"} <= registry.builtins
+    assert {"contacts", "whatsapp"} <= registry.services  # the engine's own services come with its nodes
     assert all(source.startswith("built-in flowchat.nodes.") for source in registry.sources.values())
 
 
