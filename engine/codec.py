@@ -188,8 +188,8 @@ def node_output(output: Any, *, mask: Callable[[Any], Any] = identity, max_bytes
     Raises :class:`NodeError` ``node-output-invalid`` (not retryable) naming the key path and the
     type of what cannot be converted, or ``node-output-too-large`` over ``max_bytes``.
     """
-    if output is None:
-        return {}
+    if output is None or (type(output) is dict and not output):
+        return {}  # the most common output of all, and nothing to convert
     data: bytes | None
     try:
         data = orjson.dumps(output)  # the common case: already plain
