@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -99,11 +100,20 @@ def _load_flow_text(text: str, file: str, registry: Registry) -> Flow:
 
 
 def flow_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand folders into the flow files below them, sorted."""
+    """Expand folders into the flow files below them, sorted.
+
+    Symlinked folders are not followed (no loops) and unreadable folders are skipped.
+    """
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix in FLOW_SUFFIXES and p.is_file()))
+            found = (
+                Path(root) / name
+                for root, _, names in os.walk(path)  # followlinks=False; errors ignored
+                for name in names
+                if name.endswith(FLOW_SUFFIXES)
+            )
+            files.extend(sorted(file for file in found if file.is_file()))
         else:
             files.append(path)
     return files
