@@ -277,3 +277,16 @@ async def test_readyz_tells_the_truth_about_redis(own_redis: RedisServer, flows_
 
 def test_keys_has_a_readyz_probe() -> None:
     assert Keys("fc").ready_probe.startswith("{fc}")
+
+
+async def test_a_command_that_cannot_be_packed_fails_alone_in_its_batch(redis) -> None:
+    from flowchat.pipeliner import Pipeliner
+
+    pipeliner = Pipeliner(redis)
+    futures = [pipeliner.execute("SET", f"fc-test:{index}", "ok") for index in range(20)]
+    culprit = pipeliner.execute("SET", "fc-test:bad", "\ud800")  # a lone surrogate: hiredis cannot pack it
+    results = await asyncio.gather(*futures, culprit, return_exceptions=True)
+
+    assert results[:20] == [b"OK"] * 20
+    assert isinstance(results[20], UnicodeEncodeError | ValueError | TypeError)
+    assert await redis.get("fc-test:bad") is None
