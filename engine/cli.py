@@ -21,7 +21,7 @@ from flowchat.execution import Execution, NodeRun
 from flowchat.flow import Flow
 from flowchat.graph import mermaid
 from flowchat.loader import load_flow, load_flows
-from flowchat.logs import configure_logging
+from flowchat.logs import configure_logging, mask_phones
 from flowchat.registry import Registry, load_registry
 from flowchat.runner import Runner
 from flowchat.schema import dumps, flow_schema
@@ -178,10 +178,14 @@ def format_trace(execution: Execution) -> str:
             result = f"[{run.error['code']}] {run.error['message']}"
         else:
             result = json.dumps(run.output, default=str) if run.output is not None else ""
-        lines.append(f"  {run.id:<20} {run.status:<8} {run.attempts:>8} {run.duration_ms:>9.1f}  {_clip(result)}")
+        # phone numbers masked in tables, as in logs (--json prints the stored values)
+        lines.append(
+            f"  {run.id:<20} {run.status:<8} {run.attempts:>8} {run.duration_ms:>9.1f}  {_clip(mask_phones(result))}"
+        )
     if execution.error:
         lines.append(
-            f"error: node {execution.error.get('node')}: [{execution.error['code']}] {execution.error['message']}"
+            f"error: node {execution.error.get('node')}: [{execution.error['code']}] "
+            + mask_phones(execution.error["message"])
         )
     return "\n".join(lines)
 
@@ -373,7 +377,7 @@ def dlq(args: argparse.Namespace) -> int:
         print(f"{'execution':<26} {'flow':<20} {'node':<14} error")
         for entry in entries:
             print(
-                f"{entry['e']:<26} {entry['flow']:<20} {entry['node']:<14} [{entry['code']}] {_clip(entry['message'], 80)}"
+                f"{entry['e']:<26} {entry['flow']:<20} {entry['node']:<14} [{entry['code']}] {_clip(mask_phones(entry['message']), 80)}"
             )
         return 0
     if args.action == "drop":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 from pathlib import Path
@@ -73,3 +74,25 @@ def test_the_embedded_redis_keeps_its_files_private(tmp_path: Path) -> None:
     assert files
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+def test_cli_tables_mask_phone_numbers(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(
+        "flow: p\ntrigger: {type: webhook}\nnodes:\n"
+        '  - {id: s, type: set, with: {values: {phone: "{{ trigger.phone }}"}}}\n'
+    )
+    (tmp_path / "in.json").write_text('{"phone": "020 7946 0958"}')
+    result = subprocess.run(
+        [sys.executable, "-m", "flowchat.cli", "run", str(flow), "--input", str(tmp_path / "in.json")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FLOWCHAT_DEFAULT_REGION": "GB"},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "+4420***0958" in result.stdout
+    assert "7946 0958" not in result.stdout
