@@ -79,7 +79,10 @@ def test_mutated_shipped_flows_load_or_are_reported(
 
 # --- ingress --------------------------------------------------------------------------------
 
-HEADER_NAMES = [b"Content-Type", b"Idempotency-Key", b"Authorization", b"X-FlowChat-Signature", b"X-Anything"]
+HEADER_NAMES = [
+    b"Content-Type", b"Idempotency-Key", b"Authorization", b"X-FlowChat-Signature", b"X-Twilio-Signature",
+    b"Content-Encoding", b"Transfer-Encoding", b"X-Anything",
+]  # fmt: skip
 CONTENT_TYPES = [
     b"application/json", b"application/x-www-form-urlencoded", b"text/plain", b"", b"application/vnd.api+json",
     b"multipart/form-data; boundary=x", b"application/json; charset=latin-1",
@@ -116,7 +119,7 @@ def fuzz_daemon(redis_url: str, tmp_path: Path, processes) -> tuple[int, Redis]:
 async def send(port: int, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        head = b"POST /hooks/" + path + b" HTTP/1.1\r\nHost: x\r\n"
+        head = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n"
         head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
         writer.write(head + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
         await writer.drain()
@@ -128,7 +131,9 @@ async def send(port: int, path: bytes, headers: list[tuple[bytes, bytes]], body:
 
 @FUZZ
 @given(
-    path=st.sampled_from([b"open", b"signed", b"schema", b"nope"]),
+    path=st.sampled_from(
+        [b"/hooks/open", b"/hooks/signed", b"/hooks/schema", b"/hooks/nope", b"/twilio/message", b"/twilio/status"]
+    ),
     headers=st.lists(st.tuples(st.sampled_from(HEADER_NAMES), header_value), max_size=4),
     content_type=st.sampled_from(CONTENT_TYPES),
     body=bodies,
