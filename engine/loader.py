@@ -40,6 +40,12 @@ MAX_FLOW_BYTES = 1024 * 1024
 """Largest flow file read (1 MiB): reading one file is bounded in time and memory."""
 
 
+MAX_NODES = 1000
+"""Most nodes in one flow."""
+MAX_TEMPLATES = 1000
+"""Most template strings in one flow (each is compiled to Python when the flow loads)."""
+
+
 def load_flow(path: str | Path, registry: Registry) -> Flow:
     """Load one flow file; raise FlowInvalid with every problem found (never anything else)."""
     path = Path(path)
@@ -174,8 +180,19 @@ class _FlowBuilder:
         if not isinstance(data, dict):
             self._problem((), "flow-not-mapping", "a flow file must be a mapping with flow, trigger and nodes")
             return None, self.problems
+        raw_nodes = data.get("nodes")
+        if isinstance(raw_nodes, list) and len(raw_nodes) > MAX_NODES:
+            # the graph checks grow with the square of the node count: refuse before running them
+            self._problem(("nodes",), "flow-limit", f"{len(raw_nodes)} nodes; a flow has at most {MAX_NODES}")
+            return None, self.problems
+        templates = _count_templates(raw_nodes)
+        if templates > MAX_TEMPLATES:
+            # compiling a template takes milliseconds: a file of thousands would hold a reload for minutes
+            message = f"{templates} templates; a flow has at most {MAX_TEMPLATES}"
+            self._problem(("nodes",), "flow-limit", message)
+            return None, self.problems
         spec = self._validate(FlowSpec, data, ())
-        node_specs = self._node_specs(data.get("nodes"))
+        node_specs = self._node_specs(raw_nodes)
         needs = self._check_graph(node_specs)
         nodes = {node_id: built for node_id, built in self._build_nodes(node_specs, needs) if built is not None}
         if self.problems or spec is None:
@@ -330,7 +347,8 @@ class _FlowBuilder:
     def _check_references(
         self, node_id: str, templates: list[tuple[DocPath, Template]], needs: dict[str, tuple[str, ...]]
     ) -> None:
-        upstream = ancestors(needs, node_id)
+        reads_nodes = any(template.names - CONTEXT_NAMES for _, template in templates)
+        upstream = ancestors(needs, node_id) if reads_nodes else frozenset()
         flow_vars = _at(self.document.data, ("vars",))
         known_vars = list(flow_vars) if isinstance(flow_vars, dict) else []
         for path, template in templates:
@@ -375,6 +393,19 @@ class _FlowBuilder:
 
     def _problem(self, path: DocPath, code: str, message: str, *, key: bool = False) -> None:
         self.problems.append(self.document.error(path, code, message, key=key))
+
+
+def _count_templates(value: Any) -> int:
+    stack, count = [value], 0
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif is_template(item):
+            count += 1
+    return count
 
 
 def _marks_schema_file(schema: dict[str, Any]) -> bool:

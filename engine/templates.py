@@ -10,6 +10,7 @@ names the expression. Anything reaching for private attributes
 from __future__ import annotations
 
 import difflib
+import functools
 import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -169,6 +170,7 @@ def _short(source: str) -> str:
     return repr(source if len(source) <= 80 else source[:77] + "...")
 
 
+@functools.lru_cache(maxsize=4096)  # reloads compile the same strings again; bounded, Templates are immutable
 def compile_template(source: str) -> Template:
     """Compile ``source``; raise TemplateError (syntax, unknown filter/test, limit) or TemplateSecurityError."""
     try:

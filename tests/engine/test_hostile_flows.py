@@ -59,6 +59,16 @@ HOSTILE: dict[str, tuple[Callable[[], str | bytes], str]] = {
     "unknown_filter": (lambda: with_template("{{ trigger.x | b64encode }}"), "template-unknown-filter"),
     "unknown_test": (lambda: with_template("{{ trigger.x is nmber }}"), "template-unknown-test"),
     "deep_template": (lambda: with_template("{{ " + "(" * 2000 + "1" + ")" * 2000 + " }}"), "template-limit"),
+    "too_many_nodes": (
+        lambda: "flow: many\ntrigger: {type: webhook}\nnodes:\n"
+        + "".join(f"  - {{id: n{i}, type: log, with: {{message: hi}}}}\n" for i in range(1001)),
+        "flow-limit",
+    ),
+    "too_many_templates": (
+        lambda: "flow: many\ntrigger: {type: webhook}\nnodes:\n  - id: s\n    type: set\n    with:\n      values:\n"
+        + "".join(f'        v{i}: "{{{{ trigger.v{i} }}}}"\n' for i in range(1001)),
+        "flow-limit",
+    ),
     "two_documents": (lambda: GOOD.format(name="twice") + "---\n" + GOOD.format(name="again"), "yaml-syntax"),
 }
 
