@@ -68,6 +68,8 @@ def dotted(path: Path) -> str:
 
 MAX_DEPTH = 64
 """Deepest nesting of mappings and lists in a flow file."""
+MAX_VALUES = 50_000
+"""Most values (scalars, mappings and lists) in a flow file: reading each costs microseconds."""
 MAX_ALIAS_VALUES = 10_000
 """Values that aliases (``*name``) may copy in one file, counted with what they contain."""
 
@@ -124,6 +126,7 @@ class _Reader:
         self.anchors: dict[str, tuple[Any, int]] = {}
         self.open_anchors: set[str] = set()
         self.copied = 0
+        self.count = 0
         self.documents = 0
 
     def read(self, events: Any) -> None:
@@ -147,6 +150,7 @@ class _Reader:
         if len(self.stack) >= MAX_DEPTH:
             self._fail(event, "yaml-limit", f"nesting deeper than {MAX_DEPTH} levels")
         self._check_tag(event, event.tag)
+        self._counted(event)
         path = self._child_path(event)
         if path is None:
             return
@@ -180,6 +184,7 @@ class _Reader:
         self._add(event, copy.deepcopy(value) if isinstance(value, dict | list) else value, size)
 
     def _add(self, event: Any, value: Any, size: int) -> None:
+        self._counted(event)
         path = self._child_path(event)
         if path is None:
             return
@@ -260,6 +265,11 @@ class _Reader:
             code = "yaml-tag" if event.tag else "yaml-limit"
             self._fail(event, code, f"{event.value[:40]!r} is not a valid {shown}: {reason}")
         return value
+
+    def _counted(self, event: Any) -> None:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            self._fail(event, "yaml-limit", f"more than {MAX_VALUES} values in one flow file")
 
     def _fail(self, event: Any, code: str, message: str) -> None:
         mark = _event_mark(event)

@@ -59,6 +59,7 @@ HOSTILE: dict[str, tuple[Callable[[], str | bytes], str]] = {
     "unknown_filter": (lambda: with_template("{{ trigger.x | b64encode }}"), "template-unknown-filter"),
     "unknown_test": (lambda: with_template("{{ trigger.x is nmber }}"), "template-unknown-test"),
     "deep_template": (lambda: with_template("{{ " + "(" * 2000 + "1" + ")" * 2000 + " }}"), "template-limit"),
+    "too_many_values": (lambda: "vars:\n  x: [" + ",".join(["1"] * 60_000) + "]\n", "yaml-limit"),
     "too_many_nodes": (
         lambda: "flow: many\ntrigger: {type: webhook}\nnodes:\n"
         + "".join(f"  - {{id: n{i}, type: log, with: {{message: hi}}}}\n" for i in range(1001)),
