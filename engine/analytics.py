@@ -223,7 +223,9 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--since", default="7d", help="window, e.g. 24h, 7d (default 7d)")
     a.add_argument("--flow", help="only this flow")
     a.add_argument("--json", action="store_true")
-    p = sub.add_parser("sink", help="run only the analytics sink (events stream -> Parquet); one per deployment is active")
+    p = sub.add_parser(
+        "sink", help="run only the analytics sink (events stream -> Parquet); one per deployment is active"
+    )
     p.set_defaults(handler=sink_command)
 
 

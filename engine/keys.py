@@ -45,6 +45,15 @@ class Keys:
         """Sorted set of every execution id, scored by creation time."""
         return f"{self.tag}:executions"
 
+    def flow_index(self, flow: str) -> str:
+        """Sorted set of one flow's execution ids, scored by creation time (``executions list --flow``)."""
+        return f"{self.tag}:executions:flow:{flow}"
+
+    @property
+    def indexed_flows(self) -> str:
+        """Set of the flow names that have a :meth:`flow_index` (retention trims each)."""
+        return f"{self.tag}:executions:flows"
+
     @property
     def counters(self) -> str:
         """Hash of cluster-wide counters: ``<event>:<flow>`` → count."""

@@ -84,7 +84,9 @@ class _EngineCollector(Collector):
         errors = CounterMetricFamily("flowchat_redis_errors", "Redis calls that failed in this process's loops")
         errors.add_metric([], REDIS.errors)
         yield errors
-        reconnects = CounterMetricFamily("flowchat_redis_reconnects", "Times this process got Redis back after losing it")
+        reconnects = CounterMetricFamily(
+            "flowchat_redis_reconnects", "Times this process got Redis back after losing it"
+        )
         reconnects.add_metric([], REDIS.reconnects)
         yield reconnects
 

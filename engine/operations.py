@@ -11,14 +11,31 @@ from flowchat.flow import Flow
 from flowchat.queue import Queue, execution_from_parts
 
 
-async def list_executions(queue: Queue, flow: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
-    rows = []
-    for meta in await queue.recent(limit * (1 if flow is None and status is None else 20)):
-        if (flow is None or meta["flow"] == flow) and (status is None or meta["status"] == status):
-            rows.append(meta)
-        if len(rows) >= limit:
+async def list_executions(
+    queue: Queue, flow: str | None, status: str | None, limit: int, *, page: int = 200
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` executions (of ``flow``, in ``status``), newest first.
+
+    A flow is read through its own index, so ``--flow`` costs what it shows; a status filter
+    pages through that index until ``limit`` match or it ends.
+    """
+    indexed = flow is not None and bool(await queue.redis.sismember(queue.keys.indexed_flows, flow))  # type: ignore[misc]
+    through = flow if indexed else None  # executions stored before flow indexes existed: scan them all
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    size = limit if (status is None and (flow is None or indexed)) else max(limit, page)
+    index = queue.keys.flow_index(through) if through is not None else queue.keys.index
+    while len(rows) < limit:
+        metas = await queue.recent(size, flow=through, offset=offset)
+        rows += [
+            meta
+            for meta in metas
+            if (status is None or meta["status"] == status) and (flow is None or meta["flow"] == flow)
+        ]
+        offset += size
+        if offset >= await queue.redis.zcard(index):
             break
-    return rows
+    return rows[:limit]
 
 
 async def load_execution(queue: Queue, execution_id: str) -> Execution | None:

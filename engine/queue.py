@@ -102,6 +102,8 @@ if ARGV[5] == '1' then
 end
 redis.call('HSET', KEYS[2], 'm', ARGV[2], 's', ARGV[6])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+redis.call('SADD', KEYS[6], ARGV[7])
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[1])
 return {ARGV[1], 1}
 """
@@ -249,7 +251,7 @@ class Queue:
         """Store and queue a new execution. Returns (execution id, created?)."""
         execution = Execution(new_execution_id(), flow, version, trigger, {}, status="queued")
         dedupe = self.keys.dedupe(f"{flow}:{idempotency_key}") if idempotency_key else self.keys.dedupe("-")
-        keys = [dedupe, self.keys.execution(execution.id), self.keys.ready, self.keys.index]
+        keys = [dedupe, self.keys.execution(execution.id), self.keys.ready, self.keys.index, *self._flow_keys(flow)]
         args: list[Any] = [
             execution.id,
             encode_meta(execution),
@@ -257,6 +259,7 @@ class Queue:
             int(self.retention.dedupe),
             "1" if idempotency_key else "0",
             encode_state(execution),
+            flow,
         ]
         try:
             execution_id, created = await self._run_script(self._enqueue, keys, args)
@@ -271,8 +274,14 @@ class Queue:
         ids = []
         for trigger in triggers:
             execution = Execution(new_execution_id(), flow, version, trigger, {}, status="queued")
-            keys = (self.keys.dedupe("-"), self.keys.execution(execution.id), self.keys.ready, self.keys.index)
-            args = (execution.id, encode_meta(execution), execution.created_at, 0, "0", encode_state(execution))
+            keys = (
+                self.keys.dedupe("-"),
+                self.keys.execution(execution.id),
+                self.keys.ready,
+                self.keys.index,
+                *self._flow_keys(flow),
+            )
+            args = (execution.id, encode_meta(execution), execution.created_at, 0, "0", encode_state(execution), flow)
             commands.append(("EVALSHA", self._enqueue.sha, len(keys), *keys, *args))
             ids.append(execution.id)
         try:
@@ -386,7 +395,10 @@ class Queue:
         await self.redis.xtrim(
             self.keys.dead, minid=f"{int((now - self.retention.failed) * 1000)}-0", approximate=False
         )
-        return int(await self.redis.zremrangebyscore(self.keys.index, "-inf", now - self.retention.longest))
+        oldest = now - self.retention.longest
+        for flow in await self.redis.smembers(self.keys.indexed_flows):  # type: ignore[misc]
+            await self.redis.zremrangebyscore(self.keys.flow_index(_text(flow)), "-inf", oldest)
+        return int(await self.redis.zremrangebyscore(self.keys.index, "-inf", oldest))
 
     async def next_due(self) -> float | None:
         first = await self.redis.zrange(self.keys.delayed, 0, 0, withscores=True)
@@ -467,8 +479,18 @@ class Queue:
         stored = decode_hash({_text(key): value for key, value in raw.items()})
         return None if stored is None else (stored.meta, stored.nodes)
 
-    async def recent(self, limit: int) -> list[dict[str, Any]]:
-        ids = [_text(i) for i in await self.redis.zrevrange(self.keys.index, 0, max(limit, 1) * 20)]
+    def _flow_keys(self, flow: str) -> list[str]:
+        return [self.keys.flow_index(flow), self.keys.indexed_flows]
+
+    async def recent(self, limit: int, *, flow: str | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """Up to ``limit`` executions, newest first, from ``offset`` on (of one ``flow``: through its index).
+
+        Reads exactly the entries asked for; one whose state has expired is left out.
+        """
+        index = self.keys.flow_index(flow) if flow is not None else self.keys.index
+        ids = [_text(i) for i in await self.redis.zrevrange(index, offset, offset + max(limit, 1) - 1)]
+        if not ids:
+            return []
         pipe = self.redis.pipeline(transaction=False)
         for execution_id in ids:
             pipe.hmget(self.keys.execution(execution_id), ["m", "s"])

@@ -150,3 +150,30 @@ async def test_an_execution_of_an_unknown_flow_version_is_dead_lettered_as_flow_
     meta = await settled(queue, execution_id)
     assert meta["status"] == "failed" and meta["error"]["code"] == "flow-missing"
     assert [letter["code"] for letter in await queue.dead_letters()] == ["flow-missing"]
+
+
+async def test_listing_one_flow_reads_its_own_index_not_every_execution(queue, flows_dir, catalog_factory):
+    from flowchat.operations import list_executions
+
+    write_flow(flows_dir, "busy", "  - {id: a, type: test.noop}\n")
+    write_flow(flows_dir, "rare", "  - {id: a, type: test.noop}\n")
+    catalog = catalog_factory(flows_dir)
+    rare = [await enqueue(queue, catalog, "rare")]
+    busy = catalog.get("busy")
+    await queue.store_flow(busy)
+    await queue.enqueue_many(busy.name, busy.version, [{} for _ in range(500)])
+    rare.append(await enqueue(queue, catalog, "rare"))
+    reads: list[int] = []
+    recent = queue.recent
+
+    async def counting(limit: int, **options: object) -> list[dict]:
+        found = await recent(limit, **options)  # type: ignore[arg-type]
+        reads.append(len(found))
+        return found
+
+    queue.recent = counting  # type: ignore[method-assign]
+    rows = await list_executions(queue, "rare", None, 20)
+
+    assert [row["id"] for row in rows] == rare[::-1]
+    assert sum(reads) == 2  # what it shows, not the 500 executions of the other flow
+    assert [row["flow"] for row in await list_executions(queue, None, "queued", 3)] == ["rare", "busy", "busy"]
