@@ -60,7 +60,8 @@ class Keys:
         return f"{self.tag}:counters"
 
     def execution(self, execution_id: str) -> str:
-        """Hash of one execution: ``m`` meta JSON, ``n:<node>`` node JSON, ``d`` deliveries."""
+        """Hash of one execution: ``m`` fixed meta JSON, ``s`` changing state JSON, ``n:<node>`` node JSON,
+        ``d`` deliveries (see :mod:`flowchat.codec`)."""
         return f"{self.tag}:x:{execution_id}"
 
     def dedupe(self, idempotency_key: str) -> str:

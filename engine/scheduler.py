@@ -1,8 +1,10 @@
 """Schedule triggers: fire each cron tick exactly once across any number of replicas.
 
 Every replica computes the same ticks; each enqueues a tick with the
-idempotency key ``tick:<epoch>``, so the queue's dedupe lets exactly one
-execution through however many replicas fire it.
+idempotency key ``tick:<wall-clock time in the flow's timezone>``, so the queue's
+dedupe lets exactly one execution through however many replicas fire it (and a
+tick repeated by a DST fall-back fires once, as cron does). The last tick fired
+is kept per flow under :meth:`Keys.schedule_last`.
 
 Ticks missed while no replica ran are *coalesced*: on start, if the most recent
 due tick is newer than the last one fired (kept in Redis), it fires once with
