@@ -15,6 +15,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,8 @@ TERMINAL = 9
 
 _RANKS_LUA = "local rank = {" + ", ".join(f"{name}={value}" for name, value in STATUS_RANK.items()) + "}\n"
 
-# KEYS: message hash, send record (or a dummy when none), index. ARGV: sid, send?(1/0), ttl, then field pairs.
+# KEYS: message hash, send record (or a dummy when none), index.
+# ARGV: sid, the node's output as JSON for the send record ('' for none), ttl, then field pairs.
 # A status callback may have arrived before this (Twilio is fast): never move its status back.
 _RECORD_SEND = (
     _RANKS_LUA
@@ -61,7 +63,7 @@ for i = 4, #ARGV, 2 do
 end
 redis.call('HSETNX', KEYS[1], 'created_at', now)
 redis.call('HSET', KEYS[1], 'updated_at', now)
-if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3]) end
 redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1])
 return now
 """
@@ -114,6 +116,9 @@ class SentBy:
     node: str = ""
 
 
+_SCRIPTS = {"record": _RECORD_SEND, "advance": _ADVANCE, "inbound": _RECORD_INBOUND}
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -132,28 +137,38 @@ class Ledger:
         self.redis = redis
         self.keys = keys or Keys()
         self.pipeliner = Pipeliner.shared(redis)  # a send's reads and record ride the worker's round trips
-        self._record = redis.register_script(_RECORD_SEND)
-        self._advance = redis.register_script(_ADVANCE)
-        self._inbound = redis.register_script(_RECORD_INBOUND)
+        self._scripts = {name: redis.register_script(text) for name, text in _SCRIPTS.items()}
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        script = self._scripts[name]
+        try:
+            return await self.pipeliner.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.redis.script_load(script.script)
+            return await self.pipeliner.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def record_inbound(self, sid: str, fields: dict[str, Any]) -> bool:
         """Record an inbound message (status ``received``); False when this MessageSid was seen before."""
         flat: list[str] = []
         for name, value in {**fields, "sid": sid, "direction": "inbound", "status": "received"}.items():
             flat += [name, _field(value)]
-        return bool(await self._inbound(keys=[self.keys.message(sid), self.keys.messages], args=[sid, *flat]))
+        return bool(await self._script("inbound", [self.keys.message(sid), self.keys.messages], [sid, *flat]))
 
-    async def sent(self, execution_id: str, node_id: str) -> dict[str, str] | None:
-        """The message this node of this execution already sent, if any."""
+    async def sent(self, execution_id: str, node_id: str) -> dict[str, Any] | None:
+        """What this node of this execution already sent (``{sid, status, to, used_template}``), if anything."""
         if not execution_id:
             return None
-        sid = await self.pipeliner.execute("GET", self.keys.send_record(execution_id, node_id))
-        if sid is None:
+        raw = await self.pipeliner.execute("GET", self.keys.send_record(execution_id, node_id))
+        if raw is None:
             return None
-        return await self.get(_text(sid)) or {"sid": _text(sid), "status": "queued"}
+        text = _text(raw)
+        if not text.startswith("{"):  # a bare sid (older records)
+            return {"sid": text, "status": "queued", "to": "", "used_template": False}
+        found: dict[str, Any] = json.loads(text)
+        return found
 
-    async def record_send(self, message: dict[str, Any], by: SentBy) -> None:
-        """Record an outbound message (and the node's send record) right after the provider answered."""
+    async def record_send(self, message: dict[str, Any], by: SentBy, output: dict[str, Any] | None = None) -> None:
+        """Record an outbound message, and the node's send record (its ``output``), right after the provider answered."""
         sid = str(message["sid"])
         fields = {**message, "direction": "outbound", "flow": by.flow, "execution": by.execution, "node": by.node}
         flat: list[str] = []
@@ -162,28 +177,22 @@ class Ledger:
                 flat += [name, _field(value)]
         has_record = bool(by.execution)
         record_key = self.keys.send_record(by.execution, by.node) if has_record else self.keys.send_record("-", "-")
+        record = json.dumps(output or {"sid": sid, "status": fields.get("status", "")}) if has_record else ""
         keys = [self.keys.message(sid), record_key, self.keys.messages]
-        args = [sid, "1" if has_record else "0", SEND_RECORD_TTL, *flat]
-        try:
-            await self.pipeliner.execute("EVALSHA", self._record.sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted and lost its scripts
-            await self.redis.script_load(self._record.script)
-            await self.pipeliner.execute("EVALSHA", self._record.sha, len(keys), *keys, *args)
+        await self._script("record", keys, [sid, record, SEND_RECORD_TTL, *flat])
 
     async def advance(
         self, sid: str, status: str, *, error_code: str = "", error_message: str = "", to: str = "", from_: str = ""
     ) -> dict[str, str] | None:
         """Apply a status callback; the message after a real change, None when nothing changed."""
-        reply = await self._advance(
-            keys=[self.keys.message(sid), self.keys.messages],
-            args=[sid, status, error_code, error_message, to, from_],
+        reply = await self._script(
+            "advance", [self.keys.message(sid), self.keys.messages], [sid, status, error_code, error_message, to, from_]
         )
         return _pairs(reply) if reply else None
 
     async def get(self, sid: str) -> dict[str, str] | None:
         """One message by sid."""
-        raw: dict[Any, Any] = await self.redis.hgetall(self.keys.message(sid))  # type: ignore[misc]
-        return _pairs(raw) or None
+        return _pairs(await self.pipeliner.execute("HGETALL", self.keys.message(sid))) or None
 
     async def recent(
         self, *, to: str = "", status: str = "", limit: int = 50, scan: int = 5000

@@ -198,11 +198,10 @@ class WhatsApp:
         """Send ``message`` once per (execution, node); output ``{sid, status, to, used_template}``."""
         to = e164(message.to, "to")
         sender = self._sender(message)
-        if self.ledger is not None and by.execution:
-            done = await self.ledger.sent(by.execution, by.node)
-            if done is not None:
-                return _output(done["sid"], done.get("status", ""), to, done.get("template") == "1")
-        contact = await self._contact(to)
+        # one round trip for both: did this node send already, and who is the contact
+        done, contact = await asyncio.gather(self._sent(by), self._contact(to))
+        if done is not None:
+            return {**done, "to": done.get("to") or to}
         _check_consent(contact, to)
         message = self._fit_window(message, contact, to)
         await self._pace(sender, to, by)
@@ -210,8 +209,9 @@ class WhatsApp:
             result = self._simulate(message, to, sender)
         else:
             result = await self._post(message, to, sender)
-        await self._record(result, message, to, sender, by)
-        return _output(result["sid"], result["status"], to, message.template is not None)
+        output = _output(result["sid"], result["status"], to, message.template is not None)
+        await self._record(result, message, to, sender, by, output)
+        return output
 
     def _sender(self, message: Outgoing) -> str:
         raw = message.from_ or self.settings.twilio_whatsapp_number
@@ -222,6 +222,11 @@ class WhatsApp:
                 "no sender number: set TWILIO_WHATSAPP_NUMBER or the node's `from`", code="whatsapp-sender-missing"
             )
         return ""
+
+    async def _sent(self, by: SentBy) -> dict[str, Any] | None:
+        if self.ledger is None or not by.execution:
+            return None
+        return await self.ledger.sent(by.execution, by.node)
 
     async def _contact(self, phone: str) -> dict[str, Any] | None:
         if self.contacts is None:
@@ -262,7 +267,9 @@ class WhatsApp:
                 await self._grant(granted)
         if self.send_rate is not None:
             rate = self.send_rate
-            decision = await self.limiter.acquire(f"wa:from:{line}", rate.limit, rate.per, holder=holder)
+            # burst 1: sends are spaced evenly, so no second ever carries more than the rate (Twilio
+            # queues what exceeds a sender's throughput, and a queued message can expire)
+            decision = await self.limiter.acquire(f"wa:from:{line}", rate.limit, rate.per, 1, holder=holder)
             if not decision.allowed:
                 raise Suspend(time.time() + decision.retry_after_ms / 1000)
 
@@ -334,7 +341,9 @@ class WhatsApp:
         if self.contacts is not None:
             await self.contacts.set_consent(phone, "opted_out", "twilio-21610")
 
-    async def _record(self, result: dict[str, Any], message: Outgoing, to: str, sender: str, by: SentBy) -> None:
+    async def _record(
+        self, result: dict[str, Any], message: Outgoing, to: str, sender: str, by: SentBy, output: dict[str, Any]
+    ) -> None:
         fields = {
             "sid": result["sid"],
             "status": result["status"],
@@ -347,7 +356,7 @@ class WhatsApp:
         }
         try:
             if self.ledger is not None:
-                await self.ledger.record_send(fields, by)
+                await self.ledger.record_send(fields, by, output)
             emit_message(self.events, by, sid=result["sid"], direction="outbound", phone=to,
                          status=result["status"], error_code="", template=message.template is not None)  # fmt: skip
         except RedisError as exc:

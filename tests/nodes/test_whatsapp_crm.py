@@ -126,7 +126,7 @@ async def test_twilio_21610_opts_the_contact_out(sender, book, fake):
 async def test_a_second_send_to_one_recipient_within_the_pace_is_deferred_not_slept(sender, book, fake):
     await wrote(book)
     await wrote(book, "+5511987650000", sid="SMin2")
-    whatsapp = sender(recipient_rate="1/6s")
+    whatsapp = sender(recipient_rate="1/6s", send_rate="off")
 
     await whatsapp.send(to=TO, body="one", execution="x1", node="n")
     started = time.monotonic()
@@ -167,3 +167,16 @@ async def test_sends_write_message_events(sender, book, fake, redis):
 )  # fmt: skip
 def test_consent_keywords_in_four_languages(body, expected):
     assert consent_keyword(body) == expected
+
+
+async def test_sends_from_one_number_are_spaced_at_the_sender_rate(sender, book, fake):
+    for index in range(3):
+        await wrote(book, f"+551198765000{index}", sid=f"SMw{index}")
+    whatsapp = sender(send_rate="10/1s")
+
+    await whatsapp.send(to="+5511987650000", body="a", execution="y0", node="n")
+    with pytest.raises(Suspend) as paced:
+        await whatsapp.send(to="+5511987650001", body="b", execution="y1", node="n")
+
+    assert 0.0 < paced.value.until - time.time() <= 0.11  # the next 100 ms slot, reserved for y1
+    assert fake.posts == 1
