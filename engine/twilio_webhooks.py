@@ -59,6 +59,13 @@ class TwilioWebhooks:
         self._settings = settings
         self.services = services
         self._token: tuple[str, str] | None = None
+        self._ledger: Ledger | None = None
+
+    def ledger(self, redis: Any, keys: Keys) -> Ledger:
+        """The message ledger on the ingress's Redis (made once: its scripts and auto-pipeline are kept)."""
+        if self._ledger is None or self._ledger.redis is not redis or self._ledger.keys != keys:
+            self._ledger = Ledger(redis, keys)
+        return self._ledger
 
     @property
     def settings(self) -> Settings:
@@ -166,9 +173,8 @@ async def record_inbound(hooks: TwilioWebhooks, keys: Keys, redis: Any, params: 
     The ``message`` event is written only the first time a MessageSid is seen.
     """
     sid = params.get("MessageSid", "")
-    contact, new = await asyncio.gather(
-        _record_on_contact(hooks, params), _record_in_ledger(keys, redis, sid, params), return_exceptions=False
-    )
+    ledger = hooks.ledger(redis, keys)
+    contact, new = await asyncio.gather(_record_on_contact(hooks, params), _record_in_ledger(ledger, sid, params))
     if new:
         emit_event(
             hooks, SentBy(), sid=sid, direction="inbound", phone=contact.get("phone", ""), status="received",
@@ -177,7 +183,7 @@ async def record_inbound(hooks: TwilioWebhooks, keys: Keys, redis: Any, params: 
     return contact
 
 
-async def _record_in_ledger(keys: Keys, redis: Any, sid: str, params: dict[str, str]) -> bool:
+async def _record_in_ledger(ledger: Ledger, sid: str, params: dict[str, str]) -> bool:
     if not sid:
         return False
     fields = {
@@ -185,7 +191,7 @@ async def _record_in_ledger(keys: Keys, redis: Any, sid: str, params: dict[str, 
         "body": params.get("Body", "")[:1600], "num_media": params.get("NumMedia", "0"),
         "button": params.get("ButtonPayload", ""), "profile_name": params.get("ProfileName", ""),
     }  # fmt: skip
-    return await Ledger(redis, keys).record_inbound(sid, fields)
+    return await ledger.record_inbound(sid, fields)
 
 
 async def _record_on_contact(hooks: TwilioWebhooks, params: dict[str, str]) -> dict[str, Any]:
@@ -240,7 +246,7 @@ async def advance_status(
     sid, status = params.get("MessageSid", ""), params.get("MessageStatus", "").lower()
     if not sid or not status:
         return None
-    message = await Ledger(redis, keys).advance(
+    message = await hooks.ledger(redis, keys).advance(
         sid,
         status,
         error_code=params.get("ErrorCode", ""),
