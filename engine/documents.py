@@ -8,7 +8,9 @@ built from the parser's event stream (no recursion, so no RecursionError), with
 a nesting limit, an alias-expansion limit (a "billion laughs" file stops at the
 first alias over it) and only the JSON-compatible standard tags (``!!str``,
 ``!!int``, ``!!float``, ``!!bool``, ``!!null``, ``!!map``, ``!!seq``); dates
-stay strings. Anything else is a problem at its position, never a traceback.
+stay strings. Merge keys (``<<: *anchor``) are refused too (a plain ``<<`` key; a
+quoted ``"<<"`` is an ordinary key). Anything else is a problem at its position,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ MAX_ALIAS_VALUES = 10_000
 
 _STANDARD = "tag:yaml.org,2002:"
 _ALLOWED_TAGS = {f"{_STANDARD}{name}" for name in ("str", "int", "float", "bool", "null", "map", "seq")} | {"!"}
+_MERGE = f"{_STANDARD}merge"
 _RESOLVER = Resolver()
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -243,8 +246,14 @@ class _Reader:
             tag = event.tag
         if tag == f"{_STANDARD}timestamp" and event.tag is None:
             return event.value  # dates stay text: a flow file holds JSON values
+        if tag == _MERGE and event.tag is None and self._reading_key():
+            # a merge would silently become a literal '<<' key (or, elsewhere, a crash): refuse it where it stands
+            self._fail(event, "yaml-merge", "merge keys ('<<: *anchor') are not supported: write the keys out")
         self._check_tag(event, event.tag)
         return self._construct(event, tag)
+
+    def _reading_key(self) -> bool:
+        return bool(self.stack) and isinstance(self.stack[-1].value, dict) and not self.stack[-1].has_key
 
     def _check_tag(self, event: Any, given: str | None) -> None:
         if given is None or given in _ALLOWED_TAGS:
