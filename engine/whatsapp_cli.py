@@ -15,6 +15,7 @@ import json
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from flowchat.settings import Settings, SettingsError
@@ -147,7 +148,7 @@ def messages(args: argparse.Namespace) -> int:
         print(f"{'sid':<34}  {'to':<16} {'status':<11} {'flow':<18} {'age':>6}  error")
         for row in rows:
             print(
-                f"{row.get('sid', ''):<34}  {row.get('to', ''):<16} {row.get('status', ''):<11} "
+                f"{row.get('sid', ''):<34}  {_masked(row.get('to', '')):<16} {row.get('status', ''):<11} "
                 f"{row.get('flow', ''):<18} {_age(row.get('created_at')):>6}  {row.get('error_code', '')}"
             )
         return 0
@@ -158,9 +159,37 @@ def messages(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(message, indent=2))
     else:
-        for name, value in sorted(message.items()):
-            print(f"{name:<14} {value}")
+        print("\n".join(show_lines(message)))
     return 0
+
+
+_PHONE_FIELDS = ("to", "from")
+
+
+def show_lines(message: dict[str, str]) -> list[str]:
+    """``messages show`` as text: phones masked as in logs, epoch-ms times as UTC (``--json`` keeps both raw)."""
+    lines = []
+    for name, value in sorted(message.items()):
+        if name in _PHONE_FIELDS:
+            value = _masked(value)
+        elif name.endswith("_at") or name.startswith("at:"):
+            value = _when(value)
+        lines.append(f"{name:<14} {value}")
+    return lines
+
+
+def _masked(phone: str) -> str:
+    from flowchat.phones import mask
+
+    return mask(phone) if phone else ""
+
+
+def _when(epoch_ms: str) -> str:
+    try:
+        moment = datetime.fromtimestamp(int(epoch_ms) / 1000, tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        return epoch_ms
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d} UTC"
 
 
 def _phone(raw: str) -> str:
