@@ -116,10 +116,11 @@ class LocalCluster(_Servers):
         for port in self.ports:
             _wait(lambda port=port: _ping(port), f"cluster node {port}")
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
-        subprocess.run(
+        subprocess.run(  # bounded: redis-cli waits forever for a cluster bus it cannot reach
             [redis_cli(), "--cluster", "create", *nodes, "--cluster-yes"],
             check=True,
             capture_output=True,
+            timeout=60,
         )
         for port in self.ports:
             _wait(lambda port=port: self._ok(port), f"cluster_state:ok on {port}")
