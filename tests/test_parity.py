@@ -26,8 +26,8 @@ from flowchat.codec import execution_json
 from flowchat.operations import load_execution
 from flowchat.settings import Settings
 
-VOLATILE = frozenset({"sid", "waited_until", "date", "tick"})
-"""Keys whose values differ between two runs by nature (ids minted per send, clocks; and every ``*_at``)."""
+VOLATILE = frozenset({"sid", "waited_until", "date", "tick", "at"})
+"""Keys whose values differ between two runs by nature (ids minted per send, clocks; consent times ``at`` and every ``*_at``)."""
 
 
 def built_in_cases(base: str) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -65,6 +65,11 @@ def built_in_cases(base: str) -> dict[str, tuple[str, dict[str, Any]]]:
         "node_greeting": (
             "  - {id: hi, type: example.greeting, with: {name: '{{ trigger.name }}', language: pt}}\n",
             {"name": "Ana"},
+        ),
+        "node_contact_consent": (
+            "  - {id: out, type: contact.consent, with: {phone: '{{ trigger.phone }}', state: opted_out, source: form}}\n"
+            "  - {id: back, type: contact.consent, with: {phone: '{{ out.phone }}', state: opted_in, source: form}}\n",
+            {"phone": "+15551230199"},
         ),
     }
 
@@ -191,6 +196,8 @@ async def test_flowchat_run_and_a_worker_process_agree(queue, redis_url, process
         }
         assert worker_side == run_side, f"{name}: {differing}"
         traces[name] = trace(printed)
+    covered = {node.type for path, _ in cases.values() for node in load_flow(path, registry).nodes.values()}
+    assert set(registry.names()) <= covered, f"node types no case runs: {set(registry.names()) - covered}"
     statuses = {name: printed["status"] for name, printed in zip(cases, in_process, strict=True)}
     assert statuses.pop("node_http_failing") == "failed"
     assert set(statuses.values()) == {"succeeded"}, statuses
