@@ -474,20 +474,6 @@ def contact_from_fields(raw: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
-def empty_contact(phone: str) -> dict[str, Any]:
-    """What ``contact.lookup`` says about a phone it does not know."""
-    return {
-        "phone": phone,
-        "name": None,
-        "attributes": {},
-        "tags": [],
-        "groups": [],
-        "consent": {"state": "unknown", "at": None, "source": None},
-        "created_at": None,
-        "last_inbound_at": None,
-    }
-
-
 def labels(values: Iterable[str] | str | None) -> list[str]:
     """Tags or group names, trimmed, de-duplicated, in order; bad ones are errors."""
     if values is None:
