@@ -25,8 +25,8 @@ from bench.report import print_table, rows
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
-def run(bench: Bench) -> None:
-    """Every row, in the order of the table; how long each part took goes into the results."""
+def run(bench: Bench, only: set[str] | None = None) -> None:
+    """Every row (or the steps named in ``only``), in the order of the table; how long each took goes into the results."""
     steps: list[tuple[str, Callable[[], object]]] = [
         ("baseline", bench.baseline),
         ("queue_noop1", lambda: bench.queue_drain("noop1")),
@@ -41,6 +41,8 @@ def run(bench: Bench) -> None:
     ]
     seconds = bench.results.setdefault("step_seconds", {})
     for name, step in steps:
+        if only and name not in only:
+            continue
         started = time.time()
         result = step()
         if result is not None:
@@ -63,18 +65,29 @@ def main() -> int:
         action="store_true",
         help="only the Redis Cluster rows: a local 3-master cluster, 1 and 2 partitions",
     )
+    parser.add_argument(
+        "--only",
+        metavar="STEPS",
+        help="comma-separated steps to run (baseline, queue_noop1, queue_noop5, queue_noop1_2_workers, "
+        "queue_lead_intake, ingress, ingress_twilio, latency, crm, sink); results go to a separate file",
+    )
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     if args.cluster:
         return cluster_main()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="flowchat-bench-") as workdir:
         bench = Bench(args.quick, Path(workdir))
         try:
-            run(bench)
+            run(bench, only)
             redis_version = bench.redis_version()
         finally:
             bench.close()
     results = bench.results
+    if only:  # a partial run has no full table: print the raw numbers
+        print(json.dumps(results, indent=2))
+        RESULTS.with_name("only.json").write_text(json.dumps(results, indent=2))
+        return 0
     table = rows(results)
     results["machine"] = {
         "cpus": os.cpu_count(),
