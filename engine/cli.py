@@ -575,7 +575,7 @@ environment:
 class _Described:
     """Subparsers whose one-line help is also the description `SUB --help` prints."""
 
-    def __init__(self, subparsers: Any) -> None:
+    def __init__(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         self.subparsers = subparsers
 
     def add_parser(self, name: str, *, help: str) -> argparse.ArgumentParser:

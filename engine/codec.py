@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from pydantic import BaseModel
@@ -202,7 +202,7 @@ def node_output(output: Any, *, mask: Callable[[Any], Any] = identity, max_bytes
             f"run() must return a dict (a JSON object), got {type(output).__name__}", code="node-output-invalid"
         )
     if mask is not identity:
-        plain, data = mask(plain), None
+        plain, data = mask(plain), None  # a mask keeps the shape: the dict stays a dict
     size = len(data if data is not None else orjson.dumps(plain))
     if size > max_bytes:
         raise NodeError(
@@ -210,7 +210,7 @@ def node_output(output: Any, *, mask: Callable[[Any], Any] = identity, max_bytes
             code="node-output-too-large",
             retryable=False,
         )
-    return plain
+    return cast(dict[str, Any], plain)
 
 
 def to_json(value: Any, path: str = "output") -> Any:

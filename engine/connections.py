@@ -71,7 +71,8 @@ def _options(url: str = "") -> dict[str, Any]:
 
 def redis_client(url: str) -> Redis:
     """A single-server client for ``url`` (see :func:`_options`)."""
-    return Redis.from_url(url, **_options(url))
+    client: Redis = Redis.from_url(url, **_options(url))  # redis-py leaves from_url's return unannotated
+    return client
 
 
 def cluster_client(url: str) -> Redis:

@@ -31,8 +31,11 @@ MEMORY_FIELDS = (
 )  # fmt: skip
 
 
-def iso(epoch: float | int | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with milliseconds and offset; None stays None."""
+def iso(epoch: float | str | None) -> str | None:
+    """Epoch seconds (a number, or its text as Redis holds it) as ISO 8601 UTC with milliseconds and offset.
+
+    None and ``""`` (not set) stay None.
+    """
     if epoch is None or epoch == "":
         return None
     return datetime.fromtimestamp(float(epoch), UTC).isoformat(timespec="milliseconds")

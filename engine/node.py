@@ -61,7 +61,7 @@ class RetryPolicy(BaseModel):
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait after failed ``attempt`` (1-based): exponential, equal jitter."""
-        ceiling = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        ceiling: float = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
         wait = ceiling / 2 + random.uniform(0, ceiling / 2)
         # honour Retry-After, but a server cannot park an execution longer than max_backoff
         return max(wait, min(retry_after or 0.0, self.max_backoff))

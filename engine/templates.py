@@ -18,8 +18,8 @@ from typing import Any
 
 import jinja2
 from jinja2 import meta, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.nativetypes import NativeCodeGenerator
-from jinja2.sandbox import SecurityError
 
 from flowchat.errors import FlowChatError, TemplateError, TemplateSecurityError
 from flowchat.sandbox import (

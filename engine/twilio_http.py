@@ -41,7 +41,7 @@ def capture_responses() -> list[Response]:
     return box
 
 
-class TwilioHttp(AsyncHttpClient):
+class TwilioHttp(AsyncHttpClient):  # type: ignore[misc]  # twilio ships no type information
     """An async twilio HTTP client with a deadline, no retries, a base URL and visible headers."""
 
     def __init__(self, base_url: str = "", timeout: float = 15.0) -> None:

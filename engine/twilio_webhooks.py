@@ -174,6 +174,8 @@ async def record_inbound(hooks: TwilioWebhooks, keys: Keys, redis: Any, params: 
     """
     sid = params.get("MessageSid", "")
     ledger = hooks.ledger(redis, keys)
+    contact: dict[str, Any]  # mypy infers Any for a gather of a dict[str, Any] and a bool
+    new: bool
     contact, new = await asyncio.gather(_record_on_contact(hooks, params), _record_in_ledger(ledger, sid, params))
     if new:
         emit_event(
