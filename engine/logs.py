@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 from datetime import UTC, datetime
 from typing import Any
+
+from flowchat.settings import secret_values
 
 _SEP = r"[\s.-]?"
 _PHONE = re.compile(
@@ -22,8 +23,6 @@ _PHONE = re.compile(
     rf"|(?P<national>\(?\d{{3}}\)?{_SEP}\d{{3}}{_SEP}\d{{4,5}})"  # 415 555 0123, (415) 555-0123, 4155550123
     r")(?![\d])"
 )
-SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
-
 
 _CANDIDATE = re.compile(r"(?<![\w])(?:\+|%2[Bb]|\()?\d[\d\s().-]{5,}\d")
 """Cheap pre-filter: a run of at least 7 digits with separators; only these reach phonenumbers."""
@@ -101,20 +100,12 @@ def add_secret_values(values: list[str]) -> None:
     _FLOW_SECRETS[:] = sorted({*_FLOW_SECRETS, *(value for value in values if value)}, key=len, reverse=True)
 
 
-def _secret_values() -> list[str]:
-    return [
-        value
-        for name, value in os.environ.items()
-        if len(value) >= 8 and any(marker in name.upper() for marker in SECRET_MARKERS)
-    ]
-
-
 class RedactingFilter(logging.Filter):
     """Masks phone numbers and secret values in a record's message (for any handler)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.secrets = _secret_values()
+        self.secrets = secret_values()
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = redact(record.getMessage(), [*_FLOW_SECRETS, *self.secrets]), None
@@ -129,7 +120,7 @@ class RedactingFormatter(logging.Formatter):
 
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
-        self.secrets = _secret_values()
+        self.secrets = secret_values()
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
         return iso_utc(record.created)

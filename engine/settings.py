@@ -5,6 +5,10 @@ nowhere else; the rest of the engine receives a :class:`Settings`. The README's
 "Settings" table documents each field with its variable and default. Fields are
 grouped by the part of FlowChat that owns them; add new ones to their group.
 
+One reading happens without a :class:`Settings`: :func:`secret_values`, the values
+of variables whose names say they are secret, which the log filters mask from the
+moment ``flowchat.logs`` is imported (an embedding process may never build settings).
+
 A :class:`Settings` is read-only: plugins' service factories receive it too
 (``flowchat.services`` entry points), so they see the same configuration.
 """
@@ -80,6 +84,20 @@ def _addresses(env: Mapping[str, str], name: str) -> tuple[tuple[str, int], ...]
             raise SettingsError(f"{name}: {item!r} is not host:port")
         found.append((host.strip("[]"), int(port)))
     return tuple(found)
+
+
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
+"""A variable whose name contains one of these (any case) holds a secret that no log line may show."""
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of the variables :data:`SECRET_MARKERS` names, 8 characters or more (shorter ones match too much)."""
+    env = os.environ if environ is None else environ
+    return [
+        value
+        for name, value in env.items()
+        if len(value) >= 8 and any(marker in name.upper() for marker in SECRET_MARKERS)
+    ]
 
 
 class SettingsError(ValueError):
