@@ -1,4 +1,4 @@
-"""Templates at run time: work over a limit is refused before it is done, and payload keys read as keys."""
+"""flowchat.sandbox: work over a template limit is refused before it is done; payload keys read as keys."""
 
 from __future__ import annotations
 

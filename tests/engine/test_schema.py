@@ -1,4 +1,4 @@
-"""The flow schema ships in the package; `flowchat schema` prints the node types in effect, from any folder."""
+"""flowchat.schema: the flow schema ships in the package; `flowchat schema` prints the types in effect."""
 
 from __future__ import annotations
 

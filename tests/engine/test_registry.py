@@ -1,4 +1,4 @@
-"""Where node types come from: the plugins folder, installed entry points, and what goes wrong."""
+"""flowchat.registry: where node types come from (the plugins folder, installed entry points) and what goes wrong."""
 
 import ast
 import sys

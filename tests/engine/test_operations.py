@@ -1,4 +1,4 @@
-"""Operator commands (`executions`, `dlq`, `queue`) run as real CLI processes against real queue state.
+"""flowchat.operations: operator commands (`executions`, `dlq`, `queue`) as real CLI processes on real state.
 
 Executions are enqueued with the Queue API and run by an in-process Worker; the
 CLI runs as a user runs it, in a subprocess from the repo root, on the same Redis.
