@@ -1,4 +1,4 @@
-"""Load-time validation, driven by a corpus of broken flows in ``broken/``.
+"""flowchat.loader: load-time validation, driven by a corpus of broken flows in ``broken/``, and defaults.
 
 Each file there shows one kind of mistake and says, in its leading comments,
 what the loader must report::
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import write_flow
 
 from flowchat import FlowError, FlowInvalid, Registry, load_flow, load_registry
 
@@ -226,3 +227,20 @@ def test_cli_validate_accepts_the_shipped_flows() -> None:
 
     assert result.returncode == 0, result.stderr
     assert "ok  flows/lead_intake.yaml" in result.stdout
+
+
+def test_a_node_retry_merges_with_its_type_defaults_field_by_field(flows_dir, registry):
+    path = write_flow(
+        flows_dir,
+        "merge",
+        "  - {id: call, type: http.request, with: {url: 'http://127.0.0.1:1/'}, retry: {backoff: 5s}}\n"
+        "  - {id: plain, type: http.request, with: {url: 'http://127.0.0.1:1/'}}\n"
+        "  - {id: once, type: http.request, with: {url: 'http://127.0.0.1:1/'}, retry: {max_attempts: 1}}\n",
+    )
+    flow = load_flow(path, registry)
+
+    defaults = flow.nodes["plain"].retry
+    assert (defaults.max_attempts, defaults.backoff, defaults.max_backoff) == (3, 1.0, 60.0)
+    merged = flow.nodes["call"].retry
+    assert (merged.max_attempts, merged.backoff, merged.max_backoff) == (3, 5.0, 60.0)
+    assert flow.nodes["once"].retry.max_attempts == 1 and flow.nodes["once"].retry.max_backoff == 60.0
