@@ -105,7 +105,7 @@ class Catalog:
         while len(self._versions) > self.max_versions:
             self._versions.popitem(last=False)
 
-    async def version(self, name: str, version: str, lookup: SourceLookup) -> Flow | None:
+    async def flow_at(self, name: str, version: str, lookup: SourceLookup) -> Flow | None:
         """The exact flow version an execution started with: loaded, or rebuilt from the YAML the queue stored."""
         flow = self._versions.get((name, version))
         if flow is not None:

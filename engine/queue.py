@@ -59,9 +59,9 @@ __all__ = [
     "RETENTION",
     "RETENTION_SUCCEEDED",
     "Delivery",
-    "Loaded",
     "Queue",
     "Retention",
+    "StoredExecution",
     "dumps",
     "execution_from_parts",
 ]
@@ -179,7 +179,7 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
-class Loaded:
+class StoredExecution:
     """An execution's stored state, as a worker picks it up."""
 
     delivery: Delivery
@@ -318,7 +318,7 @@ class Queue:
             for message_id, fields in entries
         ]
 
-    async def load(self, deliveries: list[Delivery]) -> list[Loaded]:
+    async def load(self, deliveries: list[Delivery]) -> list[StoredExecution]:
         """Count a delivery and fetch the state of each execution, in one round trip."""
         commands: list[tuple[Any, ...]] = []
         for delivery in deliveries:
@@ -333,9 +333,9 @@ class Queue:
                     raise reply
             stored = decode_hash({_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)})
             if stored is None:
-                loaded.append(Loaded(delivery, None, {}, int(count)))
+                loaded.append(StoredExecution(delivery, None, {}, int(count)))
             else:
-                loaded.append(Loaded(delivery, stored.meta, stored.nodes, int(count)))
+                loaded.append(StoredExecution(delivery, stored.meta, stored.nodes, int(count)))
         return loaded
 
     async def checkpoint(self, execution: Execution, runs: Iterable[NodeRun]) -> None:

@@ -33,7 +33,7 @@ from flowchat.flow import Flow, FlowNode
 from flowchat.metrics import Metrics
 from flowchat.mover import DelayedMover  # re-exported: it lived here before flowchat.mover
 from flowchat.outcome import Outcome, cancelled, dead
-from flowchat.queue import Delivery, Loaded, Queue, execution_from_parts
+from flowchat.queue import Delivery, Queue, StoredExecution, execution_from_parts
 from flowchat.runner import Runner
 from flowchat.services import Services
 from flowchat.settings import Settings
@@ -198,7 +198,7 @@ class Worker:
         self.in_flight.pop(message_id, None)
         self._slot_free.set()
 
-    async def _execute(self, loaded: Loaded) -> None:
+    async def _execute(self, loaded: StoredExecution) -> None:
         """Run one delivered execution to its outcome and record it.
 
         Only Redis being unreachable leaves the entry for take-over (its lease expires and
@@ -231,7 +231,7 @@ class Worker:
             await self._record(cancelled(job.execution, time.time()), job.delivery)
         log.info("%s cancelled by an operator; stopped at a node boundary", job.delivery.execution_id)
 
-    async def _advance(self, loaded: Loaded, job: _Job) -> Outcome | None:
+    async def _advance(self, loaded: StoredExecution, job: _Job) -> Outcome | None:
         """Decode, check and run the execution; its outcome, or None when there is nothing to record."""
         delivery, meta = loaded.delivery, loaded.meta
         if meta is None:
@@ -242,7 +242,7 @@ class Worker:
             log.info("%s was cancelled; dropping its queue entry", delivery.execution_id)
             await self.queue.drop_delivery(delivery)
             return None
-        flow = await self.catalog.version(meta["flow"], meta["flow_version"], self.queue.flow_source)
+        flow = await self.catalog.flow_at(meta["flow"], meta["flow_version"], self.queue.flow_source)
         execution = execution_from_parts(meta, loaded.nodes, _order(flow, loaded.nodes))
         job.flow, job.execution = flow, execution
         if flow is None:

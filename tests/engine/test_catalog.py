@@ -21,13 +21,13 @@ async def test_stored_versions_are_cached_up_to_a_bound(flows_dir, registry):
         return sources.get(version)
 
     for version in sources:
-        flow = await catalog.version("old", version, lookup)
+        flow = await catalog.flow_at("old", version, lookup)
         assert flow is not None and list(flow.nodes) == [f"a{version[1:]}"]
     assert len(catalog._versions) == 2
-    await catalog.version("old", "v3", lookup)  # recent: still cached
-    await catalog.version("old", "v0", lookup)  # dropped: rebuilt
+    await catalog.flow_at("old", "v3", lookup)  # recent: still cached
+    await catalog.flow_at("old", "v0", lookup)  # dropped: rebuilt
     assert looked_up == ["v0", "v1", "v2", "v3", "v0"]
-    assert await catalog.version("old", "gone", lookup) is None
+    assert await catalog.flow_at("old", "gone", lookup) is None
 
 
 async def test_the_current_version_needs_no_lookup(flows_dir, registry):
@@ -41,4 +41,4 @@ async def test_the_current_version_needs_no_lookup(flows_dir, registry):
         raise AssertionError("the loaded version is at hand")
 
     for _ in range(3):
-        assert await catalog.version("now", current.version, lookup) is current
+        assert await catalog.flow_at("now", current.version, lookup) is current
