@@ -464,7 +464,8 @@ environment:
   FLOWCHAT_RETENTION_SUCCEEDED how long finished executions stay in Redis (24h)
   FLOWCHAT_RETENTION_FAILED    how long failed/dead executions and dead letters stay (7d)
   FLOWCHAT_DEDUPE_TTL          how long an Idempotency-Key maps to its execution (24h)
-  FLOWCHAT_LOG_FORMAT          text or json (text)""",
+  FLOWCHAT_LOG_FORMAT          text or json (text)
+  (every setting: the README's Settings table)""",
     )
     parser.add_argument("--plugins", metavar="DIR", help="plugins folder (default: $FLOWCHAT_PLUGINS or ./plugins)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for serve/worker)")
