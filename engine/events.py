@@ -1,9 +1,13 @@
 """The events stream: what happened, for analytics to read (``{fc:events}:stream``).
 
-One Redis stream under its own hash tag. Every entry has the fields ``id`` (unique),
-``type`` (execution | node_run | metric | contact | message), ``ts`` (epoch ms), ``flow``,
-``execution_id``, ``node`` ("" when none) and ``data`` (a JSON object); CONTRACTS.md lists
-what ``data`` holds per type. Analytics reads it through the consumer group ``analytics``.
+One Redis stream under its own hash tag. Every entry has the fields ``id``, ``type``
+(execution | node_runs | node_run | metric | contact | message), ``ts`` (epoch ms), ``flow``,
+``execution_id``, ``node`` ("" when none) and ``data`` (a JSON object). An event's identity
+is its stream entry id (unique, assigned by Redis, the same when the sink reads it again);
+``id`` is left empty by the engine's writers. A worker writes one entry per write of an
+execution: the node runs settled since its last write (``node_runs``, ``data.runs``), or at
+the end the ``execution`` event carrying them; the sink turns each run into a ``node_run``
+row, so the views are unchanged. Analytics reads it through the consumer group ``analytics``.
 
 Guarantees and costs:
 
@@ -21,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -84,9 +87,9 @@ def now_ms() -> int:
 
 
 def entry(kind: str, origin: Origin, data: Mapping[str, Any], ts: int | None = None) -> dict[str, str]:
-    """The fields of one stream entry."""
+    """The fields of one stream entry (its identity is the stream entry id Redis gives it)."""
     return {
-        "id": uuid.uuid4().hex,
+        "id": "",
         "type": kind,
         "ts": str(ts if ts is not None else now_ms()),
         "flow": origin.flow,
@@ -204,10 +207,11 @@ def _ms(seconds: float | None) -> int | None:
     return int(seconds * 1000) if seconds else None
 
 
-def node_run_event(execution: Any, run: Any) -> dict[str, str]:
-    """A ``node_run`` entry for a settled (or retrying) node of ``execution``."""
+def node_run(run: Any) -> dict[str, Any]:
+    """One settled (or retrying) node run, as ``node_runs`` and ``execution`` events carry it."""
     status = "retried" if run.status == "waiting" else run.status
-    data = {
+    return {
+        "node": run.id,
         "node_type": run.type,
         "status": status,
         "attempt": run.attempts,
@@ -215,13 +219,17 @@ def node_run_event(execution: Any, run: Any) -> dict[str, str]:
         "duration_ms": round(run.duration_ms, 3),
         "error_code": (run.error or {}).get("code", "") if status in ("failed", "retried") else "",
     }
-    return entry("node_run", Origin(execution.flow, execution.id, run.id), data)
 
 
-def execution_event(execution: Any, trigger_type: str) -> dict[str, str]:
-    """An ``execution`` entry for a finished execution."""
+def node_runs_event(execution: Any, runs: list[dict[str, Any]]) -> dict[str, str]:
+    """A ``node_runs`` entry: node runs of ``execution`` settled since its last write."""
+    return entry("node_runs", Origin(execution.flow, execution.id, ""), {"runs": runs})
+
+
+def execution_event(execution: Any, trigger_type: str, runs: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """An ``execution`` entry for a finished execution, with the node runs settled in its last write."""
     started, finished = _ms(execution.started_at), _ms(execution.finished_at)
-    data = {
+    data: dict[str, Any] = {
         "flow_version": execution.flow_version,
         "trigger_type": trigger_type,
         "status": execution.status,
@@ -231,4 +239,6 @@ def execution_event(execution: Any, trigger_type: str) -> dict[str, str]:
         "attempts": sum(run.attempts for run in execution.nodes.values()),
         "error_code": (execution.error or {}).get("code", "") if execution.status == "failed" else "",
     }
+    if runs:
+        data["runs"] = runs
     return entry("execution", Origin(execution.flow, execution.id, ""), data)

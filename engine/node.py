@@ -109,6 +109,11 @@ class Node:
     """True for nodes that do no I/O and have no side effects (``set``, ``log``): they run
     without a timeout timer, and their checkpoint rides with the next write, so after a
     crash they may simply run again."""
+    idempotent: ClassVar[bool] = False
+    """True for nodes whose effect is the same whether they run once or again with the same
+    config (``contact.upsert`` sets fields; ``whatsapp.send`` sends once per execution and
+    node): their checkpoint, like a pure node's, rides with the next write, so after a crash
+    they may run again. Pure nodes are idempotent."""
     instant: ClassVar[bool] = False
     """Deprecated alias of :attr:`pure` (plugins written before the rename set it)."""
     services: ClassVar[tuple[str, ...]] = ()

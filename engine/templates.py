@@ -102,7 +102,8 @@ class _NativeTemplate(jinja2.Template):
     environment_class = _NativeSandbox
 
     def render(self, *args: Any, **kwargs: Any) -> Any:
-        context = self.new_context(dict(*args, **kwargs))
+        # the globals merged by hand: Jinja's own merge walks its ChainMap of globals on every render
+        context = self.new_context({**_GLOBALS, **dict(*args, **kwargs)}, shared=True)
         return _concat(self.root_render_func(context))
 
 
@@ -119,6 +120,7 @@ def _environment() -> _NativeSandbox:
 
 
 ENVIRONMENT = _environment()
+_GLOBALS = dict(ENVIRONMENT.globals)
 
 
 def is_template(value: Any) -> bool:
@@ -138,11 +140,15 @@ class Template:
     _compiled: jinja2.Template
     var_keys: frozenset[str] = frozenset()
     text: bool = False
+    _lookups: tuple[Literal | Lookup, ...] | None = None
+    """The template as literal text and plain lookups (``"reply:{{ contact.phone }}"``), when it is only that."""
 
     def render(self, context: dict[str, Any]) -> Any:
         budget = start_budget()
         try:
-            result = self._compiled.render(context)
+            result = _look_up(self._lookups, context) if self._lookups else _MISSING
+            if result is _MISSING:
+                result = self._compiled.render(context)
         except TemplateLimitExceeded as exc:
             raise TemplateError(f"{exc} in {_short(self.source)}", code="template-limit") from exc
         except SecurityError as exc:
@@ -163,7 +169,87 @@ class Template:
 
     def as_text(self) -> Template:
         """This template, rendering numbers as strings."""
-        return Template(self.source, self.names, self._compiled, self.var_keys, True)
+        return Template(self.source, self.names, self._compiled, self.var_keys, True, self._lookups)
+
+
+class Literal(str):
+    """Text between the expressions of a template."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """``contact.phone`` or ``trigger['From']``: a context name followed by keys."""
+
+    name: str
+    keys: tuple[str | int, ...]
+
+
+_MISSING: Any = object()
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+"""``x.items`` is dict.items in Jinja, not the key "items": such lookups take Jinja's path."""
+
+
+def _look_up(parts: tuple[Literal | Lookup, ...], context: dict[str, Any]) -> Any:
+    """Render a template of plain lookups without Jinja; ``_MISSING`` when Jinja must decide.
+
+    Only dicts and lists of the context are walked, exactly as Jinja's sandbox would for
+    these keys; anything else (a missing key, an attribute, the secrets view) goes to Jinja,
+    which renders it or raises its usual error.
+    """
+    values: list[Any] = []
+    for part in parts:
+        if isinstance(part, Literal):
+            values.append(part)
+            continue
+        value = context.get(part.name, _MISSING)
+        for key in part.keys:
+            if type(value) is dict:
+                value = value.get(key, _MISSING)
+            elif type(value) is list and type(key) is int and -len(value) <= key < len(value):
+                value = value[key]
+            else:
+                return _MISSING
+        if value is _MISSING or isinstance(value, Iterator):
+            return _MISSING
+        values.append(value)
+    if len(values) == 1:
+        if isinstance(values[0], str):
+            check_text(len(values[0]))
+        return values[0]
+    text = "".join(str(value) for value in values)
+    check_text(len(text))
+    return text
+
+
+def _lookups_of(tree: nodes.Template) -> tuple[Literal | Lookup, ...] | None:
+    """The template as literals and lookups, or None when it holds anything else."""
+    if len(tree.body) != 1 or not isinstance(tree.body[0], nodes.Output):
+        return None
+    parts: list[Literal | Lookup] = []
+    for child in tree.body[0].nodes:
+        if isinstance(child, nodes.TemplateData):
+            parts.append(Literal(child.data))
+            continue
+        lookup = _lookup_of(child)
+        if lookup is None:
+            return None
+        parts.append(lookup)
+    return tuple(parts) if parts else None
+
+
+def _lookup_of(node: nodes.Node) -> Lookup | None:
+    keys: list[str | int] = []
+    while not isinstance(node, nodes.Name):
+        if isinstance(node, nodes.Getattr) and node.attr not in _DICT_ATTRIBUTES:
+            keys.append(node.attr)
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and type(node.arg.value) in (str, int):
+            keys.append(node.arg.value)  # a subscript is the key first in Jinja, even ['items']
+        else:
+            return None
+        node = node.node
+    if node.ctx != "load" or node.name in _GLOBALS:
+        return None
+    return Lookup(node.name, tuple(reversed(keys)))
 
 
 def _short(source: str) -> str:
@@ -191,7 +277,7 @@ def compile_template(source: str) -> Template:
         raise TemplateError(f"template: {exc} in {source!r}", code="template-syntax") from exc
     except RecursionError as exc:
         raise TemplateError(f"template nested too deeply in {_short(source)}", code="template-limit") from exc
-    return Template(source, names, compiled, frozenset(_var_keys(tree)))
+    return Template(source, names, compiled, frozenset(_var_keys(tree)), _lookups=_lookups_of(tree))
 
 
 def _check_known(tree: nodes.Node, source: str) -> None:

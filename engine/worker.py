@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from flowchat.backoff import REDIS, Backoff, retrying
 from flowchat.catalog import Catalog
 from flowchat.errors import FlowChatError, QueueError
-from flowchat.events import Events, execution_event, node_run_event
+from flowchat.events import Events, execution_event, node_run, node_runs_event
 from flowchat.execution import Execution, NodeRun
 from flowchat.flow import Flow, FlowNode
 from flowchat.metrics import Metrics
@@ -87,7 +87,7 @@ class Worker:
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self._unsaved: dict[str, list[NodeRun]] = {}
         self.events: Events | None = services.extra.get("events")
-        self._events: dict[str, list[dict[str, str]]] = {}  # node_run events riding the next write
+        self._events: dict[str, list[dict[str, Any]]] = {}  # node runs riding the next write's event
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
 
@@ -300,12 +300,12 @@ class Worker:
 
         Two kinds of node state ride along with a later write instead of costing a round
         trip of their own: the last node's (written atomically with the outcome) and that of
-        pure nodes, which have no side effects, so redoing one after a crash is harmless.
+        pure and idempotent nodes, which a crash may make run again harmlessly.
         """
         if run.finished or run.status == "waiting":
             self.metrics.node_ran(run.type, run.status, run.duration_ms / 1000)
             if self.events is not None and self.events.enabled and (run.finished or run.error):
-                self._events.setdefault(execution.id, []).append(node_run_event(execution, run))
+                self._events.setdefault(execution.id, []).append(node_run(run))
         unsaved = self._unsaved.setdefault(execution.id, [])
         unsaved.append(run)
         if _may_defer(run, node) or all(other.finished for other in execution.nodes.values()):
@@ -329,10 +329,12 @@ class Worker:
         """Queue pending events on the queue's auto-pipeline, beside the write that follows."""
         if self.events is None or not self.events.enabled:
             return
-        entries = self._events.pop(execution.id, [])
+        runs = self._events.pop(execution.id, [])
         if final and execution.finished:
             flow = self.catalog.get(execution.flow)
-            entries.append(execution_event(execution, flow.trigger.type if flow else ""))
+            entries = [execution_event(execution, flow.trigger.type if flow else "", runs)]
+        else:
+            entries = [node_runs_event(execution, runs)] if runs else []
         self.events.emit_many(entries, pipeliner=self.queue.pipeliner)
 
 
@@ -353,8 +355,8 @@ class _Job:
 
 
 def _may_defer(run: NodeRun, node: FlowNode) -> bool:
-    """A pure node that passed needs no checkpoint of its own: its state rides with the next write."""
-    return node.node.pure and run.status in ("ok", "skipped")
+    """A pure or idempotent node that passed needs no checkpoint of its own: its state rides with the next write."""
+    return (node.node.pure or node.node.idempotent) and run.status in ("ok", "skipped")
 
 
 def redis_unreachable(exc: BaseException) -> bool:

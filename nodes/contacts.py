@@ -46,6 +46,7 @@ class ContactLookup(Node):
     """Find a contact by phone; `found` is false (and the rest empty) for a new number."""
 
     type = "contact.lookup"
+    idempotent = True
     retry = _RETRY
     services: ClassVar[tuple[str, ...]] = ("contacts",)
 
@@ -77,6 +78,7 @@ class ContactUpsert(Node):
     """Create a contact or update its name and attributes; `created` is true only the first time."""
 
     type = "contact.upsert"
+    idempotent = True
     retry = _RETRY
     services: ClassVar[tuple[str, ...]] = ("contacts",)
 
@@ -97,6 +99,7 @@ class ContactUpdate(Node):
     """Update a contact: attributes merged, `unset` keys removed (the contact is created if new)."""
 
     type = "contact.update"
+    idempotent = True
     retry = _RETRY
     services: ClassVar[tuple[str, ...]] = ("contacts",)
 
@@ -120,6 +123,7 @@ class ContactTag(Node):
     """Add and remove tags and groups of a contact (created if new); reports what changed."""
 
     type = "contact.tag"
+    idempotent = True
     retry = _RETRY
     services: ClassVar[tuple[str, ...]] = ("contacts",)
 

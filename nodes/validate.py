@@ -17,6 +17,7 @@ class Validate(Node):
     """Validate data against a JSON Schema; output {valid, errors} with each error's JSON path."""
 
     type = "validate"
+    pure = True
 
     class Config(NodeConfig):
         data: Any = Field(None, description="What to validate; defaults to the trigger payload.")

@@ -42,6 +42,7 @@ class WhatsAppSend(Node):
     """Send a WhatsApp message (text, media or template); consent, 24-hour window and pacing are enforced."""
 
     type = "whatsapp.send"
+    idempotent = True  # once per (execution, node): a send record answers a repeat
     retry = RetryPolicy(max_attempts=6, backoff=2.0, max_backoff=600.0)
     timeout = 60.0
     services = ("whatsapp",)

@@ -32,7 +32,7 @@ async def run_one(queue, catalog, services, events: int = 6) -> None:
         await task
 
 
-async def test_a_worker_emits_one_execution_event_and_one_per_node_run(queue, flows_dir, catalog_factory) -> None:
+async def test_a_worker_emits_one_execution_event_carrying_every_node_run(queue, flows_dir, catalog_factory) -> None:
     write_flow(
         flows_dir,
         "evented",
@@ -43,7 +43,7 @@ async def test_a_worker_emits_one_execution_event_and_one_per_node_run(queue, fl
     )
     catalog = catalog_factory(flows_dir)
     async with open_services(Settings(), redis=queue.redis, keys=queue.keys, only=CRM) as services:
-        await run_one(queue, catalog, services)
+        await run_one(queue, catalog, services, events=3)  # metric, node_runs (first three), execution
     entries = [
         {k.decode(): v.decode() for k, v in fields.items()} for _, fields in await queue.redis.xrange(queue.keys.events)
     ]
@@ -54,7 +54,11 @@ async def test_a_worker_emits_one_execution_event_and_one_per_node_run(queue, fl
     by_type: dict[str, list[dict[str, object]]] = {}
     for item in entries:
         by_type.setdefault(item["type"], []).append({**item, "data": orjson.loads(item["data"])})
-    runs = {item["node"]: item["data"] for item in by_type["node_run"]}
+    assert "node_run" not in by_type  # runs ride the entry of the write that saves them
+    carried = [run for item in by_type.get("node_runs", []) for run in item["data"]["runs"]]
+    carried += by_type["execution"][0]["data"]["runs"]
+    runs = {run["node"]: run for run in carried}
+    assert len(carried) == len(runs) == 4
     assert {node: data["status"] for node, data in runs.items()} == {
         "first": "ok",
         "skipped": "skipped",
