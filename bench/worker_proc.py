@@ -9,11 +9,13 @@ a command or a pipeline is one round trip; the count, the CPU time spent after s
 and the process's peak RSS are printed as JSON on SIGTERM. Modules a long-running worker
 imports on its first send are imported before the clock starts. With ``BENCH_WAIT_GO``
 set the worker prints ``ready`` and starts reading on SIGUSR1, so several start at once.
+With ``BENCH_PROFILE=FILE`` the run is profiled (cProfile, from start to SIGTERM) into FILE.
 """
 
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import contextlib
 import json
 import os
@@ -35,6 +37,7 @@ _send = AbstractConnection.send_packed_command
 
 async def _counting_send(self, command, check_health=True):  # type: ignore[no-untyped-def]
     ROUND_TRIPS["count"] += 1
+    ROUND_TRIPS["bytes"] = ROUND_TRIPS.get("bytes", 0) + (len(command) if isinstance(command, bytes | bytearray) else sum(map(len, command)))
     return await _send(self, command, check_health)
 
 
@@ -55,6 +58,9 @@ async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -
         if os.environ.get("BENCH_WAIT_GO"):
             await go.wait()
         ROUND_TRIPS["count"] = 0
+        profiler = cProfile.Profile() if os.environ.get("BENCH_PROFILE") else None
+        if profiler is not None:
+            profiler.enable()
         at_ready = resource.getrusage(resource.RUSAGE_SELF)
         mover = asyncio.create_task(DelayedMover(rt.queue).run())
         task = asyncio.create_task(worker.run())
@@ -62,14 +68,19 @@ async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -
         worker.stop()
         await task
         mover.cancel()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.environ["BENCH_PROFILE"])
         usage = resource.getrusage(resource.RUSAGE_SELF)
         trips = ROUND_TRIPS["count"]
     print(
         json.dumps(
             {
                 "round_trips": trips,
+                "bytes_sent": ROUND_TRIPS.get("bytes", 0),
                 "peak_rss_mb": usage.ru_maxrss / 1024,
                 "cpu_seconds": usage.ru_utime + usage.ru_stime - at_ready.ru_utime - at_ready.ru_stime,
+                "system_cpu_seconds": usage.ru_stime - at_ready.ru_stime,
             }
         ),
         flush=True,

@@ -102,8 +102,9 @@ class _NativeTemplate(jinja2.Template):
     environment_class = _NativeSandbox
 
     def render(self, *args: Any, **kwargs: Any) -> Any:
-        # the globals merged by hand: Jinja's own merge walks its ChainMap of globals on every render
-        context = self.new_context({**_GLOBALS, **dict(*args, **kwargs)}, shared=True)
+        # the context built by hand: Jinja's own walks its ChainMap of globals twice on every render
+        parent = {**_GLOBALS, **dict(*args, **kwargs)}
+        context = self.environment.context_class(self.environment, parent, self.name, self.blocks)
         return _concat(self.root_render_func(context))
 
 
@@ -140,13 +141,18 @@ class Template:
     _compiled: jinja2.Template
     var_keys: frozenset[str] = frozenset()
     text: bool = False
-    _lookups: tuple[Literal | Lookup, ...] | None = None
-    """The template as literal text and plain lookups (``"reply:{{ contact.phone }}"``), when it is only that."""
+    _fast: Fast | None = None
+    """The template as plain Python, when it is simple enough (:func:`_fast_renderer`)."""
 
     def render(self, context: dict[str, Any]) -> Any:
         budget = start_budget()
         try:
-            result = _look_up(self._lookups, context) if self._lookups else _MISSING
+            result = _MISSING
+            if self._fast is not None:
+                try:
+                    result = self._fast(context)
+                except _Defer:
+                    pass
             if result is _MISSING:
                 result = self._compiled.render(context)
         except TemplateLimitExceeded as exc:
@@ -169,87 +175,134 @@ class Template:
 
     def as_text(self) -> Template:
         """This template, rendering numbers as strings."""
-        return Template(self.source, self.names, self._compiled, self.var_keys, True, self._lookups)
+        return Template(self.source, self.names, self._compiled, self.var_keys, True, self._fast)
 
 
-class Literal(str):
-    """Text between the expressions of a template."""
+class _Defer(Exception):
+    """Raised while rendering without Jinja: this context needs Jinja to decide (a missing key …)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """``contact.phone`` or ``trigger['From']``: a context name followed by keys."""
+class _Unsupported(Exception):
+    """Raised while compiling: this expression is outside the subset rendered without Jinja."""
 
-    name: str
-    keys: tuple[str | int, ...]
+
+Fast = Callable[[dict[str, Any]], Any]
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+"""``x.items`` is dict.items in Jinja, not the key "items": such lookups take Jinja's path."""
+_COMPARE: dict[str, Callable[[Any, Any], Any]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "gt": operator.gt,
+    "gteq": operator.ge,
+    "lt": operator.lt,
+    "lteq": operator.le,
+    "in": lambda a, b: a in b,
+    "notin": lambda a, b: a not in b,
+}
+
+
+def _fast_renderer(tree: nodes.Template) -> Fast | None:
+    """The template as plain Python when it only holds text, lookups, literals, ``or``/``and``/``not``,
+    ``… if … else …`` and comparisons (``"reply:{{ contact.phone }}"``, ``{{ a.b or 'friend' }}``):
+    the same values Jinja gives, without a Jinja context per render. None when it holds anything else."""
+    if len(tree.body) != 1 or not isinstance(tree.body[0], nodes.Output):
+        return None
+    try:
+        parts = [_text_part(child.data) if isinstance(child, nodes.TemplateData) else _expression(child) for child in tree.body[0].nodes]
+    except _Unsupported:
+        return None
+    if len(parts) == 1:
+        only = parts[0]
+
+        def render_one(context: dict[str, Any]) -> Any:
+            value = only(context)
+            if isinstance(value, str):
+                check_text(len(value))
+            return value
+
+        return render_one
+
+    def render_text(context: dict[str, Any]) -> Any:
+        text = "".join([str(part(context)) for part in parts])
+        check_text(len(text))
+        return text
+
+    return render_text
+
+
+def _text_part(data: str) -> Fast:
+    return lambda context: data
+
+
+def _expression(node: nodes.Node) -> Fast:  # noqa: C901 (one case per kind of node)
+    if isinstance(node, nodes.Const) and type(node.value) in (str, int, float, bool, type(None)):
+        value = node.value
+        return lambda context: value
+    if isinstance(node, nodes.List):
+        items = [_expression(item) for item in node.items]
+        return lambda context: [item(context) for item in items]
+    if isinstance(node, nodes.Name) and node.ctx == "load" and node.name not in _GLOBALS:
+        return _name(node.name)
+    if isinstance(node, nodes.Getattr) and node.attr not in _DICT_ATTRIBUTES:
+        return _key(_expression(node.node), node.attr)
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and type(node.arg.value) in (str, int):
+        return _key(_expression(node.node), node.arg.value)  # a subscript is the key first in Jinja, even ['items']
+    if isinstance(node, nodes.Or | nodes.And):
+        left, right = _expression(node.left), _expression(node.right)
+        if isinstance(node, nodes.Or):
+            return lambda context: left(context) or right(context)
+        return lambda context: left(context) and right(context)
+    if isinstance(node, nodes.Not):
+        inner = _expression(node.node)
+        return lambda context: not inner(context)
+    if isinstance(node, nodes.CondExpr) and node.expr2 is not None:
+        test, then, otherwise = _expression(node.test), _expression(node.expr1), _expression(node.expr2)
+        return lambda context: then(context) if test(context) else otherwise(context)
+    if isinstance(node, nodes.Compare) and all(op.op in _COMPARE for op in node.ops):
+        return _comparison(_expression(node.expr), [(_COMPARE[op.op], _expression(op.expr)) for op in node.ops])
+    raise _Unsupported
+
+
+def _name(name: str) -> Fast:
+    def look_up(context: dict[str, Any]) -> Any:
+        value = context.get(name, _MISSING)
+        if value is _MISSING or isinstance(value, Iterator):
+            raise _Defer
+        return value
+
+    return look_up
+
+
+def _key(parent: Fast, key: str | int) -> Fast:
+    def look_up(context: dict[str, Any]) -> Any:
+        value = parent(context)
+        if type(value) is dict:
+            value = value.get(key, _MISSING)
+        elif type(value) is list and type(key) is int and -len(value) <= key < len(value):
+            value = value[key]
+        else:
+            raise _Defer  # an attribute, a string's character, the secrets view …: Jinja's rules
+        if value is _MISSING or isinstance(value, Iterator):
+            raise _Defer
+        return value
+
+    return look_up
+
+
+def _comparison(first: Fast, rest: list[tuple[Callable[[Any, Any], Any], Fast]]) -> Fast:
+    def compare(context: dict[str, Any]) -> Any:
+        left = first(context)
+        for op, operand in rest:  # chained like Python (and Jinja): a < b < c
+            right = operand(context)
+            if not op(left, right):
+                return False
+            left = right
+        return True
+
+    return compare
 
 
 _MISSING: Any = object()
-_DICT_ATTRIBUTES = frozenset(dir(dict))
-"""``x.items`` is dict.items in Jinja, not the key "items": such lookups take Jinja's path."""
-
-
-def _look_up(parts: tuple[Literal | Lookup, ...], context: dict[str, Any]) -> Any:
-    """Render a template of plain lookups without Jinja; ``_MISSING`` when Jinja must decide.
-
-    Only dicts and lists of the context are walked, exactly as Jinja's sandbox would for
-    these keys; anything else (a missing key, an attribute, the secrets view) goes to Jinja,
-    which renders it or raises its usual error.
-    """
-    values: list[Any] = []
-    for part in parts:
-        if isinstance(part, Literal):
-            values.append(part)
-            continue
-        value = context.get(part.name, _MISSING)
-        for key in part.keys:
-            if type(value) is dict:
-                value = value.get(key, _MISSING)
-            elif type(value) is list and type(key) is int and -len(value) <= key < len(value):
-                value = value[key]
-            else:
-                return _MISSING
-        if value is _MISSING or isinstance(value, Iterator):
-            return _MISSING
-        values.append(value)
-    if len(values) == 1:
-        if isinstance(values[0], str):
-            check_text(len(values[0]))
-        return values[0]
-    text = "".join(str(value) for value in values)
-    check_text(len(text))
-    return text
-
-
-def _lookups_of(tree: nodes.Template) -> tuple[Literal | Lookup, ...] | None:
-    """The template as literals and lookups, or None when it holds anything else."""
-    if len(tree.body) != 1 or not isinstance(tree.body[0], nodes.Output):
-        return None
-    parts: list[Literal | Lookup] = []
-    for child in tree.body[0].nodes:
-        if isinstance(child, nodes.TemplateData):
-            parts.append(Literal(child.data))
-            continue
-        lookup = _lookup_of(child)
-        if lookup is None:
-            return None
-        parts.append(lookup)
-    return tuple(parts) if parts else None
-
-
-def _lookup_of(node: nodes.Node) -> Lookup | None:
-    keys: list[str | int] = []
-    while not isinstance(node, nodes.Name):
-        if isinstance(node, nodes.Getattr) and node.attr not in _DICT_ATTRIBUTES:
-            keys.append(node.attr)
-        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and type(node.arg.value) in (str, int):
-            keys.append(node.arg.value)  # a subscript is the key first in Jinja, even ['items']
-        else:
-            return None
-        node = node.node
-    if node.ctx != "load" or node.name in _GLOBALS:
-        return None
-    return Lookup(node.name, tuple(reversed(keys)))
 
 
 def _short(source: str) -> str:
@@ -270,6 +323,7 @@ def compile_template(source: str) -> Template:
         raise TemplateSecurityError(f"access to {unsafe!r} is not allowed in {source!r}")
     _check_known(tree, source)
     _check_constants(tree, source)
+    fast = _fast_renderer(tree)  # first: Jinja's analysis and compiler rewrite nodes in place
     names = frozenset(meta.find_undeclared_variables(tree))
     try:
         compiled = ENVIRONMENT.from_string(tree)
@@ -277,7 +331,7 @@ def compile_template(source: str) -> Template:
         raise TemplateError(f"template: {exc} in {source!r}", code="template-syntax") from exc
     except RecursionError as exc:
         raise TemplateError(f"template nested too deeply in {_short(source)}", code="template-limit") from exc
-    return Template(source, names, compiled, frozenset(_var_keys(tree)), _lookups=_lookups_of(tree))
+    return Template(source, names, compiled, frozenset(_var_keys(tree)), _fast=fast)
 
 
 def _check_known(tree: nodes.Node, source: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,9 @@ import pytest
 from jinja2.sandbox import SecurityError
 
 from flowchat import Execution, FlowInvalid, Registry, Runner, TemplateError, TemplateSecurityError, load_registry
+from flowchat.errors import FlowChatError
 from flowchat.loader import load_flow_text
-from flowchat.templates import ENVIRONMENT, compile_expression, compile_template, render_tree
+from flowchat.templates import ENVIRONMENT, Template, compile_expression, compile_template, render_tree
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -259,3 +261,71 @@ def test_a_flow_reading_a_name_nobody_defines_is_refused_at_load_time(registry: 
 
     assert [error.code for error in raised.value.errors] == ["template-unknown-name"]
     assert str(raised.value.errors[0]).startswith("greet.yaml:12:16: [template-unknown-name]")
+
+
+# --- the subset rendered without Jinja gives exactly what Jinja gives -------------------
+
+FAST_SOURCES = [
+    "{{ trigger.From }}",
+    "reply:{{ contact.phone }}",
+    "{{ trigger['From'] }}",
+    "{{ a['items'] }}",
+    "{{ a.items }}",
+    "{{ x.0 }}",
+    "{{ x[-1] }}",
+    "{{ x[5] }}",
+    "{{ n }}!",
+    "{{ trigger.Nope }}",
+    "{{ trigger.ProfileName or 'friend' }}",
+    "Thanks {{ trigger.ProfileName or 'friend' }}, hi",
+    "{{ empty or 'friend' }}",
+    "{{ ['inbound', 'new'] if trigger.contact.created else ['inbound'] }}",
+    "{{ 'new' if not trigger.contact.created else 'returning' }}",
+    "{{ trigger.contact.consent.state != 'opted_out' }}",
+    "{{ 1 < n2 <= 3 }}",
+    "{{ 'a' in trigger.From }}",
+    "{{ 'z' not in x }}",
+    "{{ text < 1 }}",
+    "{{ trigger.From.upper }}",
+    "{{ trigger.From[0] }}",
+    "{{ flag and trigger.From }}",
+    "{{ range }}",
+    "{{ none }}",
+    "{{ true }}",
+]
+FAST_CONTEXTS = [
+    {
+        "trigger": {"From": "whatsapp:+1", "ProfileName": "Ada", "contact": {"created": True, "consent": {"state": "unknown"}}},
+        "contact": {"phone": "+2"},
+        "a": {"items": 5},
+        "x": [7, "z"],
+        "n": None,
+        "n2": 2,
+        "empty": "",
+        "text": "t",
+        "flag": 0,
+    },
+    {"trigger": {"From": "x", "contact": {"created": False, "consent": {"state": "opted_out"}}}, "x": [], "n2": 9},
+]
+
+
+@pytest.mark.parametrize("source", FAST_SOURCES)
+def test_templates_rendered_without_jinja_match_jinja(source: str) -> None:
+    template = compile_template(source)
+    for context in FAST_CONTEXTS:
+        slow = replace(template, _fast=None)
+        assert _outcome(template, context) == _outcome(slow, context), (source, context)
+
+
+def test_plain_lookups_and_conditions_take_the_fast_path() -> None:
+    for source in ("{{ trigger.From }}", "x{{ a.b }}y", "{{ a or 'b' }}", "{{ [1] if a == 2 else [] }}"):
+        assert compile_template(source)._fast is not None, source
+    for source in ("{{ a | upper }}", "{{ a + 1 }}", "{% if a %}x{% endif %}", "{{ range(3) }}", "{{ a.items }}"):
+        assert compile_template(source)._fast is None, source
+
+
+def _outcome(template: Template, context: dict[str, object]) -> tuple[str, object]:
+    try:
+        return "ok", template.render(context)
+    except FlowChatError as exc:
+        return exc.code, exc.message
