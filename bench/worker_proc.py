@@ -15,8 +15,8 @@ With ``BENCH_PROFILE=FILE`` the run is profiled (cProfile, from start to SIGTERM
 from __future__ import annotations
 
 import asyncio
-import cProfile
 import contextlib
+import cProfile
 import json
 import os
 import resource

@@ -234,7 +234,7 @@ def _text_part(data: str) -> Fast:
     return lambda context: data
 
 
-def _expression(node: nodes.Node) -> Fast:  # noqa: C901 (one case per kind of node)
+def _expression(node: nodes.Node) -> Fast:
     if isinstance(node, nodes.Const) and type(node.value) in (str, int, float, bool, type(None)):
         value = node.value
         return lambda context: value
