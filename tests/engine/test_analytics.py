@@ -386,6 +386,30 @@ def test_entries_table_takes_any_field_order_and_odd_values() -> None:
     assert rows[3]["data"] == "{}"
 
 
+def test_node_runs_carried_by_execution_and_node_runs_entries_become_node_run_rows() -> None:
+    def fields(kind: str, data: dict[str, Any]) -> list[bytes]:
+        names = (b"id", b"type", b"ts", b"flow", b"execution_id", b"node", b"data")
+        values = (b"", kind.encode(), b"9", b"crm", b"x1", b"", json.dumps(data).encode())
+        return [item for pair in zip(names, values, strict=True) for item in pair]
+
+    run = {"node_type": "set", "status": "ok", "attempt": 1, "started_at": 8, "duration_ms": 0.5, "error_code": ""}
+    entries = [
+        fields("node_runs", {"runs": [{**run, "node": "a"}, {**run, "node": "b"}]}),
+        fields("execution", {"status": "succeeded", "runs": [{**run, "node": "c"}]}),
+    ]
+    first = entries_table(entries, [b"1-0", b"2-0"]).to_pylist()
+    again = entries_table(entries, [b"1-0", b"2-0"]).to_pylist()  # the same entries read again: the same rows
+    assert first == again
+    assert [(r["type"], r["node"], r["id"]) for r in first] == [
+        ("node_run", "a", "stream-1-0:0"),
+        ("node_run", "b", "stream-1-0:1"),
+        ("execution", "", "stream-2-0"),
+        ("node_run", "c", "stream-2-0:0"),
+    ]
+    assert json.loads(first[2]["data"]) == {"status": "succeeded"}  # the runs are not kept twice
+    assert json.loads(first[0]["data"]) == {k: v for k, v in run.items()}
+
+
 README_QUERY = re.compile(r"<!-- query: (\w+) -->\n```sql\n(.*?)```", re.S)
 
 

@@ -33,9 +33,10 @@ async def event_list(redis) -> list[dict[str, object]]:
     await asyncio.sleep(0.01)  # appends are not awaited: let the batch leave
     entries = await redis.xrange(KEYS.events)
     out = []
-    for _, fields in entries:
+    for entry_id, fields in entries:
         item = {k.decode(): v.decode() for k, v in fields.items()}
         item["data"] = orjson.loads(item["data"])
+        item["id"] = item["id"] or entry_id.decode()  # an event's identity is its stream entry id
         out.append(item)
     return out
 
