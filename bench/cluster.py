@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis as sync_redis
 
+from bench.stored import indexed_ids, summaries
 from flowchat.connections import open_redis
 from flowchat.keys import Keys
 from flowchat.loader import load_flow
@@ -65,11 +65,8 @@ def _span(client: sync_redis.RedisCluster, names: list[str]) -> tuple[float, flo
     first, last = float("inf"), 0.0
     for name in names:
         keys = Keys(name)
-        for execution_id in client.zrange(keys.index, 0, -1):
-            raw_m, raw_s = client.hmget(keys.execution(execution_id.decode()), ["m", "s"])
-            if raw_m and raw_s:
-                state = {**orjson.loads(raw_m), **orjson.loads(raw_s)}
-                first, last = min(first, state["started_at"] or first), max(last, state["finished_at"] or last)
+        for state in summaries(client, keys, indexed_ids(client, keys)):
+            first, last = min(first, state["started_at"] or first), max(last, state["finished_at"] or last)
     return first, last
 
 

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis as sync_redis
 from redis.asyncio import Redis
 
+from bench.stored import indexed_ids, summaries
 from flowchat.keys import Keys
 from flowchat.loader import load_flow
 from flowchat.queue import Queue
@@ -253,19 +253,12 @@ class Bench:
         return min(m["started_at"] for m in metas), max(m["finished_at"] for m in metas)
 
     def metas(self, ids: list[str]) -> list[dict[str, Any]]:
-        client = self.client()
-        metas: list[dict[str, Any]] = []
-        for start in range(0, len(ids), 5000):
-            pipe = client.pipeline(transaction=False)
-            for execution_id in ids[start : start + 5000]:
-                pipe.hmget(Keys().execution(execution_id), ["m", "s"])
-            metas += [{**orjson.loads(m), **orjson.loads(s)} for m, s in pipe.execute() if m and s]
-        return metas
+        """Each execution's status and times, of either stored form (a succeeded one is compact)."""
+        return summaries(self.client(), Keys(), ids)
 
     def flow_ids(self, flow: str | None = None) -> list[str]:
-        """Every execution id in the index (of one flow when named)."""
-        client = self.client()
-        ids = [i.decode() for i in client.zrange(Keys().index, 0, -1)]
+        """Every execution id in the indexes (of one flow when named), oldest first."""
+        ids = sorted(indexed_ids(self.client(), Keys()))  # ids start with their creation time
         if flow is None:
             return ids
         return [m["id"] for m in self.metas(ids) if m["flow"] == flow]

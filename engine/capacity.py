@@ -3,8 +3,9 @@
 Read at a glance by ``flowchat queue stats``, exported on ``/metrics`` (refreshed once a
 minute by every daemon process) and warned about once when Redis would be full within a
 day at the current rate. Numbers come from ``INFO memory`` of the server (or Cluster node)
-holding the queue, ``MEMORY USAGE`` of a sample of execution hashes, and the executions
-index (creation times, for the rate).
+holding the queue, ``MEMORY USAGE`` of a sample of execution hashes (the newest live and the
+newest finished ones, found through the per-status indexes) and of the indexes (an execution's
+bytes are its hash's plus its index entry's), and the indexes' creation times (for the rate).
 """
 
 from __future__ import annotations
@@ -15,19 +16,17 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import orjson
 from prometheus_client import Gauge
 from redis.exceptions import RedisError, ResponseError
 
 from flowchat.metrics import Metrics
-from flowchat.queue import Queue
+from flowchat.queue import FINISHED, LIVE, Queue
 
 log = logging.getLogger("flowchat.capacity")
 
 SAMPLE = 50
 RATE_WINDOW = 3600.0
 DAY = 86400.0
-LIVE = ("queued", "running", "waiting")
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,7 @@ async def measure(queue: Queue, now: float | None = None) -> Capacity:
     now = time.time() if now is None else now
     info = await _memory_info(queue)
     used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
-    total = int(await queue.redis.zcard(queue.keys.index))
-    recent = int(await queue.redis.zcount(queue.keys.index, now - RATE_WINDOW, now))
+    total, recent = await _counts(queue, now)
     rate = recent / RATE_WINDOW
     live, finished = await _sizes(queue)
     per_execution = finished if finished is not None else live
@@ -81,37 +79,48 @@ async def _memory_info(queue: Queue) -> dict[str, Any]:
     return dict(await redis.info("memory"))
 
 
+async def _counts(queue: Queue, now: float) -> tuple[int, int]:
+    """Executions kept, and those created within the rate window, summed over every index."""
+    pipe = queue.redis.pipeline(transaction=False)
+    for index in await queue.indexes():
+        pipe.zcard(index)
+        pipe.zcount(index, now - RATE_WINDOW, now)
+    replies = [int(reply) for reply in await pipe.execute()]
+    return sum(replies[::2]), sum(replies[1::2])
+
+
 async def _sizes(queue: Queue) -> tuple[float | None, float | None]:
-    """Average ``MEMORY USAGE`` of the newest executions' hashes, live and finished apart."""
-    ids = [_text(i) for i in await queue.redis.zrevrange(queue.keys.index, 0, SAMPLE - 1)]
-    live: list[int] = []
-    finished: list[int] = []
-    for execution_id in ids:
-        key = queue.keys.execution(execution_id)
-        try:
-            size = await queue.redis.memory_usage(key)
-        except ResponseError:
-            return None, None  # MEMORY is renamed or disabled on some managed Redis
-        state = await queue.redis.hget(key, "s")  # type: ignore[misc]
-        if size is None or state is None:
-            continue
-        (live if _status(state) in LIVE else finished).append(int(size))
-    return _mean(live), _mean(finished)
-
-
-def _status(state: Any) -> str:
+    """Bytes per execution, live and finished apart: the average ``MEMORY USAGE`` of the newest
+    executions' hashes, plus what one entry of their indexes takes on average."""
+    sizes: list[float | None] = []
     try:
-        return str(orjson.loads(state).get("status", ""))
-    except (orjson.JSONDecodeError, AttributeError):
-        return ""
+        for statuses in (LIVE, FINISHED):
+            indexes = [index for status in statuses for index in await queue.indexes(status=status)]
+            sample: list[int] = []
+            for execution_id, _ in await queue.newest(indexes, SAMPLE):
+                size = await queue.redis.memory_usage(queue.keys.execution(execution_id))
+                if size is not None:
+                    sample.append(int(size))
+            mean = _mean(sample)
+            sizes.append(None if mean is None else round(mean + await _index_entry(queue, indexes), 1))
+    except ResponseError:
+        return None, None  # MEMORY is renamed or disabled on some managed Redis
+    return sizes[0], sizes[1]
+
+
+async def _index_entry(queue: Queue, indexes: list[str]) -> float:
+    """Average bytes of one entry of ``indexes`` (sampled by Redis)."""
+    pipe = queue.redis.pipeline(transaction=False)
+    for index in indexes:
+        pipe.memory_usage(index)
+        pipe.zcard(index)
+    replies = await pipe.execute()
+    entries = sum(int(count) for count in replies[1::2])
+    return sum(int(size or 0) for size in replies[::2]) / entries if entries else 0.0
 
 
 def _mean(values: list[int]) -> float | None:
     return round(sum(values) / len(values), 1) if values else None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def lines(capacity: Capacity) -> list[str]:

@@ -311,8 +311,7 @@ def executions(args: argparse.Namespace) -> int:
     if args.action == "list":
         since = _since(args.since)
         status = "failed" if args.status == "dead" else args.status
-        rows = _with_queue(lambda q: operations.list_executions(q, args.flow, status, args.limit))
-        rows = [row for row in rows if since is None or (row.get("created_at") or 0) >= since]
+        rows = _with_queue(lambda q: operations.list_executions(q, args.flow, status, args.limit, since=since))
         if args.json:
             from flowchat.listing import execution_record
 
@@ -324,12 +323,27 @@ def executions(args: argparse.Namespace) -> int:
         return 0
     if args.action == "cancel":
         return _cancel(args.id)
-    execution = _with_queue(lambda q: operations.load_execution(q, args.id))
-    if execution is None:
+    found = _with_queue(lambda q: operations.load_stored(q, args.id))
+    if found is None:
         print(f"error: no execution {args.id}", file=sys.stderr)
         return 1
-    print(json.dumps(execution_json(execution), indent=2, default=str) if args.json else format_trace(execution))
+    execution, compact = found
+    if args.json:
+        print(json.dumps(execution_json(execution), indent=2, default=str))
+        return 0
+    print(format_trace(execution))
+    if compact:
+        print(compact_note(execution.id))
     return 0
+
+
+def compact_note(execution_id: str) -> str:
+    """What ``executions show`` adds under a succeeded execution, whose outputs Redis no longer holds."""
+    return (
+        "note: outputs of a succeeded execution are not retained (nor its trigger, past 64 bytes): Redis keeps\n"
+        "this summary until FLOWCHAT_RETENTION_SUCCEEDED. Its node runs are in analytics:\n"
+        f"  flowchat analytics sql \"select * from node_runs where execution_id = '{execution_id}'\""
+    )
 
 
 def _since(age: str | None) -> float | None:
@@ -533,7 +547,9 @@ environment:
     a.add_argument("--json", action="store_true")
     a = actions.add_parser("cancel", help="cancel a queued or waiting execution (e.g. a contact who opted out)")
     a.add_argument("id")
-    a = actions.add_parser("show", help="one execution: per node status, attempts, duration, output or error")
+    a = actions.add_parser(
+        "show", help="one execution: per node status, attempts, duration, output (until it succeeds) or error"
+    )
     a.add_argument("id")
     a.add_argument("--json", action="store_true")
 

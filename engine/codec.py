@@ -1,11 +1,27 @@
 """The one codec of execution state, and the node-output boundary that feeds it.
 
-**Stored state.** One Redis hash per execution (:meth:`Keys.execution`) holds:
+**Stored state.** One Redis hash per execution (:meth:`Keys.execution`). While it is live,
+and after it failed or was cancelled (the *full* form), it holds:
 
 - ``m``: what never changes after enqueue (``id, flow, trigger, created_at``), JSON;
 - ``s``: what changes at each hand-off (``flow_version, status, started_at, finished_at, error``), JSON;
-- ``n:<node id>``: one :class:`NodeRun`, JSON, written at its checkpoint;
-- ``d``: how many times the execution was delivered to a worker.
+- ``n:<node id>``: one :class:`NodeRun`, JSON object, written at its checkpoint;
+- ``d``: how many times the execution was delivered to a worker; ``c``: cancel requested.
+
+When it succeeds, the finish script replaces all of that with the *compact* form
+(:func:`encode_compact`), which keeps what ``executions list/show`` print but no outputs:
+
+- ``z``: ``[flow_version, status, created_at, started_ms, finished_ms]`` (the two last in
+  milliseconds after ``created_at``), JSON;
+- ``f``: the flow name;
+- ``t``: the trigger, JSON, only when it is at most :data:`COMPACT_TRIGGER_BYTES` long;
+- ``n:<node id>``: ``[status, attempts, duration_ms]``, plus the error code if the node has one,
+  JSON array (a node's type comes from the stored flow version when it is read back).
+
+Every value of a compact hash stays under Redis's ``hash-max-listpack-value`` (64 bytes) for
+node ids and flow names of ordinary length, so the hash keeps Redis's small encoding. A
+failed execution keeps the full form: ``dlq replay`` resumes it at its failed node, and the
+nodes after it read the outputs (and the trigger) of the nodes before.
 
 The queue, the worker, ``flowchat run`` and the operator commands all encode and
 decode through the functions here; nothing else builds those JSON documents.
@@ -49,10 +65,14 @@ from flowchat.errors import NodeError
 from flowchat.execution import Execution, NodeRun
 
 __all__ = [
+    "COMPACT_TRIGGER_BYTES",
     "MAX_DEPTH",
+    "SUMMARY_FIELDS",
     "Stored",
     "decode_hash",
+    "decode_summary",
     "dumps",
+    "encode_compact",
     "encode_meta",
     "encode_run",
     "encode_state",
@@ -66,6 +86,11 @@ __all__ = [
 
 MAX_DEPTH = 255
 """Deepest nesting of lists and objects an output may have (orjson's own limit is 254 levels below it)."""
+
+COMPACT_TRIGGER_BYTES = 64
+"""A succeeded execution keeps its trigger only when the trigger's JSON is at most this long."""
+SUMMARY_FIELDS = ("m", "s", "z", "f", "t")
+"""The hash fields a listing reads (either form), in the order :func:`decode_summary` takes them."""
 
 _FIXED = ("id", "flow", "trigger", "created_at")
 _CHANGING = ("flow_version", "status", "started_at", "finished_at", "error")
@@ -104,34 +129,102 @@ def run_fields(runs: Iterable[NodeRun]) -> list[str]:
     return fields
 
 
+def encode_compact(execution: Execution) -> list[str]:
+    """``[field, value, …]`` of the compact form that replaces a succeeded execution's hash (no outputs)."""
+    created = execution.created_at
+    head = [execution.flow_version, execution.status, round(created, 3), _offset_ms(created, execution.started_at)]
+    head.append(_offset_ms(created, execution.finished_at))
+    fields = ["z", dumps(head), "f", execution.flow]
+    trigger = dumps(execution.trigger)
+    if len(trigger.encode()) <= COMPACT_TRIGGER_BYTES:
+        fields += ["t", trigger]
+    for run in execution.nodes.values():
+        compact: list[Any] = [run.status, run.attempts, round(run.duration_ms, 1)]
+        if run.error:
+            compact.append(run.error.get("code", ""))
+        fields += [f"n:{run.id}", dumps(compact)]
+    return fields
+
+
+def _offset_ms(base: float, moment: float | None) -> int | None:
+    return None if moment is None else round((moment - base) * 1000)
+
+
+def _moment(base: float, offset: Any) -> float | None:
+    return None if offset is None else round(base + offset / 1000, 3)
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """An execution's stored hash, decoded: ``meta`` (fields m and s merged), node states, deliveries."""
+    """An execution's stored hash, decoded: ``meta`` (fields m and s merged), node states, deliveries.
+
+    ``compact`` when it is the compact form of a succeeded execution: its trigger (unless small)
+    is None, and its nodes have no output, no times and no type.
+    """
 
     meta: dict[str, Any]
     nodes: dict[str, dict[str, Any]]
     deliveries: int = 0
+    compact: bool = False
 
 
-def decode_hash(fields: Mapping[str, Any]) -> Stored | None:
-    """Decode an execution hash (field names as text); None if it has no meta (expired or never stored)."""
+def decode_hash(fields: Mapping[str, Any], execution_id: str = "") -> Stored | None:
+    """Decode an execution hash (field names as text) of either form; None if it has neither meta.
+
+    ``execution_id`` names the execution of a compact hash (which does not repeat its id).
+    """
+    deliveries = int(fields.get("d") or 0)
     if fields.get("m") is None:
-        return None
+        if fields.get("z") is None:
+            return None  # expired, never stored, or only a delivery count left by a late read
+        meta = _compact_meta(execution_id, fields["z"], fields.get("f"), fields.get("t"))
+        nodes = {key[2:]: _node(key[2:], value) for key, value in fields.items() if key.startswith("n:")}
+        return Stored(meta, nodes, deliveries, compact=True)
     meta = orjson.loads(fields["m"])
     if fields.get("s"):
         meta.update(orjson.loads(fields["s"]))
     nodes = {key[2:]: orjson.loads(value) for key, value in fields.items() if key.startswith("n:")}
-    return Stored(meta, nodes, int(fields.get("d") or 0))
+    return Stored(meta, nodes, deliveries)
 
 
-def decode_meta(m: Any, s: Any) -> dict[str, Any] | None:
-    """Fields ``m`` and ``s`` merged (listing executions without their nodes)."""
-    if m is None:
-        return None
-    meta: dict[str, Any] = orjson.loads(m)
-    if s:
-        meta.update(orjson.loads(s))
-    return meta
+def decode_summary(execution_id: str, values: Iterable[Any]) -> dict[str, Any] | None:
+    """The :data:`SUMMARY_FIELDS` of a hash (in that order) as one meta dict (listing, without nodes)."""
+    m, s, z, f, t = values
+    if m is not None:
+        meta: dict[str, Any] = orjson.loads(m)
+        if s:
+            meta.update(orjson.loads(s))
+        return meta
+    return None if z is None else _compact_meta(execution_id, z, f, t)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _compact_meta(execution_id: str, z: Any, flow: Any, trigger: Any) -> dict[str, Any]:
+    version, status, created, started, finished = orjson.loads(z)
+    return {
+        "id": execution_id,
+        "flow": "" if flow is None else _text(flow),
+        "trigger": None if trigger is None else orjson.loads(trigger),
+        "created_at": created,
+        "flow_version": version,
+        "status": status,
+        "started_at": _moment(created, started),
+        "finished_at": _moment(created, finished),
+        "error": None,
+    }
+
+
+def _node(node_id: str, value: Any) -> dict[str, Any]:
+    """A compact node state (a JSON array) as a NodeRun's fields; a full one (an object) as it is."""
+    stored = orjson.loads(value)
+    if isinstance(stored, dict):  # a checkpoint that landed after compaction (a worker that lost its lease)
+        return cast(dict[str, Any], stored)
+    status, attempts, duration, *code = stored
+    run = NodeRun(node_id, "", status, attempts, duration, error={"code": code[0]} if code else None)
+    return dict(run.__dict__)  # what is not kept (type, output, times) is None or empty
 
 
 def execution_from_parts(
@@ -139,7 +232,7 @@ def execution_from_parts(
 ) -> Execution:
     """Rebuild an Execution with its nodes in ``order`` (id, type); nodes with no checkpoint yet are pending."""
     runs = {
-        node_id: _run(nodes[node_id]) if node_id in nodes else NodeRun(node_id, node_type)
+        node_id: _run(nodes[node_id], node_type) if node_id in nodes else NodeRun(node_id, node_type)
         for node_id, node_type in order
     }
     for node_id, stored in nodes.items():  # a node the flow no longer has still shows
@@ -149,8 +242,11 @@ def execution_from_parts(
     return Execution(**known, nodes=runs)
 
 
-def _run(stored: dict[str, Any]) -> NodeRun:
-    return NodeRun(**{key: value for key, value in stored.items() if key in _RUN_FIELDS})
+def _run(stored: dict[str, Any], node_type: str = "") -> NodeRun:
+    known = {key: value for key, value in stored.items() if key in _RUN_FIELDS}
+    if not known.get("type"):  # the compact form leaves the type to the flow version
+        known["type"] = node_type
+    return NodeRun(**known)
 
 
 def execution_json(execution: Execution) -> dict[str, Any]:

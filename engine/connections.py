@@ -174,8 +174,10 @@ async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
 
 
 def retention(settings: Settings) -> Retention:
-    """``FLOWCHAT_RETENTION_SUCCEEDED``, ``FLOWCHAT_RETENTION_FAILED`` and ``FLOWCHAT_DEDUPE_TTL``."""
-    return Retention(settings.retention_succeeded, settings.retention_failed, settings.dedupe_ttl)
+    """``FLOWCHAT_RETENTION_SUCCEEDED``, ``_FAILED``, ``FLOWCHAT_DEDUPE_TTL`` and ``FLOWCHAT_COMPACT_SUCCEEDED``."""
+    return Retention(
+        settings.retention_succeeded, settings.retention_failed, settings.dedupe_ttl, settings.compact_succeeded
+    )
 
 
 def queue_keys(settings: Settings) -> Keys:

@@ -40,19 +40,28 @@ class Keys:
         """Stream of dead letters: execution id, flow, node, code, message."""
         return f"{self.tag}:dead"
 
-    @property
-    def index(self) -> str:
-        """Sorted set of every execution id, scored by creation time."""
-        return f"{self.tag}:executions"
+    def index(self, flow: str, status: str) -> str:
+        """Sorted set of the ids of one flow's executions in one status, scored by creation time.
 
-    def flow_index(self, flow: str) -> str:
-        """Sorted set of one flow's execution ids, scored by creation time (``executions list --flow``)."""
-        return f"{self.tag}:executions:flow:{flow}"
+        Each execution is in exactly one of these (the scripts that change its status move it), so
+        every filter of ``executions list`` (flow, status, both, none) reads only what it shows,
+        for one index entry per execution.
+        """
+        return f"{self.tag}:executions:{status}:{flow}"
 
     @property
     def indexed_flows(self) -> str:
-        """Set of the flow names that have a :meth:`flow_index` (retention trims each)."""
+        """Set of the flow names that have executions in an :meth:`index` (listing and retention read it)."""
         return f"{self.tag}:executions:flows"
+
+    @property
+    def legacy_index(self) -> str:
+        """Sorted set of every execution id (before the per-status indexes): moved into them at start-up."""
+        return f"{self.tag}:executions"
+
+    def legacy_flow_index(self, flow: str) -> str:
+        """Sorted set of one flow's execution ids (before the per-status indexes): deleted once moved."""
+        return f"{self.tag}:executions:flow:{flow}"
 
     @property
     def counters(self) -> str:
@@ -61,7 +70,8 @@ class Keys:
 
     def execution(self, execution_id: str) -> str:
         """Hash of one execution: ``m`` fixed meta JSON, ``s`` changing state JSON, ``n:<node>`` node JSON,
-        ``d`` deliveries (see :mod:`flowchat.codec`)."""
+        ``d`` deliveries, ``c`` cancel flag; once succeeded, the compact form ``z``, ``f``, ``t``, ``n:<node>``
+        (see :mod:`flowchat.codec`)."""
         return f"{self.tag}:x:{execution_id}"
 
     def dedupe(self, idempotency_key: str) -> str:

@@ -12,40 +12,43 @@ from flowchat.queue import Queue, execution_from_parts
 
 
 async def list_executions(
-    queue: Queue, flow: str | None, status: str | None, limit: int, *, page: int = 200
+    queue: Queue, flow: str | None, status: str | None, limit: int, *, since: float | None = None
 ) -> list[dict[str, Any]]:
-    """The newest ``limit`` executions (of ``flow``, in ``status``), newest first.
+    """The newest ``limit`` executions (of ``flow``, in ``status``, created at ``since`` or later), newest first.
 
-    A flow is read through its own index, so ``--flow`` costs what it shows; a status filter
-    pages through that index until ``limit`` match or it ends.
+    Read through the per-flow, per-status indexes: it costs what it shows (``limit`` index
+    entries from each index it reads, and ``limit`` hashes), whatever the filter. An entry whose
+    state has expired before retention trimmed it is skipped, and the next ones read instead.
     """
-    indexed = flow is not None and bool(await queue.redis.sismember(queue.keys.indexed_flows, flow))  # type: ignore[misc]
-    through = flow if indexed else None  # executions stored before flow indexes existed: scan them all
+    indexes = await queue.indexes(flow, status)
     rows: list[dict[str, Any]] = []
     offset = 0
-    size = limit if (status is None and (flow is None or indexed)) else max(limit, page)
-    index = queue.keys.flow_index(through) if through is not None else queue.keys.index
     while len(rows) < limit:
-        metas = await queue.recent(size, flow=through, offset=offset)
-        rows += [
-            meta
-            for meta in metas
-            if (status is None or meta["status"] == status) and (flow is None or meta["flow"] == flow)
-        ]
-        offset += size
-        if offset >= await queue.redis.zcard(index):
+        wanted = limit - len(rows)
+        ids = [execution_id for execution_id, _ in await queue.newest(indexes, wanted, offset=offset, since=since)]
+        rows += await queue.summaries(ids)
+        offset += len(ids)
+        if len(ids) < wanted:
             break
-    return rows[:limit]
+    return rows
 
 
 async def load_execution(queue: Queue, execution_id: str) -> Execution | None:
-    stored = await queue.get(execution_id)
+    """An execution as stored, its nodes in flow order (see :func:`load_stored` for which form it has)."""
+    found = await load_stored(queue, execution_id)
+    return None if found is None else found[0]
+
+
+async def load_stored(queue: Queue, execution_id: str) -> tuple[Execution, bool] | None:
+    """An execution as stored, and whether it is the compact form of a succeeded one (no outputs, no trigger)."""
+    stored = await queue.stored(execution_id)
     if stored is None:
         return None
-    meta, nodes = stored
     # the nodes that ran, in flow order (the hash keeps no order of its own)
-    order = [(node_id, node_type) for node_id, node_type in await _node_order(queue, meta) if node_id in nodes]
-    return execution_from_parts(meta, nodes, order)
+    order = [
+        (node_id, node_type) for node_id, node_type in await _node_order(queue, stored.meta) if node_id in stored.nodes
+    ]
+    return execution_from_parts(stored.meta, stored.nodes, order), stored.compact
 
 
 async def _node_order(queue: Queue, meta: dict[str, Any]) -> list[tuple[str, str]]:

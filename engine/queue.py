@@ -23,10 +23,20 @@ Guarantees:
   message and node; so does one delivered more than ``max_deliveries`` times
   (poison). Entries are deleted from the ready stream only after they are
   acknowledged; streams are never trimmed with MAXLEN.
+- **Bounded history.** A finished execution's hash expires after its retention
+  (:class:`Retention`). A succeeded one is compacted by the same script that
+  finishes it (:func:`flowchat.codec.encode_compact`: no trigger past 64 bytes, no
+  outputs); a failed or cancelled one keeps its full state, so it can be replayed
+  and diagnosed. A delivery of an execution that already finished is dropped.
+- **One index entry per execution.** Each execution id is in the index of its flow
+  and status (:meth:`Keys.index`); every script that changes a status moves it, in the
+  same atomic step, and retention trims the finished ones.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,9 +48,12 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from flowchat.codec import (
+    SUMMARY_FIELDS,
+    Stored,
     decode_hash,
-    decode_meta,
+    decode_summary,
     dumps,
+    encode_compact,
     encode_meta,
     encode_state,
     execution_from_parts,
@@ -56,6 +69,8 @@ from flowchat.pipeliner import Pipeliner
 
 __all__ = [
     "DEDUPE_TTL",
+    "FINISHED",
+    "LIVE",
     "RETENTION",
     "RETENTION_SUCCEEDED",
     "Delivery",
@@ -73,6 +88,10 @@ RETENTION = 7 * 24 * 3600
 """The longest default retention (failed executions): index entries older than this are dropped."""
 RETENTION_SUCCEEDED = 24 * 3600
 """Default ``FLOWCHAT_RETENTION_SUCCEEDED``: a finished execution's state is kept this long."""
+LIVE = ("queued", "waiting")
+"""Statuses an execution is stored with while it is live (a running one still reads ``queued`` or ``waiting``)."""
+FINISHED = ("succeeded", "failed", "cancelled")
+"""Statuses of finished executions, which retention expires."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +101,8 @@ class Retention:
     succeeded: float = RETENTION_SUCCEEDED
     failed: float = RETENTION
     dedupe: float = DEDUPE_TTL
+    compact: bool = True
+    """Replace a succeeded execution's state with its compact form (``FLOWCHAT_COMPACT_SUCCEEDED``)."""
 
     @property
     def longest(self) -> float:
@@ -93,6 +114,10 @@ class Retention:
             return int(self.failed)
         return int(self.succeeded) if action == "done" else 0
 
+    def of(self, status: str) -> float:
+        """Seconds a finished execution with ``status`` stays listed (its index entry's retention)."""
+        return self.failed if status == "failed" else self.succeeded
+
 
 _ENQUEUE = """
 if ARGV[5] == '1' then
@@ -102,28 +127,32 @@ if ARGV[5] == '1' then
 end
 redis.call('HSET', KEYS[2], 'm', ARGV[2], 's', ARGV[6])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
-redis.call('SADD', KEYS[6], ARGV[7])
+redis.call('SADD', KEYS[5], ARGV[7])
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[1])
 return {ARGV[1], 1}
 """
 
+# KEYS: hash, ready, delayed, dead, counters, index(queued), index(waiting), index(new status)
+# ARGV[14] == '1': replace the hash (compact form); ARGV[15..]: field, value, … to write
 _FINISH = """
-local owner = redis.call('XPENDING', KEYS[2], ARGV[9], ARGV[1], ARGV[1], 1)
-if #owner == 0 or owner[1][2] ~= ARGV[13] then return 0 end
-redis.call('HSET', KEYS[1], 's', ARGV[2])
-redis.call('XACK', KEYS[2], ARGV[9], ARGV[1])
+local owner = redis.call('XPENDING', KEYS[2], ARGV[8], ARGV[1], ARGV[1], 1)
+if #owner == 0 or owner[1][2] ~= ARGV[12] then return 0 end
+redis.call('XACK', KEYS[2], ARGV[8], ARGV[1])
 redis.call('XDEL', KEYS[2], ARGV[1])
-if ARGV[3] == 'wait' then
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+if ARGV[14] == '1' then redis.call('DEL', KEYS[1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 15))
+if ARGV[2] == 'wait' then
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
   redis.call('HSET', KEYS[1], 'd', 0)
-elseif ARGV[3] == 'dead' then
-  redis.call('XADD', KEYS[4], '*', 'e', ARGV[5], 'flow', ARGV[6], 'node', ARGV[7], 'code', ARGV[8], 'message', ARGV[10])
-  redis.call('HINCRBY', KEYS[5], 'dead:' .. ARGV[6], 1)
+elseif ARGV[2] == 'dead' then
+  redis.call('XADD', KEYS[4], '*', 'e', ARGV[4], 'flow', ARGV[5], 'node', ARGV[6], 'code', ARGV[7], 'message', ARGV[9])
+  redis.call('HINCRBY', KEYS[5], 'dead:' .. ARGV[5], 1)
 end
-if ARGV[11] ~= '' then redis.call('HINCRBY', KEYS[5], ARGV[11], 1) end
-for i = 14, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[3] ~= 'wait' and tonumber(ARGV[12]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[12]) end
+if ARGV[10] ~= '' then redis.call('HINCRBY', KEYS[5], ARGV[10], 1) end
+if KEYS[6] ~= KEYS[8] then redis.call('ZREM', KEYS[6], ARGV[4]) end
+if KEYS[7] ~= KEYS[8] then redis.call('ZREM', KEYS[7], ARGV[4]) end
+redis.call('ZADD', KEYS[8], ARGV[13], ARGV[4])
+if ARGV[2] ~= 'wait' and tonumber(ARGV[11]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[11]) end
 return 1
 """
 
@@ -136,23 +165,35 @@ end
 return #due
 """
 
+# KEYS: hash, ready, index(failed), index(queued); ARGV: id, score, field, value, …
 _REQUEUE = """
 local state = redis.call('HGET', KEYS[1], 's')
 if not state or cjson.decode(state)['status'] ~= 'failed' then return 0 end
-redis.call('HSET', KEYS[1], 's', ARGV[2])
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('HSET', KEYS[1], 'd', 0)
 redis.call('PERSIST', KEYS[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[1])
 return 1
 """
 
+# KEYS: hash, delayed, counters, index(status read), index(cancelled)
 _CANCEL = """
 if redis.call('HGET', KEYS[1], 's') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 's', ARGV[3], 'c', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'cancelled:' .. ARGV[4], 1)
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
 if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+return 1
+"""
+
+# KEYS: hash, legacy index, index(flow, status read); ARGV: id, score, field read, its value then
+_MOVE_LEGACY = """
+if redis.call('HGET', KEYS[1], ARGV[3]) == ARGV[4] then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -184,6 +225,7 @@ class StoredExecution:
 
     delivery: Delivery
     meta: dict[str, Any] | None
+    """None when nothing is stored (expired or never stored); a compact (succeeded) one has its status."""
     nodes: dict[str, dict[str, Any]]
     deliveries: int
 
@@ -205,6 +247,7 @@ class Queue:
         self._requeue = redis.register_script(_REQUEUE)
         self._extend = redis.register_script(_EXTEND)
         self._cancel = redis.register_script(_CANCEL)
+        self._move_legacy = redis.register_script(_MOVE_LEGACY)
         self._stored_versions: dict[tuple[str, str], float] = {}
 
     async def _run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
@@ -216,12 +259,44 @@ class Queue:
             return await self.pipeliner.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def setup(self) -> None:
-        """Create the consumer group if it is missing (idempotent)."""
+        """Create the consumer group if it is missing, and move indexes of an older version (idempotent)."""
         try:
             await self.redis.xgroup_create(self.keys.ready, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        if await self.redis.exists(self.keys.legacy_index):
+            await self.move_legacy_index()
+
+    async def move_legacy_index(self, batch: int = 500) -> int:
+        """Move the one index of every execution (before per-status indexes) into the per-status ones.
+
+        Each id goes to the index of the flow and status its hash has; an execution whose status
+        changes meanwhile was already indexed by the script that changed it, and one whose state
+        has expired is just forgotten. Safe to run from several processes at once.
+        """
+        for flow in await self.flows():
+            await self.redis.delete(self.keys.legacy_flow_index(flow))  # the global one holds the same ids
+        moved = 0
+        while entries := await self.redis.zrange(self.keys.legacy_index, 0, batch - 1, withscores=True):
+            ids = [_text(member) for member, _ in entries]
+            summaries = await self._summaries(ids)
+            pipe = self.redis.pipeline(transaction=False)
+            for (execution_id, score), (raw, meta) in zip(
+                ((i, s) for i, (_, s) in zip(ids, entries, strict=True)), summaries, strict=True
+            ):
+                if meta is None:
+                    pipe.zrem(self.keys.legacy_index, execution_id)
+                    continue
+                field, value = ("s", raw[1]) if raw[0] is not None else ("z", raw[2])
+                index = self.keys.index(str(meta["flow"]), str(meta["status"]))
+                keys = [self.keys.execution(execution_id), self.keys.legacy_index, index]
+                pipe.evalsha(self._move_legacy.sha, len(keys), *keys, execution_id, score, field, value)
+                pipe.sadd(self.keys.indexed_flows, str(meta["flow"]))
+                moved += 1
+            await self.redis.script_load(_MOVE_LEGACY)
+            await pipe.execute()
+        return moved
 
     # --- ingress --------------------------------------------------------------------
 
@@ -251,7 +326,7 @@ class Queue:
         """Store and queue a new execution. Returns (execution id, created?)."""
         execution = Execution(new_execution_id(), flow, version, trigger, {}, status="queued")
         dedupe = self.keys.dedupe(f"{flow}:{idempotency_key}") if idempotency_key else self.keys.dedupe("-")
-        keys = [dedupe, self.keys.execution(execution.id), self.keys.ready, self.keys.index, *self._flow_keys(flow)]
+        keys = [dedupe, self.keys.execution(execution.id), self.keys.ready, *self._flow_keys(flow)]
         args: list[Any] = [
             execution.id,
             encode_meta(execution),
@@ -278,7 +353,6 @@ class Queue:
                 self.keys.dedupe("-"),
                 self.keys.execution(execution.id),
                 self.keys.ready,
-                self.keys.index,
                 *self._flow_keys(flow),
             )
             args = (execution.id, encode_meta(execution), execution.created_at, 0, "0", encode_state(execution), flow)
@@ -331,7 +405,8 @@ class Queue:
             for reply in (count, flat):
                 if isinstance(reply, Exception):
                     raise reply
-            stored = decode_hash({_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)})
+            fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+            stored = decode_hash(fields, delivery.execution_id)
             if stored is None:
                 loaded.append(StoredExecution(delivery, None, {}, int(count)))
             else:
@@ -349,22 +424,25 @@ class Queue:
         self, delivery: Delivery, outcome: Outcome, consumer: str, *, runs: Iterable[NodeRun] = ()
     ) -> bool:
         """Record ``outcome`` (and ``runs`` not yet checkpointed): state, acknowledgement, parking or
-        dead letter, and the outcome's counter, in one atomic script.
+        dead letter, the outcome's counter and the move to the index of its new status, in one
+        atomic script. A succeeded execution's state is replaced by its compact form.
 
         Returns False, writing nothing, when ``consumer`` no longer holds the entry's lease.
         """
         execution = outcome.execution
         letter = outcome.dead_letter
+        compact = self.retention.compact and outcome.action == "done" and execution.status == "succeeded"
+        fields = encode_compact(execution) if compact else ["s", encode_state(execution), *run_fields(runs)]
         keys = [
             self.keys.execution(execution.id),
             self.keys.ready,
             self.keys.delayed,
             self.keys.dead,
             self.keys.counters,
+            *(self.keys.index(execution.flow, status) for status in (*LIVE, execution.status)),
         ]
         args = [
             delivery.message_id,
-            encode_state(execution),
             outcome.action,
             execution.wake_at or 0,
             execution.id,
@@ -376,7 +454,9 @@ class Queue:
             outcome.counter,
             self.retention.after(outcome.action, execution.status),
             consumer,
-            *run_fields(runs),
+            execution.created_at,
+            "1" if compact else "0",
+            *fields,
         ]
         return bool(await self._run_script(self._finish, keys, args))
 
@@ -389,16 +469,17 @@ class Queue:
         return int(moved)
 
     async def forget_expired(self, now: float | None = None) -> int:
-        """Drop index entries older than the retention (their hashes have expired)."""
+        """Drop index entries of finished executions older than their retention (their hashes have expired)."""
         now = now or time.time()
         # dead letters go with the failed executions they name (their state has expired by then)
         await self.redis.xtrim(
             self.keys.dead, minid=f"{int((now - self.retention.failed) * 1000)}-0", approximate=False
         )
-        oldest = now - self.retention.longest
-        for flow in await self.redis.smembers(self.keys.indexed_flows):  # type: ignore[misc]
-            await self.redis.zremrangebyscore(self.keys.flow_index(_text(flow)), "-inf", oldest)
-        return int(await self.redis.zremrangebyscore(self.keys.index, "-inf", oldest))
+        pipe = self.redis.pipeline(transaction=False)
+        for flow in await self.flows():
+            for status in FINISHED:
+                pipe.zremrangebyscore(self.keys.index(flow, status), "-inf", now - self.retention.of(status))
+        return sum(int(removed) for removed in await pipe.execute())
 
     async def next_due(self) -> float | None:
         first = await self.redis.zrange(self.keys.delayed, 0, 0, withscores=True)
@@ -426,9 +507,15 @@ class Queue:
         return [_text(message_id) for message_id in lost]
 
     async def drop_delivery(self, delivery: Delivery) -> None:
+        """Acknowledge and delete an entry that is not run (its execution finished, or has no state).
+
+        The delivery count the read added goes too: a finished hash keeps its size, and a hash
+        that held nothing else (its state had expired) is gone again instead of staying forever.
+        """
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(self.keys.ready, GROUP, delivery.message_id)
         pipe.xdel(self.keys.ready, delivery.message_id)
+        pipe.hdel(self.keys.execution(delivery.execution_id), "d")
         await pipe.execute()
 
     async def cancel(self, execution_id: str, now: float | None = None) -> str:
@@ -441,24 +528,31 @@ class Queue:
         """
         key = self.keys.execution(execution_id)
         for _ in range(5):
-            raw_meta, raw_state = await self.redis.hmget(key, ["m", "s"])  # type: ignore[misc]
-            meta = decode_meta(raw_meta, raw_state)
+            [(raw, meta)] = await self._summaries([execution_id])
             if meta is None:
                 return "missing"
             if meta["status"] == "running":  # stops at its next checkpoint (the worker checks the flag)
                 await self.redis.hset(key, "c", "1")  # type: ignore[misc]
                 return "cancelling"
-            if meta["status"] not in ("queued", "waiting"):
+            if meta["status"] not in LIVE:
                 return str(meta["status"])
             execution = Execution(**{**meta, "nodes": {}, "status": "cancelled", "finished_at": now or time.time()})
+            keys = [
+                key,
+                self.keys.delayed,
+                self.keys.counters,
+                self.keys.index(execution.flow, str(meta["status"])),
+                self.keys.index(execution.flow, "cancelled"),
+            ]
             args = [
                 execution_id,
-                raw_state,
+                raw[1],
                 encode_state(execution),
                 execution.flow,
                 self.retention.after("done", "cancelled"),
+                execution.created_at,
             ]
-            if await self._cancel(keys=[key, self.keys.delayed, self.keys.counters], args=args):
+            if await self._cancel(keys=keys, args=args):
                 return "cancelled"
         return "busy"
 
@@ -468,34 +562,94 @@ class Queue:
 
     async def requeue(self, execution: Execution) -> bool:
         """Put a failed execution back on the ready stream with its node states (False if it is not failed)."""
-        keys = [self.keys.execution(execution.id), self.keys.ready]
-        args = [execution.id, encode_state(execution), *run_fields(execution.nodes.values())]
-        return bool(await self._requeue(keys=keys, args=args))
+        keys = [
+            self.keys.execution(execution.id),
+            self.keys.ready,
+            self.keys.index(execution.flow, "failed"),
+            self.keys.index(execution.flow, execution.status),
+        ]
+        fields = ["s", encode_state(execution), *run_fields(execution.nodes.values())]
+        return bool(await self._requeue(keys=keys, args=[execution.id, execution.created_at, *fields]))
 
     # --- operators ------------------------------------------------------------------
 
     async def get(self, execution_id: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
-        raw: dict[Any, Any] = await self.redis.hgetall(self.keys.execution(execution_id))  # type: ignore[misc]
-        stored = decode_hash({_text(key): value for key, value in raw.items()})
+        """An execution's meta (fields m and s merged) and node states, of either stored form."""
+        stored = await self.stored(execution_id)
         return None if stored is None else (stored.meta, stored.nodes)
 
-    def _flow_keys(self, flow: str) -> list[str]:
-        return [self.keys.flow_index(flow), self.keys.indexed_flows]
+    async def stored(self, execution_id: str) -> Stored | None:
+        """An execution's stored hash, decoded (``compact`` says which form it has)."""
+        raw: dict[Any, Any] = await self.redis.hgetall(self.keys.execution(execution_id))  # type: ignore[misc]
+        return decode_hash({_text(key): value for key, value in raw.items()}, execution_id)
 
-    async def recent(self, limit: int, *, flow: str | None = None, offset: int = 0) -> list[dict[str, Any]]:
-        """Up to ``limit`` executions, newest first, from ``offset`` on (of one ``flow``: through its index).
+    def _flow_keys(self, flow: str) -> list[str]:
+        return [self.keys.index(flow, "queued"), self.keys.indexed_flows]
+
+    async def flows(self) -> list[str]:
+        """The names of the flows that have indexed executions, sorted."""
+        return sorted(_text(flow) for flow in await self.redis.smembers(self.keys.indexed_flows))  # type: ignore[misc]
+
+    async def indexes(self, flow: str | None = None, status: str | None = None) -> list[str]:
+        """The index keys that hold the executions of ``flow`` (else every flow) in ``status`` (else any)."""
+        flows = [flow] if flow is not None else await self.flows()
+        statuses = [status] if status is not None else [*LIVE, *FINISHED]
+        return [self.keys.index(name, each) for name in flows for each in statuses]
+
+    async def total(self) -> int:
+        """How many executions the indexes hold (live ones and finished ones not yet past retention)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for index in await self.indexes():
+            pipe.zcard(index)
+        return sum(int(count) for count in await pipe.execute())
+
+    async def newest(
+        self, indexes: list[str], limit: int, *, offset: int = 0, since: float | None = None
+    ) -> list[tuple[str, float]]:
+        """The (id, created_at) of the ``limit`` newest executions across ``indexes`` after skipping ``offset``.
+
+        Reads at most ``offset + limit`` entries of each index (created at ``since`` or later).
+        """
+        if not indexes or limit <= 0:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for index in indexes:
+            pipe.zrevrangebyscore(index, "+inf", "-inf" if since is None else since, 0, offset + limit, withscores=True)
+        lists = [[(_text(member), float(score)) for member, score in entries] for entries in await pipe.execute()]
+        merged = heapq.merge(*lists, key=lambda entry: -entry[1])
+        return list(itertools.islice(merged, offset, offset + limit))
+
+    async def recent(
+        self,
+        limit: int,
+        *,
+        flow: str | None = None,
+        status: str | None = None,
+        since: float | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` executions (of ``flow``, in ``status``, created since ``since``), newest first,
+        from ``offset`` on, read through their indexes.
 
         Reads exactly the entries asked for; one whose state has expired is left out.
         """
-        index = self.keys.flow_index(flow) if flow is not None else self.keys.index
-        ids = [_text(i) for i in await self.redis.zrevrange(index, offset, offset + max(limit, 1) - 1)]
+        indexes = await self.indexes(flow, status)
+        ids = [execution_id for execution_id, _ in await self.newest(indexes, limit, offset=offset, since=since)]
+        return await self.summaries(ids)
+
+    async def summaries(self, ids: list[str]) -> list[dict[str, Any]]:
+        """The meta of each execution (fields m and s merged, or the compact form's), leaving out expired ones."""
+        return [meta for _, meta in await self._summaries(ids) if meta is not None]
+
+    async def _summaries(self, ids: list[str]) -> list[tuple[list[Any], dict[str, Any] | None]]:
+        """The raw :data:`SUMMARY_FIELDS` of each execution and their decoded meta (None when expired)."""
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for execution_id in ids:
-            pipe.hmget(self.keys.execution(execution_id), ["m", "s"])
-        merged = (decode_meta(m, s) for m, s in await pipe.execute())
-        return [meta for meta in merged if meta is not None]
+            pipe.hmget(self.keys.execution(execution_id), list(SUMMARY_FIELDS))
+        replies = await pipe.execute()
+        return [(raw, decode_summary(execution_id, raw)) for execution_id, raw in zip(ids, replies, strict=True)]
 
     async def dead_letters(self, count: int = 1000) -> list[dict[str, str]]:
         entries = await self.redis.xrange(self.keys.dead, count=count)

@@ -162,6 +162,8 @@ class Settings:
     retention_succeeded: float = 24 * 3600.0
     retention_failed: float = 7 * 24 * 3600.0
     dedupe_ttl: float = 24 * 3600.0
+    compact_succeeded: bool = True
+    """FLOWCHAT_COMPACT_SUCCEEDED: keep only a compact summary of a succeeded execution (0: its full state)."""
 
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     """The environment these settings were read from, for names a flow chooses (``token_env``)."""
@@ -208,6 +210,7 @@ class Settings:
             retention_succeeded=_duration(env, "FLOWCHAT_RETENTION_SUCCEEDED", 24 * 3600.0),
             retention_failed=_duration(env, "FLOWCHAT_RETENTION_FAILED", 7 * 24 * 3600.0),
             dedupe_ttl=_duration(env, "FLOWCHAT_DEDUPE_TTL", 24 * 3600.0),
+            compact_succeeded=_flag(env, "FLOWCHAT_COMPACT_SUCCEEDED", True),
             environ=env,
         )
 

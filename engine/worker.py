@@ -28,7 +28,7 @@ from flowchat.backoff import REDIS, Backoff, retrying
 from flowchat.catalog import Catalog
 from flowchat.errors import FlowChatError, QueueError
 from flowchat.events import Events, execution_event, node_run, node_runs_event
-from flowchat.execution import Execution, NodeRun
+from flowchat.execution import FINISHED_EXECUTION, Execution, NodeRun
 from flowchat.flow import Flow, FlowNode
 from flowchat.metrics import Metrics
 from flowchat.mover import DelayedMover  # re-exported: it lived here before flowchat.mover
@@ -238,8 +238,8 @@ class Worker:
             log.error("%s has no stored state; dropping its queue entry", delivery.execution_id)
             await self.queue.drop_delivery(delivery)
             return None
-        if meta.get("status") == "cancelled":  # cancelled while queued: its entry just goes
-            log.info("%s was cancelled; dropping its queue entry", delivery.execution_id)
+        if meta.get("status") in FINISHED_EXECUTION:  # cancelled while queued, or a stale copy: its entry just goes
+            log.info("%s was %s; dropping its queue entry", delivery.execution_id, meta["status"])
             await self.queue.drop_delivery(delivery)
             return None
         flow = await self.catalog.flow_at(meta["flow"], meta["flow_version"], self.queue.flow_source)

@@ -169,6 +169,7 @@ async def test_flowchat_run_and_a_worker_process_agree(queue, redis_url, process
         FLOWCHAT_PLUGINS=str(ROOT / "plugins"),
         FLOWCHAT_DATA_DIR=str(tmp_path / "data"),
         FLOWCHAT_RECIPIENT_RATE="100/1s",  # several flows message one phone; pacing is not what is compared
+        FLOWCHAT_COMPACT_SUCCEEDED="0",  # the whole trace, outputs included, stays after success
     )
     registry = load_registry(ROOT / "plugins")
     worker_settings = Settings.from_env(env)

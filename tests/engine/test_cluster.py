@@ -143,7 +143,8 @@ async def test_every_key_of_a_queue_and_of_each_feature_stays_in_its_slot(cluste
     keys = Keys("fc")
     client = sync_redis.RedisCluster.from_url(cluster.url)
     try:
-        queue_keys = [keys.ready, keys.delayed, keys.dead, keys.index, keys.counters, keys.execution("x")]
+        queue_keys = [keys.ready, keys.delayed, keys.dead, keys.index("f", "queued"), keys.indexed_flows]
+        queue_keys += [keys.counters, keys.execution("x")]
         queue_keys += [keys.dedupe("d"), keys.flow_source("f", "v"), keys.schedule_last("f")]
         assert len({client.keyslot(key) for key in queue_keys}) == 1
         ledger = [keys.message("SM1"), keys.messages, keys.send_record("x", "n")]

@@ -13,6 +13,8 @@ from multidict import CIMultiDict, istr
 
 from flowchat.codec import (
     decode_hash,
+    decode_summary,
+    encode_compact,
     encode_meta,
     encode_state,
     execution_from_parts,
@@ -141,3 +143,43 @@ def test_stored_state_round_trips():
         "error",
     ]
     assert decode_hash({"s": "{}"}) is None
+
+
+def test_the_compact_form_keeps_the_summary_and_drops_outputs_and_a_large_trigger():
+    nodes = {"a": NodeRun("a", "set"), "b": NodeRun("b", "log")}
+    execution = Execution("x1", "f", "v1", {"name": "Ana"}, nodes, status="succeeded", created_at=1000.0)
+    execution.started_at, execution.finished_at = 1000.0125, 1000.25
+    nodes["a"].status, nodes["a"].attempts, nodes["a"].duration_ms, nodes["a"].output = "ok", 2, 3.14159, {"n": 1}
+    nodes["b"].status = "skipped"
+    values = encode_compact(execution)
+    fields = dict(zip(values[::2], values[1::2], strict=True))
+    assert fields == {
+        "z": '["v1","succeeded",1000.0,13,250]',
+        "f": "f",
+        "t": '{"name":"Ana"}',
+        "n:a": '["ok",2,3.1]',
+        "n:b": '["skipped",0,0.0]',
+    }
+    assert all(len(value) <= 64 for value in fields.values())  # Redis keeps such a hash in its small encoding
+
+    stored = decode_hash({**fields, "d": "1"}, "x1")
+    assert stored is not None and stored.compact and stored.deliveries == 1
+    again = execution_from_parts(stored.meta, stored.nodes, [("a", "set"), ("b", "log")]).to_dict()
+    assert (again["id"], again["flow"], again["flow_version"], again["status"]) == ("x1", "f", "v1", "succeeded")
+    assert (again["created_at"], again["started_at"], again["finished_at"], again["error"]) == (
+        1000.0,
+        1000.013,
+        1000.25,
+        None,
+    )
+    assert again["trigger"] == {"name": "Ana"}
+    assert again["nodes"]["a"] == {
+        **NodeRun("a", "set").__dict__,
+        "status": "ok",
+        "attempts": 2,
+        "duration_ms": 3.1,
+    }  # no output, no times: not kept
+    assert decode_summary("x1", [None, None, fields["z"], b"f", None])["trigger"] is None
+
+    execution.trigger = {"text": "x" * 100}
+    assert "t" not in encode_compact(execution)[::2]

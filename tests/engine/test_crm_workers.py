@@ -27,7 +27,7 @@ def write(folder: Path, name: str, nodes: str) -> Path:
 async def run_on_two_workers(
     queue: Queue, processes: Any, redis_url: str, flow_file: Path, triggers: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    env = daemon_env(redis_url)
+    env = daemon_env(redis_url, FLOWCHAT_COMPACT_SUCCEEDED="0")  # the tests read node outputs after success
     for _ in range(2):
         processes.start("worker", "--flows", str(flow_file.parent), "--concurrency", "16", env=env)
     flow = load_flow(flow_file, load_registry())
@@ -124,7 +124,7 @@ async def test_the_shipped_welcome_flow_runs_end_to_end_through_the_daemon(
     """flows/welcome.yaml under `flowchat serve`: lookup → upsert → tag → rate limit → metric."""
     shutil.copy(ROOT / "flows" / "welcome.yaml", flows_dir / "welcome.yaml")
     port = free_port()
-    env = daemon_env(redis_url, FLOWCHAT_WEBHOOK_TOKEN="s3cret-token")
+    env = daemon_env(redis_url, FLOWCHAT_WEBHOOK_TOKEN="s3cret-token", FLOWCHAT_COMPACT_SUCCEEDED="0")
     processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=env)
     payload = orjson.loads((ROOT / "examples" / "welcome.input.json").read_bytes())
     ids = []

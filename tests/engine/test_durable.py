@@ -64,7 +64,8 @@ async def test_http_request_outputs_are_stored_with_lower_case_headers_and_sent_
         post_then(url, "  - {id: read, type: set, with: {values: {type: \"{{ call.headers['content-type'] }}\"}}}\n"),
     )
     catalog = catalog_factory(flows_dir)
-    processes.start("worker", "--flows", str(flows_dir), env=daemon_env(redis_url))
+    env = daemon_env(redis_url, FLOWCHAT_COMPACT_SUCCEEDED="0")  # outputs stay after success
+    processes.start("worker", "--flows", str(flows_dir), env=env)
     ids = [await enqueue(queue, catalog, "crm", {"name": f"lead {n}"}) for n in range(3)]
 
     for execution_id in ids:
@@ -97,7 +98,7 @@ async def test_awkward_outputs_convert_or_fail_their_node_at_once_and_the_call_h
     url, seen = recorder
     write_flow(flows_dir, "awkward", post_then(url, f"  - {{id: odd, type: test.output, with: {{kind: {kind}}}}}\n"))
     catalog = catalog_factory(flows_dir)
-    env = daemon_env(redis_url, FLOWCHAT_MAX_OUTPUT="2048")
+    env = daemon_env(redis_url, FLOWCHAT_MAX_OUTPUT="2048", FLOWCHAT_COMPACT_SUCCEEDED="0")
     processes.start("worker", "--flows", str(flows_dir), env=env)
     execution_id = await enqueue(queue, catalog, "awkward", {"name": "Ana"})
 

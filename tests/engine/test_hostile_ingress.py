@@ -65,7 +65,7 @@ def post_head(path: str, *headers: bytes, content_type: bytes = b"application/js
 
 
 async def stored(queue: Queue) -> int:
-    return int(await queue.redis.zcard(queue.keys.index))
+    return await queue.total()
 
 
 async def metrics_text(port: int) -> str:

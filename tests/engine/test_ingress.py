@@ -74,7 +74,7 @@ async def unreachable_queue() -> AsyncIterator[Queue]:
 
 async def stored_count(queue: Queue) -> tuple[int, int]:
     """(executions in the index, entries on the ready stream)."""
-    return int(await queue.redis.zcard(queue.keys.index)), int(await queue.redis.xlen(queue.keys.ready))
+    return await queue.total(), int(await queue.redis.xlen(queue.keys.ready))
 
 
 async def ready_ids(queue: Queue) -> list[str]:

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from support import enqueue, settled, write_flow
+from support import enqueue, settled, wait_for, write_flow
 
 from flowchat.codec import execution_from_parts
 from flowchat.keys import GROUP
@@ -164,16 +164,126 @@ async def test_listing_one_flow_reads_its_own_index_not_every_execution(queue, f
     await queue.enqueue_many(busy.name, busy.version, [{} for _ in range(500)])
     rare.append(await enqueue(queue, catalog, "rare"))
     reads: list[int] = []
-    recent = queue.recent
+    summaries = queue.summaries
 
-    async def counting(limit: int, **options: object) -> list[dict]:
-        found = await recent(limit, **options)  # type: ignore[arg-type]
-        reads.append(len(found))
-        return found
+    async def counting(ids: list[str]) -> list[dict]:
+        reads.append(len(ids))
+        return await summaries(ids)
 
-    queue.recent = counting  # type: ignore[method-assign]
+    queue.summaries = counting  # type: ignore[method-assign]
     rows = await list_executions(queue, "rare", None, 20)
 
     assert [row["id"] for row in rows] == rare[::-1]
     assert sum(reads) == 2  # what it shows, not the 500 executions of the other flow
     assert [row["flow"] for row in await list_executions(queue, None, "queued", 3)] == ["rare", "busy", "busy"]
+
+
+async def test_listing_dead_executions_reads_only_them_through_the_status_index(
+    queue, redis_url, flows_dir, catalog_factory, start_worker, tmp_path
+):
+    """5,000 executions of one flow, 10 dead: `executions list --status dead --limit 20` reads those 10."""
+    import json
+    import subprocess
+    import sys
+
+    from support import ROOT, daemon_env
+
+    exists = tmp_path / "exists"
+    exists.touch()
+    write_flow(
+        flows_dir,
+        "mixed",
+        "  - {id: gate, type: test.fail_until, with: {exists: '{{ trigger.path }}', retryable: false}}\n",
+    )
+    catalog = catalog_factory(flows_dir)
+    flow = catalog.get("mixed")
+    await queue.store_flow(flow)
+    triggers = [{"path": str(exists if n % 500 else tmp_path / "missing")} for n in range(5000)]
+    ids = await queue.enqueue_many(flow.name, flow.version, triggers)
+    dead = {execution_id for execution_id, trigger in zip(ids, triggers, strict=True) if "missing" in trigger["path"]}
+    await start_worker(catalog, concurrency=64)
+
+    async def settled_all() -> bool:
+        counts = await queue.redis.hmget(queue.keys.counters, ["succeeded:mixed", "failed:mixed"])
+        return sum(int(count or 0) for count in counts) == 5000
+
+    await wait_for(settled_all, timeout=60, interval=0.1)
+    before = await queue.redis.info("commandstats")
+    listed = subprocess.run(
+        [sys.executable, "-m", "flowchat.cli", "executions", "list", "--status", "dead", "--limit", "20", "--json"],
+        cwd=ROOT,
+        env=daemon_env(redis_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    after = await queue.redis.info("commandstats")
+
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert {row["id"] for row in rows} == dead and len(rows) == 10
+    assert [row["created_at"] for row in rows] == sorted((row["created_at"] for row in rows), reverse=True)
+    calls = {
+        name.removeprefix("cmdstat_"): stats["calls"] - before.get(name, {}).get("calls", 0)
+        for name, stats in after.items()
+    }
+    calls.pop("info", None)  # this test's own
+    assert calls.get("hmget") == 10  # one hash per row shown, none of the 4,990 others
+    assert calls.get("zrevrangebyscore") == 1  # the flow's index of failed executions
+    assert sum(calls.values()) <= 20, calls  # the rest: the CLI's start-up (consumer group, flows)
+
+
+async def test_every_status_change_moves_the_execution_to_the_index_of_its_new_status(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
+    marker = tmp_path / "fixed"
+    retry = "retry: {max_attempts: 2, backoff: 300ms}"
+    write_flow(flows_dir, "walk", f"  - {{id: gate, type: test.fail_until, with: {{exists: '{marker}'}}, {retry}}}\n")
+    catalog = catalog_factory(flows_dir)
+
+    async def where(execution_id: str) -> list[str]:
+        found = [index for index in await queue.indexes("walk") if await queue.redis.zscore(index, execution_id)]
+        return [index.rsplit(":", 2)[-2] for index in found]
+
+    async def reaches(execution_id: str, status: str) -> None:
+        await wait_for(lambda: _has_status(queue, execution_id, status))
+        assert await where(execution_id) == [status]
+
+    walker, cancelled = await enqueue(queue, catalog, "walk"), await enqueue(queue, catalog, "walk")
+    assert await where(walker) == ["queued"]
+    assert await queue.cancel(cancelled) == "cancelled"
+    assert await where(cancelled) == ["cancelled"]
+    worker = await start_worker(catalog)
+    await reaches(walker, "waiting")  # the first attempt failed: parked for its backoff
+    await reaches(walker, "failed")  # the second too: dead-lettered
+    worker.stop()
+    assert await replay(queue, walker) is not None
+    assert await where(walker) == ["queued"]
+    marker.touch()
+    await start_worker(catalog)
+    await reaches(walker, "succeeded")
+    assert await queue.total() == 2
+
+
+async def _has_status(queue, execution_id: str, status: str) -> bool:
+    stored = await queue.get(execution_id)
+    return stored is not None and stored[0]["status"] == status
+
+
+async def test_indexes_of_an_older_version_are_moved_into_the_per_status_ones(queue, flows_dir, catalog_factory):
+    write_flow(flows_dir, "old", "  - {id: a, type: test.noop}\n")
+    catalog = catalog_factory(flows_dir)
+    queued, finished = await enqueue(queue, catalog, "old"), await enqueue(queue, catalog, "old")
+    await queue.redis.hset(queue.keys.execution(finished), "s", '{"status": "succeeded", "flow_version": "v"}')
+    for execution_id in (queued, finished):  # as the previous version left them: one index of all, one per flow
+        score = await queue.redis.zscore(queue.keys.index("old", "queued"), execution_id)
+        await queue.redis.zadd(queue.keys.legacy_index, {execution_id: score, "expired-long-ago": 1.0})
+        await queue.redis.zadd(queue.keys.legacy_flow_index("old"), {execution_id: score})
+    await queue.redis.delete(queue.keys.index("old", "queued"))
+
+    await queue.setup()
+
+    assert [row["id"] for row in await queue.recent(10, status="queued")] == [queued]
+    assert [row["id"] for row in await queue.recent(10, status="succeeded")] == [finished]
+    for key in (queue.keys.legacy_index, queue.keys.legacy_flow_index("old")):
+        assert not await queue.redis.exists(key)

@@ -68,7 +68,7 @@ async def replica(redis_url: str) -> AsyncIterator[Callable[[Catalog], Scheduler
 
 async def executions(queue: Queue) -> list[dict[str, Any]]:
     """Every stored execution's meta, oldest first; checks the ready stream agrees."""
-    ids = [member.decode() for member in await queue.redis.zrange(queue.keys.index, 0, -1)]
+    ids = [meta["id"] for meta in reversed(await queue.recent(100_000))]
     assert await queue.redis.xlen(queue.keys.ready) == len(ids)
     metas = []
     for execution_id in ids:

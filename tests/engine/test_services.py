@@ -193,7 +193,7 @@ async def test_a_worker_process_starts_installed_services_with_its_redis_and_clo
     counter_site, queue, redis_url, flows_dir, processes
 ):
     (flows_dir / "bumps.yaml").write_text(BUMP_FLOW)
-    env = daemon_env(redis_url, PYTHONPATH=str(counter_site))
+    env = daemon_env(redis_url, PYTHONPATH=str(counter_site), FLOWCHAT_COMPACT_SUCCEEDED="0")  # outputs read after
     worker = processes.start("worker", "--flows", str(flows_dir), env=env)
     catalog = Catalog(flows_dir, load_registry(TEST_PLUGINS))
     catalog.reload()

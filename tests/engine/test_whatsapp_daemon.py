@@ -31,7 +31,8 @@ nodes:
 
 
 def wa_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
-    env = daemon_env(redis_url, FLOWCHAT_DATA_DIR=str(data_dir), **extra)
+    # the tests read the send node's output after success: keep it (FLOWCHAT_COMPACT_SUCCEEDED=0)
+    env = daemon_env(redis_url, FLOWCHAT_DATA_DIR=str(data_dir), FLOWCHAT_COMPACT_SUCCEEDED="0", **extra)
     for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER"):
         env.pop(name, None) if name not in extra else None
     return env
@@ -62,7 +63,9 @@ async def test_outbox_mode_runs_the_whole_loop_with_simulate(redis_url, redis, p
     serve = processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=env)
     url = f"http://127.0.0.1:{port}"
 
-    sent = cli("simulate", "message", "--from", "+5511987654321", "--body", "oi", "--name", "Ana", "--url", url, env=env)
+    sent = cli(
+        "simulate", "message", "--from", "+5511987654321", "--body", "oi", "--name", "Ana", "--url", url, env=env
+    )
 
     assert sent.returncode == 0, sent.stderr
     assert (tmp_path / "data" / "twilio-signing-token").stat().st_mode & 0o777 == 0o600
@@ -99,7 +102,9 @@ async def test_twilio_mode_sends_through_the_api_and_status_callbacks_come_back(
     )  # fmt: skip
     processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=env)
 
-    assert cli("simulate", "message", "--from", "+5511987654321", "--body", "hi", "--url", public, env=env).returncode == 0
+    assert (
+        cli("simulate", "message", "--from", "+5511987654321", "--body", "hi", "--url", public, env=env).returncode == 0
+    )
     await wait_for(lambda: fake.ok_sends)
     [sent] = fake.ok_sends
     assert sent.one("StatusCallback") == f"{public}/twilio/status"

@@ -10,6 +10,7 @@ from support import enqueue, lines, settled, wait_for, write_flow
 from flowchat import Services
 from flowchat.keys import GROUP
 from flowchat.operations import load_execution, replay
+from flowchat.queue import Retention
 from flowchat.worker import Worker, WorkerSettings
 
 
@@ -23,6 +24,7 @@ async def test_an_execution_runs_to_success_and_its_entry_is_acknowledged(
         f"  - {{id: a, type: test.mark, with: {{file: '{marks}'}}}}\n  - {{id: b, type: set, with: {{values: {{x: '{{{{ a.pid }}}}'}}}}}}\n",
     )
     catalog = catalog_factory(flows_dir)
+    queue.retention = Retention(compact=False)  # keep the outputs after success: the test reads one
     await start_worker(catalog)
     execution_id = await enqueue(queue, catalog, "two")
 
@@ -197,15 +199,22 @@ async def test_leases_are_renewed_while_a_long_node_runs(queue, flows_dir, catal
 
 
 async def test_index_entries_past_retention_are_forgotten(queue, flows_dir, catalog_factory):
-    from flowchat.queue import RETENTION
+    from flowchat.queue import RETENTION, RETENTION_SUCCEEDED
 
     write_flow(flows_dir, "old", "  - {id: a, type: test.noop}\n")
     catalog = catalog_factory(flows_dir)
     kept = await enqueue(queue, catalog, "old")
-    await queue.redis.zadd(queue.keys.index, {"ancient": time.time() - RETENTION - 10})
+    two_days = time.time() - RETENTION_SUCCEEDED - 10
+    await queue.redis.zadd(queue.keys.index("old", "succeeded"), {"done-long-ago": two_days})
+    await queue.redis.zadd(queue.keys.index("old", "failed"), {"failed-two-days-ago": two_days})
+    await queue.redis.zadd(queue.keys.index("old", "failed"), {"failed-long-ago": time.time() - RETENTION - 10})
+    await queue.redis.zadd(queue.keys.index("old", "waiting"), {"waiting-long": time.time() - RETENTION - 10})
 
-    assert await queue.forget_expired() == 1
-    assert await queue.redis.zrange(queue.keys.index, 0, -1) == [kept.encode()]
+    assert await queue.forget_expired() == 2  # each status by its own retention; live ones stay
+    assert await queue.redis.zrange(queue.keys.index("old", "queued"), 0, -1) == [kept.encode()]
+    assert await queue.redis.zrange(queue.keys.index("old", "failed"), 0, -1) == [b"failed-two-days-ago"]
+    assert await queue.redis.zrange(queue.keys.index("old", "waiting"), 0, -1) == [b"waiting-long"]
+    assert not await queue.redis.exists(queue.keys.index("old", "succeeded"))
 
 
 async def test_replay_on_the_latest_version_applies_a_fix_made_in_the_flow_file(
