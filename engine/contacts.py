@@ -455,15 +455,29 @@ def applied_from_reply(reply: list[Any]) -> Applied:
 
 
 def contact_from_fields(raw: Mapping[Any, Any]) -> dict[str, Any]:
-    """A stored hash as the contact dict flows see."""
-    fields = _text_fields(raw)
-    attributes = {name[2:]: orjson.loads(value) for name, value in fields.items() if name.startswith("a:")}
+    """A stored hash as the contact dict flows see (one pass over its fields: every send reads one)."""
+    fields: dict[str, str] = {}
+    attributes: dict[str, Any] = {}
+    tags: list[str] = []
+    groups: list[str] = []
+    for key, value in raw.items():
+        name = key.decode() if type(key) is bytes else str(key)
+        text = value.decode() if type(value) is bytes else str(value)
+        kind = name[:2]
+        if kind == "a:":
+            attributes[name[2:]] = orjson.loads(text)
+        elif kind == "t:":
+            tags.append(name[2:])
+        elif kind == "g:":
+            groups.append(name[2:])
+        else:
+            fields[name] = text
     return {
         "phone": fields.get("phone", ""),
         "name": fields.get("name") or None,
         "attributes": dict(sorted(attributes.items())),
-        "tags": sorted(name[2:] for name in fields if name.startswith("t:")),
-        "groups": sorted(name[2:] for name in fields if name.startswith("g:")),
+        "tags": sorted(tags),
+        "groups": sorted(groups),
         "consent": {
             "state": fields.get("consent_state", "unknown"),
             "at": _int(fields.get("consent_at")),

@@ -92,23 +92,24 @@ class Runner:
         execution.status = "running"
         execution.started_at = execution.started_at or self.services.clock()
         graph = _Frontier(flow, execution)
+        context = template_context(flow, execution, self.services.secrets)  # grows as nodes pass
         running: dict[asyncio.Task[None], FlowNode] = {}
         try:
             while True:
                 ready = [] if graph.failed else await self._take_ready(execution, graph)
                 if len(ready) == 1 and not running:
-                    await self._run_node(flow, execution, ready[0])  # a linear step needs no task
-                    graph.settled(ready[0])
+                    await self._run_node(flow, execution, ready[0], context)  # a linear step needs no task
+                    _settled(graph, ready[0], execution, context)
                     continue
                 for node in ready:
-                    running[asyncio.create_task(self._run_node(flow, execution, node))] = node
+                    running[asyncio.create_task(self._run_node(flow, execution, node, context))] = node
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     node = running.pop(task)
                     task.result()
-                    graph.settled(node)
+                    _settled(graph, node, execution, context)
         except BaseException:
             for task in running:
                 task.cancel()
@@ -135,10 +136,8 @@ class Runner:
 
     # --- one node -----------------------------------------------------------------
 
-    async def _run_node(self, flow: Flow, execution: Execution, node: FlowNode) -> None:
+    async def _run_node(self, flow: Flow, execution: Execution, node: FlowNode, context: dict[str, Any]) -> None:
         run = execution.nodes[node.id]
-        needs_context = isinstance(node.when, Template) or node.static_config is None
-        context = template_context(flow, execution, self.services.secrets) if needs_context else {}
         try:
             started = time.perf_counter()
             go = _truthy(node.when, context)
@@ -276,6 +275,14 @@ class _Frontier:
 
 
 _PASSED = frozenset({"ok", "skipped"})
+
+
+def _settled(graph: _Frontier, node: FlowNode, execution: Execution, context: dict[str, Any]) -> None:
+    """``node`` stopped running: its output joins what templates see, and the nodes it held up may start."""
+    run = execution.nodes[node.id]
+    if run.status == "ok":
+        context[node.id] = run.output
+    graph.settled(node)
 _NO_SECRETS = Secrets()
 
 
