@@ -1,17 +1,21 @@
-"""Helpers shared by tests: environments for daemon processes, a process keeper, event-driven waits."""
+"""Helpers shared by tests: flow files, the ``flowchat`` command, daemon processes, event-driven waits."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from flowchat.catalog import Catalog
 from flowchat.queue import Queue
@@ -21,8 +25,105 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TEST_PLUGINS = FIXTURES / "plugins"
 
 
-def daemon_env(redis_url: str, **extra: str) -> dict[str, str]:
+# --- flow files ----------------------------------------------------------------------------
+
+WEBHOOK: Mapping[str, Any] = {"type": "webhook"}
+Nodes = str | Sequence[Mapping[str, Any]]
+
+
+def flow_yaml(name: str, nodes: Nodes, trigger: str | Mapping[str, Any] = WEBHOOK, **fields: Any) -> str:
+    """The text of a flow file: ``flow:``, ``trigger:`` and any other top-level ``fields``, then ``nodes:``.
+
+    ``nodes`` is the node list as YAML text (at any indentation: it is dedented and put under
+    ``nodes:``) or as dicts. ``trigger`` and ``fields`` are YAML text or values to dump. Templates
+    are written as flow authors write them, ``{{ trigger.name }}``: nothing here is an f-string.
+    """
+    header = {"flow": name, "trigger": trigger, **fields}
+    lines = [f"{key}: {_inline(value)}" for key, value in header.items()]
+    return "\n".join(lines) + "\nnodes:\n" + textwrap.indent(_node_list(nodes), "  ")
+
+
+def write_flow(
+    folder: Path, name: str, nodes: Nodes, trigger: str | Mapping[str, Any] = WEBHOOK, **fields: Any
+) -> Path:
+    """Write ``folder/<name>.yaml`` (see ``flow_yaml``) and return its path."""
+    path = folder / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(flow_yaml(name, nodes, trigger, **fields), encoding="utf-8")
+    return path
+
+
+def mark_node(marks: Path, node_id: str, **config: Any) -> dict[str, Any]:
+    """A ``test.mark`` node (tests/fixtures/plugins): it appends ``<execution> <node> start|done`` to ``marks``."""
+    return {"id": node_id, "type": "test.mark", "with": {"file": str(marks), **config}}
+
+
+def _inline(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return str(yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=math.inf)).strip()
+
+
+def _node_list(nodes: Nodes) -> str:
+    if isinstance(nodes, str):
+        return textwrap.dedent(nodes).strip("\n") + "\n"
+    return str(yaml.safe_dump([dict(node) for node in nodes], sort_keys=False, width=math.inf))
+
+
+# --- the flowchat command ------------------------------------------------------------------
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any ``FLOWCHAT_*`` setting, plus ``extra``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("FLOWCHAT_")}
+    env.update(extra)
+    return env
+
+
+def start_cli(*args: str | Path, env: Mapping[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[str]:
+    """Start ``python -m flowchat.cli ARGS`` as a user runs it (text pipes; ``env`` defaults to ``cli_env()``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flowchat.cli", *map(str, args)],
+        cwd=cwd,
+        env=cli_env() if env is None else dict(env),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish_cli(
+    process: subprocess.Popen[str], input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Feed ``input`` to a started command, wait for it, and return what it printed."""
+    try:
+        stdout, stderr = process.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_cli(
+    *args: str | Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
+    input: str | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m flowchat.cli ARGS`` to the end, as a user runs it, from the repo root.
+
+    ``env`` defaults to this environment without ``FLOWCHAT_*`` settings (see ``daemon_env`` for one
+    pointed at the test Redis). Inside a test that runs a worker in process, call it through
+    ``asyncio.to_thread`` so the event loop keeps turning while the command runs.
+    """
+    return finish_cli(start_cli(*args, env=env, cwd=cwd), input, timeout)
+
+
+def daemon_env(redis_url: str, **extra: str) -> dict[str, str]:
+    """An environment for a flowchat process on the test Redis, with the test plugins and short timeouts."""
+    env = cli_env()
     env.update(
         FLOWCHAT_REDIS_URL=redis_url,
         FLOWCHAT_PLUGINS=str(TEST_PLUGINS),
@@ -86,12 +187,6 @@ async def wait_for(predicate: Callable[[], object], timeout: float = 20.0, inter
 
 
 # --- queue helpers ---------------------------------------------------------------------
-
-
-def write_flow(folder: Path, name: str, nodes: str, trigger: str = "{type: webhook}") -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(f"flow: {name}\ntrigger: {trigger}\nnodes:\n{nodes}")
-    return path
 
 
 async def enqueue(queue: Queue, catalog: Catalog, flow_name: str, payload: dict[str, Any] | None = None) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from support import ROOT, daemon_env, settled
+from support import ROOT, Nodes, daemon_env, settled, write_flow
 
 from flowchat import load_flow, load_registry, open_services
 from flowchat.cli import run_in_process, trigger_payload
@@ -30,8 +30,8 @@ VOLATILE = frozenset({"sid", "waited_until", "date", "tick", "at"})
 """Keys whose values differ between two runs by nature (ids minted per send, clocks; consent times ``at`` and every ``*_at``)."""
 
 
-def built_in_cases(base: str) -> dict[str, tuple[str, dict[str, Any]]]:
-    """One small flow per built-in node type (and the example plugin): name -> (nodes YAML, trigger)."""
+def built_in_cases(base: str) -> dict[str, tuple[Nodes, dict[str, Any]]]:
+    """One small flow per built-in node type (and the example plugin): name -> (nodes, trigger)."""
     return {
         "node_set": (
             "  - {id: s, type: set, with: {values: {n: '{{ trigger.n + 1 }}', tags: \"{{ trigger.tags | map('upper') }}\", "
@@ -48,15 +48,22 @@ def built_in_cases(base: str) -> dict[str, tuple[str, dict[str, Any]]]:
             {"name": "Ana"},
         ),
         "node_http": (
-            f"  - {{id: get, type: http.request, with: {{url: '{base}/contact'}}}}\n"
-            f"  - {{id: post, type: http.request, with: {{method: POST, url: '{base}/echo', json: {{id: '{{{{ get.json.id }}}}'}}}}}}\n"
-            "  - {id: read, type: set, with: {values: {type: \"{{ post.headers['content-type'] }}\", back: '{{ post.json }}'}}}\n",
+            [
+                {"id": "get", "type": "http.request", "with": {"url": f"{base}/contact"}},
+                {
+                    "id": "post",
+                    "type": "http.request",
+                    "with": {"method": "POST", "url": f"{base}/echo", "json": {"id": "{{ get.json.id }}"}},
+                },
+                {
+                    "id": "read",
+                    "type": "set",
+                    "with": {"values": {"type": "{{ post.headers['content-type'] }}", "back": "{{ post.json }}"}},
+                },
+            ],
             {},
         ),
-        "node_http_failing": (
-            f"  - {{id: gone, type: http.request, with: {{url: '{base}/missing'}}}}\n",
-            {},
-        ),
+        "node_http_failing": ([{"id": "gone", "type": "http.request", "with": {"url": f"{base}/missing"}}], {}),
         "node_delay": (
             "  - {id: wait, type: delay, with: {for: 300ms}}\n"
             "  - {id: past, type: delay, with: {until: '2020-01-01T00:00:00Z'}}\n",
@@ -160,9 +167,7 @@ async def test_flowchat_run_and_a_worker_process_agree(queue, redis_url, process
         sample = folder / f"{path.stem}.input.json"
         cases[path.stem] = (path, json.loads(sample.read_text()) if sample.exists() else {})
     for name, (nodes, trigger) in built_in_cases(api).items():
-        path = folder / f"{name}.yaml"
-        path.write_text(f"flow: {name}\ntrigger: {{type: webhook}}\nnodes:\n{nodes}")
-        cases[name] = (path, trigger)
+        cases[name] = (write_flow(folder, name, nodes), trigger)
 
     env = daemon_env(
         redis_url,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from support import write_flow
+from support import flow_yaml, write_flow
 
 from flowchat.catalog import Catalog
 
@@ -10,10 +10,7 @@ from flowchat.catalog import Catalog
 async def test_stored_versions_are_cached_up_to_a_bound(flows_dir, registry):
     catalog = Catalog(flows_dir, registry, max_versions=2)
     catalog.reload()
-    sources = {
-        f"v{n}": ("old.yaml", f"flow: old\ntrigger: {{type: webhook}}\nnodes:\n  - {{id: a{n}, type: test.noop}}\n")
-        for n in range(4)
-    }
+    sources = {f"v{n}": ("old.yaml", flow_yaml("old", [{"id": f"a{n}", "type": "test.noop"}])) for n in range(4)}
     looked_up: list[str] = []
 
     async def lookup(name: str, version: str) -> tuple[str, str] | None:
@@ -31,7 +28,7 @@ async def test_stored_versions_are_cached_up_to_a_bound(flows_dir, registry):
 
 
 async def test_the_current_version_needs_no_lookup(flows_dir, registry):
-    write_flow(flows_dir, "now", "  - {id: a, type: test.noop}\n")
+    write_flow(flows_dir, "now", "- {id: a, type: test.noop}")
     catalog = Catalog(flows_dir, registry, max_versions=1)
     catalog.reload()
     current = catalog.get("now")

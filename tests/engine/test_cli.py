@@ -8,43 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
 from jsonschema import Draft202012Validator
+from support import ROOT, finish_cli, run_cli, start_cli, write_flow
 
-REPO = Path(__file__).resolve().parents[2]
 LEAD_FLOW = "flows/lead_intake.yaml"
 PHONE = "+14155550123"
 LEAD = {"phone": PHONE, "name": "ann lee", "interests": ["solar", "batteries"]}
 BUILT_IN_TYPES = ("set", "log", "validate", "http.request", "example.greeting")
-
-Cli = Callable[..., subprocess.CompletedProcess[str]]
-
-
-def start(*args: str) -> subprocess.Popen[str]:
-    """Start ``python -m flowchat.cli ARGS`` in the repo root, with no FLOWCHAT_* settings from the environment."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("FLOWCHAT_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "flowchat.cli", *args],
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(process: subprocess.Popen[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    stdout, stderr = process.communicate(stdin, timeout=30)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-@pytest.fixture(scope="module")
-def cli() -> Cli:
-    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return finish(start(*args), stdin)
-
-    return run
 
 
 @pytest.fixture
@@ -60,8 +30,8 @@ def lead_file(tmp_path: Path) -> Callable[[dict], Path]:
 # --- run ----------------------------------------------------------------------------
 
 
-def test_run_with_an_input_file_prints_the_trace(cli, lead_file):
-    result = cli("run", LEAD_FLOW, "--input", str(lead_file(LEAD)))
+def test_run_with_an_input_file_prints_the_trace(lead_file):
+    result = run_cli("run", LEAD_FLOW, "--input", str(lead_file(LEAD)))
 
     assert result.returncode == 0, result.stderr
     first, header, *rows = result.stdout.splitlines()
@@ -77,16 +47,16 @@ def test_run_with_an_input_file_prints_the_trace(cli, lead_file):
     assert PHONE not in result.stderr
 
 
-def test_run_reads_the_input_from_stdin(cli):
-    result = cli("run", LEAD_FLOW, "--input", "-", stdin=json.dumps({**LEAD, "interests": []}))
+def test_run_reads_the_input_from_stdin():
+    result = run_cli("run", LEAD_FLOW, "--input", "-", input=json.dumps({**LEAD, "interests": []}))
 
     assert result.returncode == 0, result.stderr
     statuses = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:]}
     assert statuses == {"check": "ok", "lead": "ok", "hot": "skipped", "done": "ok"}
 
 
-def test_run_json_prints_the_execution_as_json(cli, lead_file):
-    result = cli("run", LEAD_FLOW, "--input", str(lead_file(LEAD)), "--json")
+def test_run_json_prints_the_execution_as_json(lead_file):
+    result = run_cli("run", LEAD_FLOW, "--input", str(lead_file(LEAD)), "--json")
 
     assert result.returncode == 0, result.stderr
     execution = json.loads(result.stdout)
@@ -101,8 +71,8 @@ def test_run_json_prints_the_execution_as_json(cli, lead_file):
     assert execution["nodes"]["check"]["output"] == {"valid": True, "errors": []}
 
 
-def test_run_exits_1_when_the_input_fails_validation(cli, lead_file):
-    result = cli("run", LEAD_FLOW, "--input", str(lead_file({"phone": "555-0100"})))
+def test_run_exits_1_when_the_input_fails_validation(lead_file):
+    result = run_cli("run", LEAD_FLOW, "--input", str(lead_file({"phone": "555-0100"})))
 
     assert result.returncode == 1
     assert "status failed" in result.stdout
@@ -112,17 +82,17 @@ def test_run_exits_1_when_the_input_fails_validation(cli, lead_file):
     assert statuses == {"check": "failed", "lead": "pending", "hot": "pending"}
 
 
-def test_run_rejects_input_that_is_not_a_json_object(cli):
-    result = cli("run", LEAD_FLOW, "--input", "-", stdin="[1, 2]")
+def test_run_rejects_input_that_is_not_a_json_object():
+    result = run_cli("run", LEAD_FLOW, "--input", "-", input="[1, 2]")
 
     assert result.returncode == 2
     assert "must be a JSON object" in result.stderr
 
 
-def test_run_reports_a_missing_input_file_without_a_traceback(cli, tmp_path):
+def test_run_reports_a_missing_input_file_without_a_traceback(tmp_path):
     missing = tmp_path / "missing.json"
 
-    result = cli("run", LEAD_FLOW, "--input", str(missing))
+    result = run_cli("run", LEAD_FLOW, "--input", str(missing))
 
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -130,11 +100,11 @@ def test_run_reports_a_missing_input_file_without_a_traceback(cli, tmp_path):
     assert str(missing) in result.stderr
 
 
-# --- nodes, schema, graph -----------------------------------------------------------
+# --- nodes -----------------------------------------------------------
 
 
-def test_nodes_lists_every_built_in_type(cli):
-    result = cli("nodes")
+def test_nodes_lists_every_built_in_type():
+    result = run_cli("nodes")
 
     assert result.returncode == 0, result.stderr
     listed = {line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith(" ")}
@@ -142,8 +112,8 @@ def test_nodes_lists_every_built_in_type(cli):
     assert "Send an HTTP request" in result.stdout
 
 
-def test_nodes_json_includes_each_config_schema(cli):
-    result = cli("nodes", "--json")
+def test_nodes_json_includes_each_config_schema():
+    result = run_cli("nodes", "--json")
 
     assert result.returncode == 0, result.stderr
     entries = {entry["type"]: entry for entry in json.loads(result.stdout)}
@@ -155,75 +125,6 @@ def test_nodes_json_includes_each_config_schema(cli):
     assert entries["http.request"]["config_schema"]["required"] == ["url"]
     assert {"url", "json", "headers", "timeout"} <= set(entries["http.request"]["config_schema"]["properties"])
     assert entries["example.greeting"]["source"].endswith("plugins/greeting.py")
-
-
-@pytest.fixture(scope="module")
-def flow_schema(cli) -> Draft202012Validator:
-    result = cli("schema")
-    assert result.returncode == 0, result.stderr
-    schema = json.loads(result.stdout)
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
-
-
-def test_schema_accepts_every_shipped_flow(flow_schema):
-    files = sorted((REPO / "flows").glob("*.y*ml")) + sorted((REPO / "examples").glob("*.y*ml"))
-
-    assert files
-    for file in files:
-        errors = [error.message for error in flow_schema.iter_errors(yaml.safe_load(file.read_text()))]
-        assert errors == [], file
-
-
-@pytest.mark.parametrize(
-    ("config", "valid"),
-    [
-        ({"message": "hi"}, True),
-        ({"message": "hi {{ trigger.name }}", "level": "{{ vars.level }}"}, True),
-        ({"bogus": 1}, False),
-        ({"message": "hi", "bogus": 1}, False),
-        ({"message": "hi", "level": "loud"}, False),
-    ],
-)
-def test_schema_checks_each_node_types_with(flow_schema, config, valid):
-    flow = {"flow": "f", "trigger": {"type": "webhook"}, "nodes": [{"id": "note", "type": "log", "with": config}]}
-
-    assert flow_schema.is_valid(flow) is valid
-
-
-def test_schema_rejects_an_unknown_node_type(flow_schema):
-    flow = {"flow": "f", "trigger": {"type": "webhook"}, "nodes": [{"id": "x", "type": "sms.send"}]}
-
-    assert not flow_schema.is_valid(flow)
-
-
-def test_graph_draws_a_mermaid_flowchart_with_an_edge_per_need(cli):
-    result = cli("graph", LEAD_FLOW)
-
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0] == "flowchart TD"
-    edges = sorted(line.strip() for line in lines if "->" in line)
-    # boxes are n_<id> (no id can be a Mermaid keyword); a conditional edge is labelled with its condition
-    assert edges == sorted(
-        ["trigger --> n_check", "n_check --> n_lead", 'n_lead -.->|"lead.score #gt;= 20"| n_hot', "n_lead --> n_done"]
-    )
-
-
-def test_graph_keeps_mermaid_keywords_as_node_ids_apart(cli, tmp_path):
-    flow = tmp_path / "words.yaml"
-    flow.write_text(
-        "flow: words\ntrigger: {type: webhook}\nnodes:\n"
-        "  - {id: graph, type: set, with: {values: {}}}\n"
-        "  - {id: end, type: log, with: {message: bye}, when: \"{{ graph.x == 'a|b' }}\"}\n"
-    )
-    result = cli("graph", str(flow))
-
-    assert result.returncode == 0, result.stderr
-    lines = [line.strip() for line in result.stdout.splitlines()]
-    assert 'n_graph["graph<br/><small>set</small>"]' in lines
-    assert "trigger --> n_graph" in lines
-    assert "n_graph -.->|\"graph.x == 'a#124;b'\"| n_end" in lines
 
 
 # --- help ---------------------------------------------------------------------------
@@ -240,8 +141,8 @@ SUBCOMMAND_PURPOSES = {
 @pytest.fixture(scope="module")
 def helps() -> dict[str, subprocess.CompletedProcess[str]]:
     """``--help`` of the program and of each subcommand, started all at once to keep the suite fast."""
-    started = {"": start("--help"), **{name: start(name, "--help") for name in SUBCOMMAND_PURPOSES}}
-    return {name: finish(process) for name, process in started.items()}
+    started = {"": start_cli("--help"), **{name: start_cli(name, "--help") for name in SUBCOMMAND_PURPOSES}}
+    return {name: finish_cli(process) for name, process in started.items()}
 
 
 def test_help_lists_the_subcommands_and_their_purpose(helps):
@@ -264,32 +165,19 @@ def test_each_subcommand_help_says_what_it_does(helps, name):
     assert SUBCOMMAND_PURPOSES[name].lower() in " ".join(result.stdout.split()).lower()
 
 
-def test_the_committed_flow_schema_is_what_flowchat_schema_prints():
-    result = subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", "--plugins", "plugins", "schema"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    committed = (REPO / "flowchat.schema.json").read_text()
-    assert json.loads(committed) == json.loads(result.stdout), (
-        "run: flowchat --plugins plugins schema > flowchat.schema.json "
-        "&& flowchat schema --builtins-only > engine/flow.schema.json"
-    )
-
-
 # --- `run` does what the daemon does ---------------------------------------------------------
 
 
-def test_run_fast_forward_skips_a_long_delay_and_retry_backoff(cli, tmp_path):
-    flow = tmp_path / "later.yaml"
-    flow.write_text(
-        "flow: later\ntrigger: {type: webhook}\nnodes:\n"
-        "  - {id: wait, type: delay, with: {for: 1h}}\n"
-        "  - {id: call, type: http.request, with: {url: 'http://127.0.0.1:9/'}, retry: {backoff: 10m}}\n"
+def test_run_fast_forward_skips_a_long_delay_and_retry_backoff(tmp_path):
+    flow = write_flow(
+        tmp_path,
+        "later",
+        """
+        - {id: wait, type: delay, with: {for: 1h}}
+        - {id: call, type: http.request, with: {url: 'http://127.0.0.1:9/'}, retry: {backoff: 10m}}
+        """,
     )
-    result = cli("run", str(flow), "--fast-forward", "--json")
+    result = run_cli("run", flow, "--fast-forward", "--json")
 
     execution = json.loads(result.stdout)
     assert execution["nodes"]["wait"]["status"] == "ok"
@@ -297,23 +185,25 @@ def test_run_fast_forward_skips_a_long_delay_and_retry_backoff(cli, tmp_path):
     assert execution["nodes"]["call"]["error"]["code"] == "http-connection"
 
 
-def test_run_checks_the_webhook_schema_and_gives_schedules_their_payload(cli, tmp_path):
-    hook = tmp_path / "hook.yaml"
-    hook.write_text(
-        "flow: hook\ntrigger: {type: webhook, schema: {type: object, required: [phone]}}\n"
-        "nodes:\n  - {id: a, type: set, with: {values: {p: '{{ trigger.phone }}'}}}\n"
+def test_run_checks_the_webhook_schema_and_gives_schedules_their_payload(tmp_path):
+    hook = write_flow(
+        tmp_path,
+        "hook",
+        "- {id: a, type: set, with: {values: {p: '{{ trigger.phone }}'}}}",
+        trigger="{type: webhook, schema: {type: object, required: [phone]}}",
     )
-    refused = cli("run", str(hook), "--input", "-", stdin='{"name": "Ana"}')
+    refused = run_cli("run", hook, "--input", "-", input='{"name": "Ana"}')
     assert refused.returncode == 2
     assert "does not match the trigger schema" in refused.stderr and "'phone' is a required property" in refused.stderr
     assert "Traceback" not in refused.stderr
 
-    tick = tmp_path / "tick.yaml"
-    tick.write_text(
-        "flow: tick\ntrigger: {type: schedule, cron: '0 9 * * *', payload: {team: support}}\n"
-        "nodes:\n  - {id: a, type: set, with: {values: {t: '{{ trigger.team }}', m: '{{ trigger.missed }}'}}}\n"
+    tick = write_flow(
+        tmp_path,
+        "tick",
+        "- {id: a, type: set, with: {values: {t: '{{ trigger.team }}', m: '{{ trigger.missed }}'}}}",
+        trigger="{type: schedule, cron: '0 9 * * *', payload: {team: support}}",
     )
-    execution = json.loads(cli("run", str(tick), "--json").stdout)
+    execution = json.loads(run_cli("run", tick, "--json").stdout)
     assert execution["trigger"]["team"] == "support" and "tick" in execution["trigger"]
     assert execution["nodes"]["a"]["output"] == {"t": "support", "m": 0}
 
@@ -323,7 +213,7 @@ def test_run_into_a_closed_pipe_ends_quietly(tmp_path):
     os.close(reader)
     result = subprocess.run(
         [sys.executable, "-m", "flowchat.cli", "run", LEAD_FLOW, "--json"],
-        cwd=REPO,
+        cwd=ROOT,
         stdout=writer,
         stderr=subprocess.PIPE,
         text=True,

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis as sync_redis
-from support import ROOT, TEST_PLUGINS, daemon_env, lines, wait_for, write_flow
+from support import ROOT, TEST_PLUGINS, daemon_env, lines, mark_node, run_cli, wait_for, write_flow
 
 from flowchat.connections import open_queue
 from flowchat.keys import Keys
@@ -36,12 +34,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     servers.stop()
 
 
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-
-
 async def post(http: aiohttp.ClientSession, port: int, path: str, key: str | None = None) -> dict[str, object]:
     headers = {"Idempotency-Key": key} if key else {}
     async with http.post(f"http://127.0.0.1:{port}/hooks/{path}", json={"n": 1}, headers=headers) as response:
@@ -51,18 +43,11 @@ async def post(http: aiohttp.ClientSession, port: int, path: str, key: str | Non
 
 async def test_ingress_and_two_workers_run_every_execution_once_on_a_cluster(cluster, flows_dir, processes, tmp_path):
     marks, gate = tmp_path / "marks", tmp_path / "gate"
-    write_flow(flows_dir, "plain", f"  - {{id: a, type: test.mark, with: {{file: '{marks}'}}}}\n")
-    write_flow(
-        flows_dir,
-        "flaky",
-        "  - {id: gate, type: test.fail_until, retry: {max_attempts: 20, backoff: 200ms, max_backoff: 300ms},"
-        f" with: {{exists: '{gate}'}}}}\n  - {{id: b, type: test.mark, with: {{file: '{marks}'}}}}\n",
-    )
-    write_flow(
-        flows_dir,
-        "later",
-        f"  - {{id: wait, type: delay, with: {{for: 1s}}}}\n  - {{id: c, type: test.mark, with: {{file: '{marks}'}}}}\n",
-    )
+    write_flow(flows_dir, "plain", [mark_node(marks, "a")])
+    retry = {"max_attempts": 20, "backoff": "200ms", "max_backoff": "300ms"}
+    flaky = {"id": "gate", "type": "test.fail_until", "retry": retry, "with": {"exists": str(gate)}}
+    write_flow(flows_dir, "flaky", [flaky, mark_node(marks, "b")])
+    write_flow(flows_dir, "later", [{"id": "wait", "type": "delay", "with": {"for": "1s"}}, mark_node(marks, "c")])
     env = daemon_env(cluster.url)
     port = free_port()
     serve = processes.start("serve", "--no-workers", "--port", str(port), "--flows", str(flows_dir), env=env)
@@ -96,7 +81,7 @@ async def test_ingress_and_two_workers_run_every_execution_once_on_a_cluster(clu
     crm = await run_the_crm_example(cluster.url, flows_dir)
     assert crm == ["succeeded"] * len(crm), crm
 
-    result = cli("queue", "stats", "--json", env=env)
+    result = run_cli("queue", "stats", "--json", env=env)
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
     assert stats["ready"] == 0 and stats["dead"] == 0
@@ -180,6 +165,6 @@ async def test_cluster_mode_can_be_forced_and_is_named(cluster):
 
 
 def test_queue_stats_works_through_the_cli_on_a_cluster(cluster):
-    result = cli("queue", "stats", env=daemon_env(cluster.url))
+    result = run_cli("queue", "stats", env=daemon_env(cluster.url))
     assert result.returncode == 0, result.stderr
     assert "ready" in result.stdout

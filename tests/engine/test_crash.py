@@ -12,17 +12,16 @@ from typing import Any
 import aiohttp
 import pytest
 from redis.asyncio import Redis
-from support import daemon_env, wait_for
+from support import daemon_env, mark_node, wait_for, write_flow
 
 from flowchat.keys import Keys
 from flowchat.queue import Queue
 from flowchat.redis_server import RedisServer, free_port
 
 
-def mark_flow(folder: Path, name: str, marks: Path, extra_nodes: str = "", trigger: str = "{type: webhook}") -> None:
-    (folder / f"{name}.yaml").write_text(
-        f"flow: {name}\ntrigger: {trigger}\nnodes:\n  - {{id: first, type: test.mark, with: {{file: '{marks}'}}}}\n{extra_nodes}"
-    )
+def mark_flow(folder: Path, name: str, marks: Path, *more: dict[str, Any]) -> None:
+    """A flow whose first node marks ``marks``, then the ``more`` nodes."""
+    write_flow(folder, name, [mark_node(marks, "first"), *more])
 
 
 def starts(marks: Path) -> Counter[tuple[str, str]]:
@@ -75,9 +74,8 @@ async def test_a_killed_worker_s_execution_is_finished_by_another_without_rerunn
     queue, redis_url, flows_dir, processes, tmp_path
 ):
     marks = tmp_path / "marks"
-    slow = f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 30, sleep_first_run_only: true}}, timeout: 60s}}\n"
-    last = f"  - {{id: last, type: test.mark, with: {{file: '{marks}'}}}}\n"
-    mark_flow(flows_dir, "crashy", marks, slow + last)
+    slow = mark_node(marks, "slow", sleep=30, sleep_first_run_only=True) | {"timeout": "60s"}
+    mark_flow(flows_dir, "crashy", marks, slow, mark_node(marks, "last"))
     env = daemon_env(redis_url, FLOWCHAT_VISIBILITY_TIMEOUT="1")
     victim = processes.start("worker", "--flows", str(flows_dir), env=env)
     [execution_id] = await enqueue_many(queue, flows_dir / "crashy.yaml", 1)
@@ -107,7 +105,7 @@ def private_redis(tmp_path: Path):
 
 async def test_queued_and_delayed_executions_survive_a_redis_restart(private_redis, flows_dir, processes, tmp_path):
     marks = tmp_path / "marks"
-    mark_flow(flows_dir, "durable", marks, "  - {id: wait, type: delay, with: {for: 1s}}\n")
+    mark_flow(flows_dir, "durable", marks, {"id": "wait", "type": "delay", "with": {"for": "1s"}})
     client = Redis.from_url(private_redis.url)
     queue = Queue(client, Keys())
     await queue.setup()
@@ -178,9 +176,7 @@ async def test_ingress_answers_503_while_redis_is_down_and_everything_accepted_c
 
 async def test_sigterm_drains_in_flight_work_and_exits_zero(queue, redis_url, flows_dir, processes, tmp_path):
     marks = tmp_path / "marks"
-    mark_flow(
-        flows_dir, "draining", marks, f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 1.5}}}}\n"
-    )
+    mark_flow(flows_dir, "draining", marks, mark_node(marks, "slow", sleep=1.5))
     worker = processes.start("worker", "--flows", str(flows_dir), env=daemon_env(redis_url))
     [execution_id] = await enqueue_many(queue, flows_dir / "draining.yaml", 1)
     await wait_for(lambda: starts(marks)[(execution_id, "slow")] == 1)
@@ -195,7 +191,7 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(queue, redis_url, fl
 
 async def test_work_left_after_the_grace_period_is_taken_over_not_lost(queue, redis_url, flows_dir, processes, tmp_path):
     marks = tmp_path / "marks"
-    slow = f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 30, sleep_first_run_only: true}}, timeout: 60s}}\n"
+    slow = mark_node(marks, "slow", sleep=30, sleep_first_run_only=True) | {"timeout": "60s"}
     mark_flow(flows_dir, "overdue", marks, slow)
     env = daemon_env(redis_url, FLOWCHAT_GRACE="0.3", FLOWCHAT_VISIBILITY_TIMEOUT="1")
     leaving = processes.start("worker", "--flows", str(flows_dir), env=env)
@@ -217,7 +213,7 @@ async def test_work_left_after_the_grace_period_is_taken_over_not_lost(queue, re
 
 async def test_draining_keeps_leases_so_no_other_worker_runs_the_same_work(queue, redis_url, flows_dir, processes, tmp_path):
     marks = tmp_path / "marks"
-    mark_flow(flows_dir, "held", marks, f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 3}}}}\n")
+    mark_flow(flows_dir, "held", marks, mark_node(marks, "slow", sleep=3))
     env = daemon_env(redis_url, FLOWCHAT_GRACE="10", FLOWCHAT_VISIBILITY_TIMEOUT="1")
     draining = processes.start("worker", "--flows", str(flows_dir), env=env)
     [execution_id] = await enqueue_many(queue, flows_dir / "held.yaml", 1)

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from support import ROOT, daemon_env, settled, wait_for
+from support import ROOT, daemon_env, settled, wait_for, write_flow
 
 from flowchat.contacts import Contacts
 from flowchat.keys import Keys
@@ -16,12 +16,6 @@ from flowchat.loader import load_flow
 from flowchat.queue import Queue
 from flowchat.redis_server import free_port
 from flowchat.registry import load_registry
-
-
-def write(folder: Path, name: str, nodes: str) -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(f"flow: {name}\ntrigger: {{type: webhook}}\nnodes:\n{nodes}")
-    return path
 
 
 async def run_on_two_workers(
@@ -44,11 +38,14 @@ async def run_on_two_workers(
 
 
 async def test_two_workers_tagging_one_contact_80_times_lose_no_tag(queue, redis_url, flows_dir, processes):
-    flow = write(
+    flow = write_flow(
         flows_dir,
         "tagger",
-        "  - {id: tag, type: contact.tag, with: {phone: '+1 415 555 0100', add: ['t{{ trigger.n }}'],"
-        " groups_add: ['g{{ trigger.n % 3 }}']}}\n",
+        """
+        - id: tag
+          type: contact.tag
+          with: {phone: '+1 415 555 0100', add: ['t{{ trigger.n }}'], groups_add: ['g{{ trigger.n % 3 }}']}
+        """,
     )
     runs = await run_on_two_workers(queue, processes, redis_url, flow, [{"n": n} for n in range(80)])
     assert len(runs) == 80
@@ -65,10 +62,10 @@ async def test_two_workers_tagging_one_contact_80_times_lose_no_tag(queue, redis
 async def test_two_workers_upserting_the_same_new_phones_create_each_exactly_once(
     queue, redis_url, flows_dir, processes
 ):
-    flow = write(
+    flow = write_flow(
         flows_dir,
         "upserts",
-        "  - {id: up, type: contact.upsert, with: {phone: '+4420794600{{ trigger.p }}', name: 'N{{ trigger.n }}'}}\n",
+        "- {id: up, type: contact.upsert, with: {phone: '+4420794600{{ trigger.p }}', name: 'N{{ trigger.n }}'}}",
     )
     triggers = [{"p": f"{p:02d}", "n": n} for p in range(20) for n in range(4)]
     runs = await run_on_two_workers(queue, processes, redis_url, flow, triggers)
@@ -81,11 +78,13 @@ async def test_two_workers_upserting_the_same_new_phones_create_each_exactly_onc
 
 
 async def test_rate_limit_skip_allows_exactly_limit_across_two_workers(queue, redis_url, flows_dir, processes):
-    flow = write(
+    flow = write_flow(
         flows_dir,
         "paced",
-        "  - {id: gate, type: rate_limit, with: {key: campaign, limit: 7, per: 10m, on_limit: skip}}\n"
-        "  - {id: after, type: set, needs: [gate], when: '{{ gate.allowed }}', with: {values: {sent: true}}}\n",
+        """
+        - {id: gate, type: rate_limit, with: {key: campaign, limit: 7, per: 10m, on_limit: skip}}
+        - {id: after, type: set, needs: [gate], when: '{{ gate.allowed }}', with: {values: {sent: true}}}
+        """,
     )
     runs = await run_on_two_workers(queue, processes, redis_url, flow, [{"n": n} for n in range(60)])
     allowed = [run for run in runs if run["nodes"]["gate"]["output"]["allowed"]]
@@ -99,11 +98,8 @@ async def test_rate_limit_delay_lets_every_execution_through_and_none_before_its
     queue, redis_url, flows_dir, processes
 ):
     limit, per, count = 4, 1.6, 14  # a slot every 0.4 s after a burst of 4
-    flow = write(
-        flows_dir,
-        "delayed",
-        f"  - {{id: gate, type: rate_limit, with: {{key: drip, limit: {limit}, per: {per}s, on_limit: delay}}}}\n",
-    )
+    pacing = {"key": "drip", "limit": limit, "per": f"{per}s", "on_limit": "delay"}
+    flow = write_flow(flows_dir, "delayed", [{"id": "gate", "type": "rate_limit", "with": pacing}])
     runs = await run_on_two_workers(queue, processes, redis_url, flow, [{"n": n} for n in range(count)])
     assert len(runs) == count
     gates = [run["nodes"]["gate"] for run in runs]

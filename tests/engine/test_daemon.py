@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
-from support import ROOT, daemon_env, wait_for
+from support import ROOT, daemon_env, flow_yaml, run_cli, wait_for
 
 from flowchat.catalog import Catalog
 from flowchat.redis_server import free_port
 
-FLOW = """flow: {name}
-trigger: {{type: webhook, path: {path}}}
-nodes:
-  - {{id: hello, type: set, with: {{values: {{version: {version}}}}}}}
-"""
+
+def hello_flow(name: str, path: str, version: int) -> str:
+    """A flow on webhook ``path`` whose one node outputs ``version`` (edit it to make a new version)."""
+    node = {"id": "hello", "type": "set", "with": {"values": {"version": version}}}
+    return flow_yaml(name, [node], trigger={"type": "webhook", "path": path})
 
 
 def embedded_env(data_dir: Path) -> dict[str, str]:
@@ -25,12 +23,6 @@ def embedded_env(data_dir: Path) -> dict[str, str]:
     del env["FLOWCHAT_REDIS_URL"]
     env["FLOWCHAT_DATA_DIR"] = str(data_dir)
     return env
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
 
 
 async def post(port: int, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
@@ -42,7 +34,7 @@ async def post(port: int, path: str, body: dict[str, object]) -> tuple[int, dict
 
 
 async def test_embedded_redis_keeps_accepted_executions_across_a_restart(flows_dir, processes, tmp_path):
-    (flows_dir / "kept.yaml").write_text(FLOW.format(name="kept", path="kept", version=1))
+    (flows_dir / "kept.yaml").write_text(hello_flow(name="kept", path="kept", version=1))
     data_dir, port = tmp_path / "data", free_port()
     env = embedded_env(data_dir)
     ingress_only = processes.start("serve", "--flows", str(flows_dir), "--port", str(port), "--no-workers", env=env)
@@ -50,7 +42,7 @@ async def test_embedded_redis_keeps_accepted_executions_across_a_restart(flows_d
     status, body = await post(port, "kept", {"who": "ada"})
     assert status == 202
     execution_id = str(body["execution_id"])
-    shown = cli("executions", "show", execution_id, "--json", env=env)
+    shown = run_cli("executions", "show", execution_id, "--json", env=env)
     assert json.loads(shown.stdout)["status"] == "queued"
     ingress_only.terminate()
     assert ingress_only.wait(15) == 0
@@ -59,7 +51,7 @@ async def test_embedded_redis_keeps_accepted_executions_across_a_restart(flows_d
     processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=env)
 
     def succeeded() -> bool:
-        result = cli("executions", "show", execution_id, "--json", env=env)
+        result = run_cli("executions", "show", execution_id, "--json", env=env)
         return result.returncode == 0 and json.loads(result.stdout)["status"] == "succeeded"
 
     await wait_for(succeeded, timeout=30, interval=0.3)
@@ -69,17 +61,17 @@ async def test_flows_reload_without_a_restart_and_a_broken_edit_keeps_the_previo
     redis_url, flows_dir, processes, tmp_path
 ):
     port = free_port()
-    (flows_dir / "first.yaml").write_text(FLOW.format(name="first", path="first", version=1))
+    (flows_dir / "first.yaml").write_text(hello_flow(name="first", path="first", version=1))
     serve = processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=daemon_env(redis_url))
 
     async def answers(path: str, expected: int) -> bool:
         return (await post(port, path, {}))[0] == expected
 
     # added
-    (flows_dir / "second.yaml").write_text(FLOW.format(name="second", path="second", version=1))
+    (flows_dir / "second.yaml").write_text(hello_flow(name="second", path="second", version=1))
     await wait_for(lambda: answers("second", 202))
     # edited: the webhook moves to a new path
-    (flows_dir / "second.yaml").write_text(FLOW.format(name="second", path="moved", version=2))
+    (flows_dir / "second.yaml").write_text(hello_flow(name="second", path="moved", version=2))
     await wait_for(lambda: answers("moved", 202))
     assert (await post(port, "second", {}))[0] == 404
     # a broken edit is rejected and the previous version keeps serving
@@ -96,21 +88,21 @@ async def test_flows_reload_without_a_restart_and_a_broken_edit_keeps_the_previo
 def test_catalog_reload_reports_what_changed(flows_dir, registry):
     catalog = Catalog(flows_dir, registry)
     assert catalog.reload() is False
-    (flows_dir / "a.yaml").write_text(FLOW.format(name="a", path="a", version=1))
+    (flows_dir / "a.yaml").write_text(hello_flow(name="a", path="a", version=1))
     assert catalog.reload() is True
     assert catalog.reload() is False  # nothing new
     version = catalog.get("a").version  # type: ignore[union-attr]
-    (flows_dir / "a.yaml").write_text(FLOW.format(name="a", path="a", version=2) + "\n")
+    (flows_dir / "a.yaml").write_text(hello_flow(name="a", path="a", version=2) + "\n")
     assert catalog.reload() is True
     assert catalog.get("a").version != version  # type: ignore[union-attr]
-    (flows_dir / "b.yaml").write_text(FLOW.format(name="a", path="b", version=1))
+    (flows_dir / "b.yaml").write_text(hello_flow(name="a", path="b", version=1))
     assert catalog.reload() is False
     assert catalog.problems[flows_dir / "b.yaml"][0].code == "flow-duplicate-name"
 
 
 def test_two_flows_cannot_share_a_webhook_path(flows_dir, registry):
-    (flows_dir / "a.yaml").write_text(FLOW.format(name="a", path="shared", version=1))
-    (flows_dir / "b.yaml").write_text(FLOW.format(name="b", path="shared", version=1))
+    (flows_dir / "a.yaml").write_text(hello_flow(name="a", path="shared", version=1))
+    (flows_dir / "b.yaml").write_text(hello_flow(name="b", path="shared", version=1))
     catalog = Catalog(flows_dir, registry)
     catalog.reload()
 
@@ -121,10 +113,10 @@ def test_two_flows_cannot_share_a_webhook_path(flows_dir, registry):
 
 
 def test_validate_reports_a_webhook_path_used_twice(flows_dir):
-    (flows_dir / "a.yaml").write_text(FLOW.format(name="a", path="shared", version=1))
-    (flows_dir / "b.yaml").write_text(FLOW.format(name="b", path="shared", version=1))
+    (flows_dir / "a.yaml").write_text(hello_flow(name="a", path="shared", version=1))
+    (flows_dir / "b.yaml").write_text(hello_flow(name="b", path="shared", version=1))
 
-    result = cli("validate", str(flows_dir), env=daemon_env("unused"))
+    result = run_cli("validate", str(flows_dir), env=daemon_env("unused"))
 
     assert result.returncode == 1
     assert f"{flows_dir / 'b.yaml'}:1:1: [webhook-path-taken]" in result.stderr
@@ -152,7 +144,7 @@ async def test_the_readme_quickstart_works_against_the_shipped_flows(redis_url, 
             execution_id = (await response.json())["execution_id"]
 
     def succeeded() -> bool:
-        result = cli("executions", "show", execution_id, "--json", env=env)
+        result = run_cli("executions", "show", execution_id, "--json", env=env)
         return result.returncode == 0 and json.loads(result.stdout)["status"] == "succeeded"
 
     await wait_for(succeeded, timeout=30, interval=0.2)

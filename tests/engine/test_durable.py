@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -39,12 +40,10 @@ async def recorder() -> AsyncIterator[tuple[str, Counter[str]]]:
     await runner.cleanup()
 
 
-def post_then(url: str, after: str) -> str:
-    call = (
-        f"  - {{id: call, type: http.request, with: {{method: POST, url: '{url}?e={{{{ execution.id }}}}', "
-        "json: {name: '{{ trigger.name }}'}}}\n"
-    )
-    return call + after
+def post_then(url: str, after: dict[str, Any]) -> list[dict[str, Any]]:
+    """A POST to the recorder tagged with the execution id, then ``after``."""
+    post = {"method": "POST", "url": url + "?e={{ execution.id }}", "json": {"name": "{{ trigger.name }}"}}
+    return [{"id": "call", "type": "http.request", "with": post}, after]
 
 
 async def nothing_left_to_take_over(queue, execution_id: str) -> None:
@@ -61,7 +60,7 @@ async def test_http_request_outputs_are_stored_with_lower_case_headers_and_sent_
     write_flow(
         flows_dir,
         "crm",
-        post_then(url, "  - {id: read, type: set, with: {values: {type: \"{{ call.headers['content-type'] }}\"}}}\n"),
+        post_then(url, {"id": "read", "type": "set", "with": {"values": {"type": "{{ call.headers['content-type'] }}"}}}),
     )
     catalog = catalog_factory(flows_dir)
     env = daemon_env(redis_url, FLOWCHAT_COMPACT_SUCCEEDED="0")  # outputs stay after success
@@ -96,7 +95,7 @@ async def test_awkward_outputs_convert_or_fail_their_node_at_once_and_the_call_h
     queue, redis_url, flows_dir, catalog_factory, processes, recorder, kind, expected
 ):
     url, seen = recorder
-    write_flow(flows_dir, "awkward", post_then(url, f"  - {{id: odd, type: test.output, with: {{kind: {kind}}}}}\n"))
+    write_flow(flows_dir, "awkward", post_then(url, {"id": "odd", "type": "test.output", "with": {"kind": kind}}))
     catalog = catalog_factory(flows_dir)
     env = daemon_env(redis_url, FLOWCHAT_MAX_OUTPUT="2048", FLOWCHAT_COMPACT_SUCCEEDED="0")
     processes.start("worker", "--flows", str(flows_dir), env=env)
@@ -123,7 +122,7 @@ async def test_awkward_outputs_convert_or_fail_their_node_at_once_and_the_call_h
 
 
 async def test_a_crash_loop_is_poison_naming_the_node_it_was_running(queue, flows_dir, catalog_factory, start_worker):
-    write_flow(flows_dir, "crashy", "  - {id: first, type: test.noop}\n  - {id: second, type: test.noop}\n")
+    write_flow(flows_dir, "crashy", "- {id: first, type: test.noop}\n- {id: second, type: test.noop}")
     catalog = catalog_factory(flows_dir)
     execution_id = await enqueue(queue, catalog, "crashy")
     key = queue.keys.execution(execution_id)

@@ -5,26 +5,25 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from support import ROOT, daemon_env, wait_for
+from support import daemon_env, flow_yaml, run_cli, wait_for, write_flow
 
 from flowchat import FlowInvalid, Registry, load_flow
 from flowchat.catalog import Catalog
 from flowchat.loader import MAX_FLOW_BYTES
 from flowchat.redis_server import free_port
 
-GOOD = """flow: {name}
-trigger: {{type: webhook, path: {name}}}
-nodes:
-  - {{id: hello, type: set, with: {{values: {{n: 1}}}}}}
-"""
+
+def good(name: str) -> str:
+    """A valid flow on webhook path ``name``."""
+    hello = {"id": "hello", "type": "set", "with": {"values": {"n": 1}}}
+    return flow_yaml(name, [hello], trigger={"type": "webhook", "path": name})
+
 
 LAUGHS = "".join(
     f"{chr(97 + level)}: &{chr(97 + level)} [{', '.join([f'*{chr(96 + level)}'] * 9) if level else '1, 2, 3, 4, 5, 6, 7, 8, 9'}]\n"
@@ -32,10 +31,13 @@ LAUGHS = "".join(
 )
 
 
-def with_template(expression: str) -> str:
-    return (
-        f'flow: tpl\ntrigger: {{type: webhook}}\nnodes:\n  - {{id: a, type: log, with: {{message: "{expression}"}}}}\n'
-    )
+def with_template(expression: str, name: str = "tpl") -> str:
+    return flow_yaml(name, [{"id": "a", "type": "log", "with": {"message": expression}}])
+
+
+def templates_reading(count: int) -> dict[str, str]:
+    """``{v0: "{{ trigger.v0 }}", v1: ...}``: ``count`` values, each a template."""
+    return {f"v{i}": "{{ trigger.v" + str(i) + " }}" for i in range(count)}
 
 
 HOSTILE: dict[str, tuple[Callable[[], str | bytes], str]] = {
@@ -61,16 +63,14 @@ HOSTILE: dict[str, tuple[Callable[[], str | bytes], str]] = {
     "deep_template": (lambda: with_template("{{ " + "(" * 2000 + "1" + ")" * 2000 + " }}"), "template-limit"),
     "too_many_values": (lambda: "vars:\n  x: [" + ",".join(["1"] * 60_000) + "]\n", "yaml-limit"),
     "too_many_nodes": (
-        lambda: "flow: many\ntrigger: {type: webhook}\nnodes:\n"
-        + "".join(f"  - {{id: n{i}, type: log, with: {{message: hi}}}}\n" for i in range(1001)),
+        lambda: flow_yaml("many", [{"id": f"n{i}", "type": "log", "with": {"message": "hi"}} for i in range(1001)]),
         "flow-limit",
     ),
     "too_many_templates": (
-        lambda: "flow: many\ntrigger: {type: webhook}\nnodes:\n  - id: s\n    type: set\n    with:\n      values:\n"
-        + "".join(f'        v{i}: "{{{{ trigger.v{i} }}}}"\n' for i in range(1001)),
+        lambda: flow_yaml("many", [{"id": "s", "type": "set", "with": {"values": templates_reading(1001)}}]),
         "flow-limit",
     ),
-    "two_documents": (lambda: GOOD.format(name="twice") + "---\n" + GOOD.format(name="again"), "yaml-syntax"),
+    "two_documents": (lambda: good("twice") + "---\n" + good("again"), "yaml-syntax"),
 }
 
 
@@ -110,9 +110,8 @@ def rss_bytes() -> int:
 
 
 def test_loading_a_flow_a_thousand_times_keeps_memory_flat(tmp_path: Path, registry: Registry) -> None:
-    path = tmp_path / "flow.yaml"
-    nodes = "".join(f"  - {{id: n{i}, type: set, with: {{values: {{i: {i}, s: '{'x' * 4000}'}}}}}}\n" for i in range(4))
-    path.write_text(f"flow: leak\ntrigger: {{type: webhook}}\nnodes:\n{nodes}")  # ~16 KB of text per load
+    nodes = [{"id": f"n{i}", "type": "set", "with": {"values": {"i": i, "s": "x" * 4000}}} for i in range(4)]
+    path = write_flow(tmp_path, "leak", nodes)  # ~16 KB of text per load
     for _ in range(100):  # warm caches (pydantic, jinja) and the allocator first
         load_flow(path, registry)
     gc.collect()
@@ -129,15 +128,9 @@ def test_validate_reports_every_hostile_file_without_a_traceback(tmp_path: Path)
     folder.mkdir()
     for name, (make, _) in HOSTILE.items():
         write(folder / f"{name}.yaml", make())
-    write(folder / "good.yaml", GOOD.format(name="good"))
+    write(folder / "good.yaml", good("good"))
 
-    result = subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", "validate", str(folder)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli("validate", folder)
 
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -148,7 +141,7 @@ def test_validate_reports_every_hostile_file_without_a_traceback(tmp_path: Path)
 def test_the_catalog_survives_any_error_and_keeps_the_previous_versions(
     flows_dir: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (flows_dir / "good.yaml").write_text(GOOD.format(name="good"))
+    (flows_dir / "good.yaml").write_text(good("good"))
     catalog = Catalog(flows_dir, registry)
     catalog.reload()
 
@@ -175,8 +168,8 @@ async def healthz_latency(port: int, http: aiohttp.ClientSession) -> float:
 
 
 async def test_the_daemon_keeps_serving_while_hostile_files_arrive(redis_url, flows_dir, processes):
-    (flows_dir / "good.yaml").write_text(GOOD.format(name="good"))
-    (flows_dir / "broken.yaml").write_text(with_template("{{ trigger.x | b64encode }}").replace("tpl", "broken"))
+    (flows_dir / "good.yaml").write_text(good("good"))
+    (flows_dir / "broken.yaml").write_text(with_template("{{ trigger.x | b64encode }}", "broken"))
     port = free_port()
     serve = processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=daemon_env(redis_url))
     assert "template-unknown-filter" in processes.log_of(serve)
@@ -207,26 +200,9 @@ async def test_the_daemon_keeps_serving_while_hostile_files_arrive(redis_url, fl
 
 
 def test_serve_strict_refuses_to_start_with_a_broken_flow(redis_url, flows_dir):
-    (flows_dir / "good.yaml").write_text(GOOD.format(name="good"))
+    (flows_dir / "good.yaml").write_text(good("good"))
     (flows_dir / "broken.yaml").write_text("flow: !!python/name:os.system x\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flowchat.cli",
-            "serve",
-            "--strict",
-            "--flows",
-            str(flows_dir),
-            "--port",
-            str(free_port()),
-        ],
-        cwd=ROOT,
-        env=daemon_env(redis_url),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli("serve", "--strict", "--flows", flows_dir, "--port", str(free_port()), env=daemon_env(redis_url))
     assert result.returncode == 1
     assert "broken.yaml:1:7: [yaml-tag]" in result.stderr
     assert "Traceback" not in result.stderr

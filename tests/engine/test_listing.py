@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import redis as sync_redis
-from support import ROOT, daemon_env
+from support import ROOT, daemon_env, run_cli
 
 from flowchat import listing
 from flowchat.keys import Keys
@@ -25,12 +23,6 @@ def readme_fields(label: str) -> list[str]:
         if line.strip().startswith(f"- {label}") or line.strip().startswith(f"- `{label}")
     )
     return re.findall(r"`([a-z_]+)`", line.split(":", 1)[1])
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
 
 
 def test_the_readme_lists_exactly_the_fields_each_listing_prints():
@@ -50,15 +42,15 @@ async def test_json_outputs_have_the_documented_names_and_iso_times(redis_url, q
     client.hincrby(keys.counters, "dead:greet", 1)
     client.close()
 
-    [row] = json.loads(cli("executions", "list", "--json", env=env).stdout)
+    [row] = json.loads(run_cli("executions", "list", "--json", env=env).stdout)
     assert list(row) == list(listing.EXECUTION_FIELDS)
     assert ISO.match(row["created_at"]) and row["finished_at"] is None
 
-    [letter] = json.loads(cli("dlq", "list", "--json", env=env).stdout)
+    [letter] = json.loads(run_cli("dlq", "list", "--json", env=env).stdout)
     assert list(letter) == list(listing.DEAD_LETTER_FIELDS)
     assert letter["execution_id"] == execution_id and ISO.match(letter["dead_at"])
 
-    stats = json.loads(cli("queue", "stats", "--json", env=env).stdout)
+    stats = json.loads(run_cli("queue", "stats", "--json", env=env).stdout)
     assert list(stats) == list(listing.QUEUE_STATS_FIELDS)
     assert list(stats["flows"]["greet"]) == list(listing.FLOW_COUNT_FIELDS) and stats["flows"]["greet"]["dead"] == 1
     assert list(stats["memory"]) == list(listing.MEMORY_FIELDS)

@@ -2,6 +2,7 @@
 
 Executions are enqueued with the Queue API and run by an in-process Worker; the
 CLI runs as a user runs it, in a subprocess from the repo root, on the same Redis.
+`executions cancel` stops a queued or waiting execution at once, counted and logged.
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from support import ROOT, daemon_env, wait_for
+from support import daemon_env, enqueue, lines, run_cli, settled, wait_for, write_flow
 
 from flowchat.catalog import Catalog
 from flowchat.flow import Flow
@@ -36,19 +35,7 @@ def cli(redis_url: str) -> Cli:
     env = daemon_env(redis_url)
 
     async def run(*args: str) -> subprocess.CompletedProcess[str]:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "flowchat.cli",
-            *args,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-        assert process.returncode is not None
-        return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
+        return await asyncio.to_thread(run_cli, *args, env=env, timeout=30)
 
     return run
 
@@ -135,8 +122,7 @@ def lab(flows_dir: Path, queue: Queue, catalog_factory: Callable[[Path], Catalog
         ],
     }
     for name, nodes in flows.items():
-        document = {"flow": name, "trigger": {"type": "webhook"}, "nodes": nodes}
-        (flows_dir / f"{name}.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+        write_flow(flows_dir, name, nodes)
     return Lab(flows_dir, queue, catalog_factory, marks, marker)
 
 
@@ -392,3 +378,94 @@ async def test_executions_show_lists_nodes_in_flow_order(lab, cli):
     shown = await cli("executions", "show", greet, "--json")
 
     assert list(json.loads(shown.stdout)["nodes"]) == ["hello", "bye"]
+
+
+# --- executions cancel ----------------------------------------------------------------
+
+
+async def test_cancel_a_queued_and_a_waiting_execution(cli, queue, flows_dir, catalog_factory, start_worker, tmp_path):
+    marks = tmp_path / "marks"
+    write_flow(
+        flows_dir,
+        "drip",
+        [
+            {"id": "first", "type": "test.mark", "with": {"file": str(marks)}},
+            {"id": "wait", "type": "delay", "with": {"for": "60s"}},
+            {"id": "later", "type": "test.mark", "with": {"file": str(marks)}},
+        ],
+    )
+    catalog = catalog_factory(flows_dir)
+    queued = await enqueue(queue, catalog, "drip")
+    result = await cli("executions", "cancel", queued)
+    assert (result.returncode, result.stdout) == (0, f"cancelled {queued}\n"), result.stderr
+    assert "cancelled by an operator" in result.stderr  # the audit line
+
+    waiting = await enqueue(queue, catalog, "drip")
+    await start_worker(catalog)
+    await wait_for(lambda: any(f"{waiting} first done" in line for line in lines(marks)))
+    await wait_for(lambda: _status(queue, waiting, "waiting"))
+    result = await cli("executions", "cancel", waiting)
+    assert result.returncode == 0, result.stderr
+    assert await queue.redis.zscore(queue.keys.delayed, waiting) is None
+
+    await wait_for(lambda: _drained(queue))
+    assert not any(line.startswith(queued) for line in lines(marks))  # its queue entry was dropped unrun
+    assert await queue.next_due() is None  # nothing left to wake the waiting one
+    counters = await queue.redis.hgetall(queue.keys.counters)
+    assert counters[b"cancelled:drip"] == b"2"
+
+    listed = json.loads((await cli("executions", "list", "--status", "cancelled", "--since", "1h", "--json")).stdout)
+    assert {row["id"] for row in listed} == {queued, waiting}
+    assert all(row["finished_at"] for row in listed)
+
+
+async def test_cancel_says_why_it_cannot(cli, queue, flows_dir, catalog_factory, start_worker):
+    write_flow(flows_dir, "quick", "- {id: a, type: test.noop}")
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    done = await enqueue(queue, catalog, "quick")
+    await settled(queue, done)
+    finished = await cli("executions", "cancel", done)
+    assert finished.returncode == 1 and f"{done} is succeeded: nothing to cancel" in finished.stderr
+    missing = await cli("executions", "cancel", "nope")
+    assert missing.returncode == 1 and "no execution nope" in missing.stderr
+    for status in ("dead", "cancelled", "queued"):
+        assert (await cli("executions", "list", "--status", status)).returncode == 0
+    bad = await cli("executions", "list", "--since", "yesterday")
+    assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+async def _status(queue, execution_id: str, status: str) -> bool:
+    stored = await queue.get(execution_id)
+    return stored is not None and stored[0]["status"] == status
+
+
+async def test_a_running_execution_stops_at_its_next_node_boundary(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
+    marks = tmp_path / "marks"
+    write_flow(
+        flows_dir,
+        "long",
+        [
+            {"id": "slow", "type": "test.mark", "with": {"file": str(marks), "sleep": 1.5}},
+            {"id": "next", "type": "test.mark", "needs": ["slow"], "with": {"file": str(marks)}},
+        ],
+    )
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    running = await enqueue(queue, catalog, "long")
+    await wait_for(lambda: any(f"{running} slow start" in line for line in lines(marks)))
+    assert await queue.cancel(running) == "cancelled"  # what `executions cancel` calls (its state says queued)
+    await wait_for(lambda: _status(queue, running, "cancelled"))
+    await wait_for(lambda: _drained(queue))
+    await asyncio.sleep(0.5)
+    assert any(f"{running} slow done" in line for line in lines(marks))  # the node in progress finished
+    assert not any(f"{running} next" in line for line in lines(marks))  # nothing after the boundary ran
+    counters = await queue.redis.hgetall(queue.keys.counters)
+    assert counters.get(b"cancelled:long") == b"1" and b"succeeded:long" not in counters
+
+
+async def _drained(queue) -> bool:
+    stats = await queue.stats()
+    return stats["ready"] == 0 and stats["in_flight"] == 0

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 from redis.asyncio import Redis
+from support import write_flow
 
 from flowchat import Services
 from flowchat.catalog import Catalog
@@ -31,10 +32,14 @@ async def test_executions_retry_wait_and_finish_on_redis_6_2(redis_62, registry,
     marker = tmp_path / "ok"
     flows = tmp_path / "flows"
     flows.mkdir()
-    (flows / "old.yaml").write_text(
-        "flow: old\ntrigger: {type: webhook}\nnodes:\n"
-        f"  - {{id: flaky, type: test.fail_until, with: {{exists: '{marker}'}}, retry: {{max_attempts: 20, backoff: 50ms}}}}\n"
-        "  - {id: pause, type: delay, with: {for: 100ms}}\n"
+    retry = {"max_attempts": 20, "backoff": "50ms"}
+    write_flow(
+        flows,
+        "old",
+        [
+            {"id": "flaky", "type": "test.fail_until", "with": {"exists": str(marker)}, "retry": retry},
+            {"id": "pause", "type": "delay", "with": {"for": "100ms"}},
+        ],
     )
     catalog = Catalog(flows, registry)
     catalog.reload()

@@ -8,8 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
-from support import install_dist
+from support import install_dist, write_flow
 
 import flowchat
 
@@ -17,13 +16,10 @@ REPO = Path(__file__).resolve().parents[2]
 GREETING = REPO / "plugins" / "greeting.py"
 MODULE_PREFIXES = ("flowchat_plugins.", "flowchat_example_greeting", "fc_takes_set")
 
-GREETING_FLOW = """\
-flow: greet
-trigger: {type: webhook}
-nodes:
-  - id: hello
-    type: example.greeting
-    with: {name: "{{ trigger.name }}", language: es}
+GREETING_NODES = """
+- id: hello
+  type: example.greeting
+  with: {name: "{{ trigger.name }}", language: es}
 """
 
 
@@ -45,16 +41,6 @@ def write_plugin(tmp_path: Path) -> Callable[[str, str], Path]:
     def write(name: str, source: str) -> Path:
         path = folder / f"{name}.py"
         path.write_text(textwrap.dedent(source), encoding="utf-8")
-        return path
-
-    return write
-
-
-@pytest.fixture
-def write_flow(tmp_path: Path) -> Callable[[str], Path]:
-    def write(text: str) -> Path:
-        path = tmp_path / "flow.yaml"
-        path.write_text(text, encoding="utf-8")
         return path
 
     return write
@@ -83,13 +69,13 @@ async def run_greeting(registry: flowchat.Registry, path: Path) -> flowchat.Exec
 # --- discovery ----------------------------------------------------------------------
 
 
-async def test_the_example_plugin_loads_from_the_folder_given_to_load_registry(write_flow):
+async def test_the_example_plugin_loads_from_the_folder_given_to_load_registry(tmp_path):
     registry = flowchat.load_registry(REPO / "plugins", entry_points=False)
 
     assert registry.errors == []
     assert "example.greeting" in registry.names()
     assert registry.sources["example.greeting"] == f"plugin {GREETING}"
-    execution = await run_greeting(registry, write_flow(GREETING_FLOW))
+    execution = await run_greeting(registry, write_flow(tmp_path, "greet", GREETING_NODES))
     assert execution.status == "succeeded"
     assert execution.nodes["hello"].output == {"text": "Hola, Ana!"}
 
@@ -129,7 +115,7 @@ def installed_greeting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return site
 
 
-async def test_an_installed_entry_point_provides_node_types(installed_greeting, tmp_path, write_flow):
+async def test_an_installed_entry_point_provides_node_types(installed_greeting, tmp_path):
     registry = flowchat.load_registry(tmp_path / "no-plugins-folder")
 
     assert registry.errors == []
@@ -138,7 +124,7 @@ async def test_an_installed_entry_point_provides_node_types(installed_greeting, 
     assert "flowchat-example" in source
     assert "flowchat_example_greeting" in source
     assert registry.types["example.greeting"].__module__ == "flowchat_example_greeting"
-    execution = await run_greeting(registry, write_flow(GREETING_FLOW))
+    execution = await run_greeting(registry, write_flow(tmp_path, "greet", GREETING_NODES))
     assert execution.nodes["hello"].output == {"text": "Hola, Ana!"}
 
 
@@ -151,7 +137,7 @@ def test_entry_points_can_be_turned_off(installed_greeting, tmp_path):
 # --- broken and clashing plugins ----------------------------------------------------
 
 
-def test_a_plugin_that_fails_to_import_is_reported_and_flows_needing_it_are_refused(write_plugin, write_flow):
+def test_a_plugin_that_fails_to_import_is_reported_and_flows_needing_it_are_refused(write_plugin, tmp_path):
     broken = write_plugin("fc_broken_crm", 'raise RuntimeError("CRM_URL is not set")\n')
     write_plugin("fc_fine_neighbour", node_plugin("fc.fine"))
 
@@ -165,7 +151,7 @@ def test_a_plugin_that_fails_to_import_is_reported_and_flows_needing_it_are_refu
     assert "flowchat_plugins.fc_broken_crm" not in sys.modules
     assert "fc.fine" in registry.names()  # one broken plugin does not take the others down
 
-    path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: sync, type: fc.crm_sync}\n")
+    path = write_flow(tmp_path, "f", "- {id: sync, type: fc.crm_sync}")
     with pytest.raises(flowchat.FlowInvalid) as caught:
         flowchat.load_flow(path, registry)
     (problem,) = caught.value.errors
@@ -176,7 +162,7 @@ def test_a_plugin_that_fails_to_import_is_reported_and_flows_needing_it_are_refu
     assert (problem.location.file, problem.location.line) == (str(path), 4)
 
 
-def test_two_modules_declaring_one_type_clash_and_flows_using_it_are_refused(write_plugin, write_flow):
+def test_two_modules_declaring_one_type_clash_and_flows_using_it_are_refused(write_plugin, tmp_path):
     first = write_plugin("fc_dup_first", node_plugin("fc.dup", "First"))
     second = write_plugin("fc_dup_second", node_plugin("fc.dup", "Second"))
     write_plugin("fc_dup_bystander", node_plugin("fc.bystander"))
@@ -192,7 +178,7 @@ def test_two_modules_declaring_one_type_clash_and_flows_using_it_are_refused(wri
     assert registry.get("fc.dup") is None
     assert "fc.bystander" in registry.names()
 
-    path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: x, type: fc.dup}\n")
+    path = write_flow(tmp_path, "f", "- {id: x, type: fc.dup}")
     with pytest.raises(flowchat.FlowInvalid) as caught:
         flowchat.load_flow(path, registry)
     (problem,) = caught.value.errors
@@ -200,7 +186,7 @@ def test_two_modules_declaring_one_type_clash_and_flows_using_it_are_refused(wri
     assert str(second) in problem.message
 
 
-def test_a_plugin_cannot_take_a_built_in_type_name_and_the_built_in_keeps_working(write_plugin, write_flow):
+def test_a_plugin_cannot_take_a_built_in_type_name_and_the_built_in_keeps_working(write_plugin, tmp_path):
     plugin = write_plugin("fc_own_log", node_plugin("log"))
 
     registry = flowchat.load_registry(plugin.parent, entry_points=False)
@@ -210,7 +196,7 @@ def test_a_plugin_cannot_take_a_built_in_type_name_and_the_built_in_keeps_workin
     assert str(plugin) in error.message
     assert "'log'" in error.message and "built-in flowchat.nodes.data" in error.message
     assert registry.sources["log"] == "built-in flowchat.nodes.data"
-    path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: x, type: log, with: {message: hi}}\n")
+    path = write_flow(tmp_path, "f", "- {id: x, type: log, with: {message: hi}}")
     flow = flowchat.load_flow(path, registry)
     assert flow.nodes["x"].node.__module__ == "flowchat.nodes.data"
 
@@ -232,7 +218,7 @@ async def test_an_installed_plugin_cannot_take_a_built_in_type_name(tmp_path, mo
     assert registry.types["set"].__module__ == "flowchat.nodes.data"
 
 
-def test_a_node_class_left_without_register_is_reported_by_name(write_plugin, write_flow):
+def test_a_node_class_left_without_register_is_reported_by_name(write_plugin, tmp_path):
     plugin = write_plugin(
         "fc_forgot",
         """
@@ -254,7 +240,7 @@ def test_a_node_class_left_without_register_is_reported_by_name(write_plugin, wr
     (error,) = registry.errors
     assert error.code == "plugin-unregistered-node"
     assert "class Forgotten" in error.message and "@register" in error.message and str(plugin) in error.message
-    path = write_flow("flow: f\ntrigger: {type: webhook}\nnodes:\n  - {id: x, type: fc.forgotten}\n")
+    path = write_flow(tmp_path, "f", "- {id: x, type: fc.forgotten}")
     with pytest.raises(flowchat.FlowInvalid) as caught:
         flowchat.load_flow(path, registry)
     (problem,) = caught.value.errors
@@ -283,83 +269,3 @@ def test_the_engine_never_imports_the_nodes_package():
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
             assert not any(name == "flowchat.nodes" or name.startswith("flowchat.nodes.") for name in names), path
-
-
-# --- flowchat.register checks the declaration -----------------------------------------
-
-
-def test_register_accepts_a_well_formed_node():
-    class Fine(flowchat.Node):
-        type = "fc.register_fine"
-
-        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
-            return {}
-
-    assert flowchat.register(Fine) is Fine
-
-
-def test_register_rejects_a_node_whose_run_is_not_async():
-    class Sync(flowchat.Node):
-        type = "fc.register_sync"
-
-        def run(self, ctx, config):  # type: ignore[override]
-            return {}
-
-    with pytest.raises(flowchat.PluginError) as caught:
-        flowchat.register(Sync)
-
-    assert caught.value.code == "plugin-invalid-node"
-    assert "Sync.run must be an `async def`" in caught.value.message
-
-
-def test_register_rejects_a_node_without_run():
-    class Lazy(flowchat.Node):
-        type = "fc.register_lazy"
-
-    with pytest.raises(flowchat.PluginError) as caught:
-        flowchat.register(Lazy)
-
-    assert caught.value.code == "plugin-invalid-node"
-
-
-def test_register_rejects_a_node_without_a_type():
-    class Nameless(flowchat.Node):
-        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
-            return {}
-
-    with pytest.raises(flowchat.PluginError) as caught:
-        flowchat.register(Nameless)
-
-    assert caught.value.code == "plugin-invalid-node"
-    assert "must set a `type` string" in caught.value.message
-
-
-def test_register_rejects_a_config_that_allows_extra_keys():
-    class Loose(flowchat.Node):
-        type = "fc.register_loose"
-
-        class Config(BaseModel):
-            name: str
-
-        async def run(self, ctx: flowchat.NodeContext, config: BaseModel) -> dict:
-            return {}
-
-    with pytest.raises(flowchat.PluginError) as caught:
-        flowchat.register(Loose)
-
-    assert caught.value.code == "plugin-invalid-node"
-    assert "forbid extra keys" in caught.value.message
-
-
-def test_register_rejects_a_class_that_is_not_a_node():
-    class Stranger:
-        type = "fc.register_stranger"
-
-        async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
-            return {}
-
-    with pytest.raises(flowchat.PluginError) as caught:
-        flowchat.register(Stranger)  # type: ignore[type-var]
-
-    assert caught.value.code == "plugin-invalid-node"
-    assert "must subclass flowchat.Node" in caught.value.message

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import flow_yaml
 
 from flowchat import Execution, Registry, Runner, load_registry
 from flowchat.loader import load_flow_text
@@ -19,12 +20,8 @@ def registry() -> Registry:
     return load_registry(plugins=REPO / "plugins")
 
 
-def flow_with(node: str) -> str:
-    return f"flow: t\ntrigger: {{type: webhook}}\nnodes:\n  - {node}\n"
-
-
-async def run(registry: Registry, node: str, trigger: dict[str, Any]) -> Execution:
-    flow = load_flow_text(flow_with(node), "t.yaml", registry)
+async def run(registry: Registry, node: dict[str, Any], trigger: dict[str, Any]) -> Execution:
+    flow = load_flow_text(flow_yaml("t", [node]), "t.yaml", registry)
     return await Runner().run(flow, Execution.new(flow, trigger))
 
 
@@ -50,7 +47,7 @@ async def test_a_template_over_a_limit_fails_its_node_quickly(
     registry: Registry, expression: str, trigger: dict[str, Any]
 ) -> None:
     started = time.monotonic()
-    execution = await run(registry, f'{{id: s, type: set, with: {{values: {{v: "{expression}"}}}}}}', trigger)
+    execution = await run(registry, {"id": "s", "type": "set", "with": {"values": {"v": expression}}}, trigger)
 
     assert time.monotonic() - started < 3
     assert execution.status == "failed"
@@ -59,14 +56,16 @@ async def test_a_template_over_a_limit_fails_its_node_quickly(
 
 
 async def test_a_number_rendered_into_a_string_field_becomes_its_string(registry: Registry) -> None:
-    execution = await run(registry, '{id: say, type: log, with: {message: "{{ trigger.score }}"}}', {"score": 42})
+    execution = await run(
+        registry, {"id": "say", "type": "log", "with": {"message": "{{ trigger.score }}"}}, {"score": 42}
+    )
     assert execution.status == "succeeded", execution.error
 
 
 async def test_payload_keys_named_like_dict_methods_read_the_key(registry: Registry) -> None:
     execution = await run(
         registry,
-        '{id: s, type: set, with: {values: {items: "{{ trigger.items }}", keys: "{{ trigger.keys }}"}}}',
+        {"id": "s", "type": "set", "with": {"values": {"items": "{{ trigger.items }}", "keys": "{{ trigger.keys }}"}}},
         {"items": [1, 2], "keys": "k"},
     )
     assert execution.status == "succeeded", execution.error

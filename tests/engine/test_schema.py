@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from support import daemon_env
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+from support import ROOT, daemon_env, run_cli
 
 from flowchat.registry import Registry
 from flowchat.schema import FLOW_SCHEMA_ID, flow_schema, packaged_schema
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def schema_from(cwd: Path, *args: str, **env: str) -> dict[str, object]:
     environ = daemon_env("unused", **env)
     environ.pop("FLOWCHAT_PLUGINS", None)
     environ.update(env)
-    result = subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", "schema", *args], cwd=cwd, env=environ, capture_output=True, text=True
-    )
+    result = run_cli("schema", *args, env=environ, cwd=cwd)
     assert result.returncode == 0, result.stderr
     printed: dict[str, object] = json.loads(result.stdout)
     return printed
@@ -57,3 +54,56 @@ def test_flowchat_schema_is_the_same_from_any_folder_given_the_same_settings(tmp
     assert here["$id"] == FLOW_SCHEMA_ID
     assert flag == packaged_schema()
     assert schema_from(elsewhere) == packaged_schema()  # no plugins folder there, nothing else installed
+
+
+# --- the schema `flowchat schema` prints, as editors and CI use it ------------------------
+
+
+@pytest.fixture(scope="module")
+def printed_schema() -> Draft202012Validator:
+    result = run_cli("schema")
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def test_schema_accepts_every_shipped_flow(printed_schema):
+    files = sorted((ROOT / "flows").glob("*.y*ml")) + sorted((ROOT / "examples").glob("*.y*ml"))
+
+    assert files
+    for file in files:
+        errors = [error.message for error in printed_schema.iter_errors(yaml.safe_load(file.read_text()))]
+        assert errors == [], file
+
+
+@pytest.mark.parametrize(
+    ("config", "valid"),
+    [
+        ({"message": "hi"}, True),
+        ({"message": "hi {{ trigger.name }}", "level": "{{ vars.level }}"}, True),
+        ({"bogus": 1}, False),
+        ({"message": "hi", "bogus": 1}, False),
+        ({"message": "hi", "level": "loud"}, False),
+    ],
+)
+def test_schema_checks_each_node_types_with(printed_schema, config, valid):
+    flow = {"flow": "f", "trigger": {"type": "webhook"}, "nodes": [{"id": "note", "type": "log", "with": config}]}
+
+    assert printed_schema.is_valid(flow) is valid
+
+
+def test_schema_rejects_an_unknown_node_type(printed_schema):
+    flow = {"flow": "f", "trigger": {"type": "webhook"}, "nodes": [{"id": "x", "type": "sms.send"}]}
+
+    assert not printed_schema.is_valid(flow)
+
+
+def test_the_committed_flow_schema_is_what_flowchat_schema_prints():
+    result = run_cli("--plugins", "plugins", "schema")
+    assert result.returncode == 0, result.stderr
+    committed = (ROOT / "flowchat.schema.json").read_text()
+    assert json.loads(committed) == json.loads(result.stdout), (
+        "run: flowchat --plugins plugins schema > flowchat.schema.json "
+        "&& flowchat schema --builtins-only > engine/flow.schema.json"
+    )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
-from support import ROOT, TEST_PLUGINS, daemon_env, enqueue, settled
+from support import ROOT, TEST_PLUGINS, daemon_env, enqueue, run_cli, settled
 
 import flowchat
 from flowchat.catalog import Catalog
@@ -20,13 +18,6 @@ from flowchat.registry import load_registry
 from flowchat.secrets import Secrets, read_secrets_file
 from flowchat.services import open_services
 from flowchat.settings import Settings, SettingsError
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-
 
 # --- where values come from ------------------------------------------------------------
 
@@ -53,7 +44,7 @@ def test_a_malformed_secrets_file_names_the_line_but_never_a_value(tmp_path):
 
     assert f"{file}:2" in str(caught.value)
     assert "hunter2" not in str(caught.value)
-    result = cli("validate", str(ROOT / "flows"), env={**daemon_env("unused"), "FLOWCHAT_SECRETS_FILE": str(file)})
+    result = run_cli("validate", str(ROOT / "flows"), env={**daemon_env("unused"), "FLOWCHAT_SECRETS_FILE": str(file)})
     assert result.returncode == 2
     assert "[settings-invalid]" in result.stderr and "hunter2" not in result.stderr
     assert "Traceback" not in result.stderr
@@ -125,7 +116,7 @@ def test_validate_warns_about_an_unset_secret_by_name(tmp_path):
     path = tmp_path / "flow.yaml"
     path.write_text(FLOW)
 
-    result = cli("validate", str(path), env={**daemon_env("unused"), "FLOWCHAT_SECRET_CRM_USER": "u-1"})
+    result = run_cli("validate", str(path), env={**daemon_env("unused"), "FLOWCHAT_SECRET_CRM_USER": "u-1"})
 
     assert result.returncode == 0, result.stderr  # a warning, not a problem
     assert "[secret-missing]" in result.stderr and "secrets.API_TOKEN" in result.stderr
@@ -207,9 +198,9 @@ async def test_a_secret_in_a_header_reaches_the_server_and_nowhere_else(
     assert b"Bearer ***" in blob  # the scan does see node outputs
     assert token.encode() not in blob and user.encode() not in blob
 
-    shown = cli("executions", "show", execution_id, env=env)
-    shown_json = cli("executions", "show", execution_id, "--json", env=env)
-    dead = cli("dlq", "list", env=env)
+    shown = run_cli("executions", "show", execution_id, env=env)
+    shown_json = run_cli("executions", "show", execution_id, "--json", env=env)
+    dead = run_cli("dlq", "list", env=env)
     for result in (shown, shown_json, dead):
         assert result.returncode == 0, result.stderr
         assert token not in result.stdout + result.stderr and user not in result.stdout + result.stderr
@@ -230,7 +221,7 @@ def test_flowchat_run_prints_no_secret(tmp_path, echo_server_sync):
     env = {**daemon_env("unused"), "FLOWCHAT_SECRET_API_TOKEN": token, "FLOWCHAT_SECRET_CRM_USER": "crm-user-1"}
 
     for args in (("run", str(path)), ("run", str(path), "--json")):
-        result = cli(*args, env=env)
+        result = run_cli(*args, env=env)
         assert result.returncode == 1  # `denied` fails
         assert "Bearer ***" in result.stdout
         assert token not in result.stdout + result.stderr and "crm-user-1" not in result.stdout + result.stderr

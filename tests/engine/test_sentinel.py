@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
-from support import daemon_env, lines, wait_for, write_flow
+from support import daemon_env, lines, mark_node, wait_for, write_flow
 
 from flowchat.connections import describe, open_queue
 from flowchat.local_redis import LocalSentinel
@@ -46,13 +46,8 @@ async def accept(http: aiohttp.ClientSession, port: int) -> str:
 
 async def test_executions_before_and_after_a_failover_all_complete(sentinel, flows_dir, processes, tmp_path):
     marks = tmp_path / "marks"
-    write_flow(
-        flows_dir,
-        "plain",
-        f"  - {{id: a, type: test.mark, with: {{file: '{marks}'}}}}\n"
-        "  - {id: wait, type: delay, with: {for: 1s}}\n"
-        f"  - {{id: b, type: test.mark, with: {{file: '{marks}'}}}}\n",
-    )
+    wait = {"id": "wait", "type": "delay", "with": {"for": "1s"}}
+    write_flow(flows_dir, "plain", [mark_node(marks, "a"), wait, mark_node(marks, "b")])
     env = sentinel_env(sentinel)
     port = free_port()
     serve = processes.start("serve", "--port", str(port), "--flows", str(flows_dir), env=env)

@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import redis as sync_redis
 from analytics_data import append, bulk, count, physical_rows
-from support import ROOT, Processes, daemon_env, write_flow
+from support import ROOT, Processes, daemon_env, run_cli, write_flow
 
 from flowchat.keys import Keys
 from flowchat.redis_server import free_port
@@ -136,7 +136,7 @@ def test_real_executions_reach_the_views(processes: Processes, redis_url: str, t
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 202
     simulate = ["simulate", "message", "--from", "+14155550199", "--body", "hi", "--url", f"http://127.0.0.1:{port}"]
-    sent = subprocess.run([sys.executable, "-m", "flowchat.cli", *simulate], cwd=ROOT, env=env, capture_output=True)
+    sent = run_cli(*simulate, env=env)
     assert sent.returncode == 0, sent.stderr
     _wait(lambda: count(data, "SELECT count(*) FROM executions") == 4, timeout=30)
     _wait(lambda: count(data, "SELECT count(*) FROM messages WHERE direction = 'outbound'") == 1, timeout=30)
@@ -167,14 +167,12 @@ def test_real_executions_reach_the_views(processes: Processes, redis_url: str, t
         assert message == ("whatsapp_welcome", "reply", "+14155550199", "simulated", True)
     finally:
         con.close()
-    report = subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", "analytics", "report", "--json"], cwd=ROOT, env=env, capture_output=True
-    )
+    report = run_cli("analytics", "report", "--json", env=env)
     flows_report = {row["flow"]: row for row in json.loads(report.stdout)["flows"]}
     assert flows_report["shop"]["executions"] == 3 and flows_report["shop"]["success_rate"] == 0.6667
     # erasure through the contacts CLI: the phone leaves every view at once
     erase = ["contacts", "erase", "+14155550111"]
-    erased = subprocess.run([sys.executable, "-m", "flowchat.cli", *erase], cwd=ROOT, env=env, capture_output=True)
+    erased = run_cli(*erase, env=env)
     assert erased.returncode == 0, erased.stderr
     _wait(lambda: count(data, "SELECT count(*) FROM contact_events WHERE phone = '+14155550111'") == 0, timeout=5)
     # left: the other two contacts (created, tagged) and the one who wrote in (created)

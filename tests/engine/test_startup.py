@@ -7,13 +7,11 @@ import json
 import re
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import redis as sync_redis
-from support import ROOT, TEST_PLUGINS, daemon_env, wait_for, write_flow
+from support import TEST_PLUGINS, daemon_env, run_cli, wait_for, write_flow
 
 from flowchat.connections import describe
 from flowchat.redis_server import free_port
@@ -22,14 +20,8 @@ from flowchat.settings import Settings
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 ")
 
 
-def cli(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
-    )
-
-
-def hook_flow(flows_dir: Path, name: str = "hello", auth: str = "") -> None:
-    write_flow(flows_dir, name, "  - {id: a, type: test.noop}\n", trigger=f"{{type: webhook, path: {name}{auth}}}")
+def hook_flow(flows_dir: Path, name: str = "hello", **auth: str) -> None:
+    write_flow(flows_dir, name, "- {id: a, type: test.noop}", trigger={"type": "webhook", "path": name, **auth})
 
 
 async def get(port: int, path: str) -> tuple[int, str]:
@@ -38,7 +30,7 @@ async def get(port: int, path: str) -> tuple[int, str]:
 
 
 def test_version():
-    result = cli("--version", env=daemon_env("unused"))
+    result = run_cli("--version", env=daemon_env("unused"))
     assert result.returncode == 0 and re.fullmatch(r"flowchat \d+\.\d+\.\d+\S*\n", result.stdout)
 
 
@@ -48,7 +40,7 @@ def test_a_port_in_use_is_one_line_and_exit_1(redis_url, flows_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = cli("serve", "--flows", str(flows_dir), "--port", str(port), env=daemon_env(redis_url))
+        result = run_cli("serve", "--flows", str(flows_dir), "--port", str(port), env=daemon_env(redis_url))
     assert result.returncode == 1
     [line] = [line for line in result.stderr.splitlines() if "error" in line]
     assert line.startswith("flowchat: error: [port-in-use] cannot listen on 127.0.0.1:")
@@ -57,7 +49,7 @@ def test_a_port_in_use_is_one_line_and_exit_1(redis_url, flows_dir):
 
 def test_a_missing_flows_folder_is_one_line_and_exit_1(redis_url, tmp_path):
     for command in ("serve", "worker"):
-        result = cli(command, "--flows", str(tmp_path / "nowhere"), env=daemon_env(redis_url))
+        result = run_cli(command, "--flows", str(tmp_path / "nowhere"), env=daemon_env(redis_url))
         assert result.returncode == 1
         assert result.stderr.strip() == (
             f"flowchat: error: [flows-folder-missing] flows folder {tmp_path / 'nowhere'} does not exist; "
@@ -69,7 +61,7 @@ def test_operator_commands_never_start_an_empty_embedded_redis(tmp_path):
     env = daemon_env("unused")
     del env["FLOWCHAT_REDIS_URL"]
     for args in (("queue", "stats"), ("dlq", "list"), ("executions", "list")):
-        result = cli(*args, env=env, cwd=tmp_path)
+        result = run_cli(*args, env=env, cwd=tmp_path)
         assert result.returncode == 1
         assert result.stderr.startswith("flowchat: error: [no-redis] no FLOWCHAT_REDIS_URL")
         assert str(tmp_path / ".flowchat") in result.stderr and result.stderr.count("\n") == 1
@@ -79,10 +71,10 @@ def test_operator_commands_never_start_an_empty_embedded_redis(tmp_path):
 def test_global_options_are_accepted_after_the_command(redis_url, flows_dir):
     hook_flow(flows_dir)
     env = daemon_env(redis_url)
-    result = cli("nodes", "--json", "--plugins", str(TEST_PLUGINS), "--log-level", "ERROR", env=env)
+    result = run_cli("nodes", "--json", "--plugins", str(TEST_PLUGINS), "--log-level", "ERROR", env=env)
     assert result.returncode == 0, result.stderr
     assert "test.noop" in {node["type"] for node in json.loads(result.stdout)}
-    result = cli("validate", str(flows_dir), "--plugins", str(TEST_PLUGINS), "--log-format", "json", env=env)
+    result = run_cli("validate", str(flows_dir), "--plugins", str(TEST_PLUGINS), "--log-format", "json", env=env)
     assert result.returncode == 0, result.stderr
 
 
@@ -101,7 +93,7 @@ async def test_unreachable_redis_keeps_http_up_logs_once_and_is_not_ready(flows_
 
 
 async def test_unset_token_env_and_an_evicting_redis_are_warned_at_start(redis_url, flows_dir, processes):
-    hook_flow(flows_dir, auth=", token_env: FLOWCHAT_TEST_UNSET_TOKEN")
+    hook_flow(flows_dir, token_env="FLOWCHAT_TEST_UNSET_TOKEN")
     client = sync_redis.Redis.from_url(redis_url)
     client.config_set("maxmemory-policy", "allkeys-lru")
     try:

@@ -13,7 +13,7 @@ async def test_a_blocked_loop_is_reported_with_its_node_and_its_entry_is_not_run
 ):
     marks = tmp_path / "marks"
     # longer than the visibility timeout (1.5 s): the worker must not take over its own entry
-    write_flow(flows_dir, "hog", f"  - {{id: hog, type: test.block, with: {{file: '{marks}', seconds: 2.5}}}}\n")
+    write_flow(flows_dir, "hog", [{"id": "hog", "type": "test.block", "with": {"file": str(marks), "seconds": 2.5}}])
     catalog = catalog_factory(flows_dir)
     port = free_port()
     env = daemon_env(redis_url, FLOWCHAT_STALL_THRESHOLD="0.5")

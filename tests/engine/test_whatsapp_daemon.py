@@ -7,15 +7,13 @@ local fake, which posts signed status callbacks back to the daemon).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from support import ROOT, daemon_env, wait_for
+from support import ROOT, daemon_env, run_cli, wait_for
 from twilio_fake import ACCOUNT_SID, AUTH_TOKEN, TwilioFake
 
 from flowchat.keys import Keys
@@ -38,12 +36,6 @@ def wa_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-
-
 @pytest.fixture
 async def fake() -> AsyncIterator[TwilioFake]:
     server = await TwilioFake.start()
@@ -63,7 +55,7 @@ async def test_outbox_mode_runs_the_whole_loop_with_simulate(redis_url, redis, p
     serve = processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=env)
     url = f"http://127.0.0.1:{port}"
 
-    sent = cli(
+    sent = run_cli(
         "simulate", "message", "--from", "+5511987654321", "--body", "oi", "--name", "Ana", "--url", url, env=env
     )
 
@@ -74,14 +66,14 @@ async def test_outbox_mode_runs_the_whole_loop_with_simulate(redis_url, redis, p
     assert message["status"] == "simulated" and message["to"] == "+5511987654321"
     assert message["flow"] == "whatsapp_welcome" and message["node"] == "reply"
 
-    listed = cli("messages", "list", "--to", "+5511987654321", "--json", env=env)
+    listed = run_cli("messages", "list", "--to", "+5511987654321", "--json", env=env)
     assert [row["sid"] for row in json.loads(listed.stdout) if row["direction"] == "outbound"] == [message["sid"]]
-    assert cli("simulate", "status", message["sid"], "delivered", "--url", url, env=env).returncode == 0
-    shown = json.loads(cli("messages", "show", message["sid"], "--json", env=env).stdout)
+    assert run_cli("simulate", "status", message["sid"], "delivered", "--url", url, env=env).returncode == 0
+    shown = json.loads(run_cli("messages", "show", message["sid"], "--json", env=env).stdout)
     assert shown["status"] == "delivered"
     assert [run["sid"] for run in await _finished(redis, "delivery_watch")] == [message["sid"]]
 
-    forged = cli("simulate", "message", "--from", "+5511987654321", "--body", "x", "--url", url,
+    forged = run_cli("simulate", "message", "--from", "+5511987654321", "--body", "x", "--url", url,
                  env={**env, "TWILIO_AUTH_TOKEN": "not-the-daemon-token"})  # fmt: skip
     assert forged.returncode == 1 and "403" in forged.stderr
     assert serve.poll() is None
@@ -103,7 +95,8 @@ async def test_twilio_mode_sends_through_the_api_and_status_callbacks_come_back(
     processes.start("serve", "--flows", str(flows_dir), "--port", str(port), env=env)
 
     assert (
-        cli("simulate", "message", "--from", "+5511987654321", "--body", "hi", "--url", public, env=env).returncode == 0
+        run_cli("simulate", "message", "--from", "+5511987654321", "--body", "hi", "--url", public, env=env).returncode
+        == 0
     )
     await wait_for(lambda: fake.ok_sends)
     [sent] = fake.ok_sends

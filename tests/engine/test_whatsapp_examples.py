@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from redis.asyncio import Redis
-from support import ROOT, daemon_env, wait_for
+from support import ROOT, daemon_env, run_cli, wait_for
 from twilio_fake import ACCOUNT_SID, AUTH_TOKEN, TwilioFake
 
 from flowchat.contacts import Contacts
@@ -20,12 +18,6 @@ from flowchat.redis_server import free_port
 
 EXAMPLES = ROOT / "examples"
 ANA = "+5511987654321"
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
 
 
 @pytest.fixture
@@ -44,7 +36,7 @@ class Daemon:
         self.contacts = Contacts(redis, Keys("fc"))
 
     def simulate(self, *args: str) -> None:
-        done = cli("simulate", *args, "--url", self.url, env=self.env)
+        done = run_cli("simulate", *args, "--url", self.url, env=self.env)
         assert done.returncode == 0, done.stderr
 
     async def hook(self, path: str, body: dict[str, Any]) -> str:
