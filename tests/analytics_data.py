@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import redis as sync_redis
+from support import wait_for
 
 from flowchat.keys import Keys
 
@@ -157,3 +159,12 @@ def physical_rows(data_dir: Path) -> int:
         return 0
     names = ", ".join(f"'{f}'" for f in files)
     return int(duckdb.sql(f"SELECT count(*) FROM read_parquet([{names}])").fetchone()[0])  # type: ignore[index]
+
+
+async def loaded(redis_url: str, start_sink: Callable[..., Any], data_dir: Path) -> list[dict[str, str]]:
+    """The known data set appended to the stream and sunk into ``data_dir`` by a started sink."""
+    events = known_data_set()
+    append(redis_url, events)
+    start_sink()
+    await wait_for(lambda: count(data_dir, "SELECT count(*) FROM executions") == 14)
+    return events

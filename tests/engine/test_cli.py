@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
-from support import ROOT, finish_cli, run_cli, start_cli, write_flow
+from support import ROOT, cli_env, daemon_env, finish_cli, run_cli, start_cli, write_flow
 
 LEAD_FLOW = "flows/lead_intake.yaml"
 PHONE = "+14155550123"
@@ -206,6 +206,29 @@ def test_run_checks_the_webhook_schema_and_gives_schedules_their_payload(tmp_pat
     execution = json.loads(run_cli("run", tick, "--json").stdout)
     assert execution["trigger"]["team"] == "support" and "tick" in execution["trigger"]
     assert execution["nodes"]["a"]["output"] == {"t": "support", "m": 0}
+
+
+def test_cli_tables_mask_phone_numbers(tmp_path: Path) -> None:
+    flow = write_flow(tmp_path, "p", '- {id: s, type: set, with: {values: {phone: "{{ trigger.phone }}"}}}')
+    (tmp_path / "in.json").write_text('{"phone": "020 7946 0958"}')
+    result = run_cli("run", flow, "--input", tmp_path / "in.json", env=cli_env(FLOWCHAT_DEFAULT_REGION="GB"))
+    assert result.returncode == 0, result.stderr
+    assert "+4420***0958" in result.stdout
+    assert "7946 0958" not in result.stdout
+
+
+def test_run_tables_mask_phones_and_json_keeps_them(redis_url: str) -> None:
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(
+            "run", "flows/welcome.yaml", "-i", "examples/welcome.input.json", *extra, env=daemon_env(redis_url)
+        )
+
+    table = run()
+    assert table.returncode == 0, table.stderr
+    assert "+1415***0142" in table.stdout and "4155550142" not in table.stdout
+    as_json = json.loads(run("--json").stdout)
+    assert as_json["nodes"]["contact"]["output"]["phone"] == "+14155550142"
+    assert as_json["nodes"]["once_a_day"]["output"]["allowed"] is False  # the second run today
 
 
 def test_run_into_a_closed_pipe_ends_quietly(tmp_path):

@@ -6,12 +6,11 @@ import csv
 import io
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import redis as sync_redis
-from support import ROOT, daemon_env
+from support import daemon_env, run_cli
 
 from flowchat.keys import Keys
 
@@ -19,15 +18,7 @@ KEYS = Keys("fc")
 
 
 def contacts(redis_url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", "contacts", *args],
-        cwd=ROOT,
-        env=daemon_env(redis_url),
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=120,
-    )
+    return run_cli("contacts", *args, env=daemon_env(redis_url), input=stdin, timeout=120)
 
 
 def big_csv(path: Path, rows: int, bad_every: int) -> list[int]:
@@ -148,31 +139,3 @@ def test_search_by_tag_over_100000_contacts_reads_the_index(redis_url: str) -> N
     assert "cmdstat_scan" not in stats and "cmdstat_keys" not in stats
     assert stats["cmdstat_hgetall"]["calls"] == 100  # only the matches were read
     print(f"\nsearch --tag over 100,000 contacts: {took:.2f}s (process start included)")
-
-
-def test_run_tables_mask_phones_and_json_keeps_them(redis_url: str) -> None:
-    def run(*extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flowchat.cli",
-                "run",
-                "flows/welcome.yaml",
-                "-i",
-                "examples/welcome.input.json",
-                *extra,
-            ],
-            cwd=ROOT,
-            env=daemon_env(redis_url),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    table = run()
-    assert table.returncode == 0, table.stderr
-    assert "+1415***0142" in table.stdout and "4155550142" not in table.stdout
-    as_json = json.loads(run("--json").stdout)
-    assert as_json["nodes"]["contact"]["output"]["phone"] == "+14155550142"
-    assert as_json["nodes"]["once_a_day"]["output"]["allowed"] is False  # the second run today

@@ -57,11 +57,8 @@ async def test_http_request_outputs_are_stored_with_lower_case_headers_and_sent_
     queue, redis_url, flows_dir, catalog_factory, processes, recorder
 ):
     url, seen = recorder
-    write_flow(
-        flows_dir,
-        "crm",
-        post_then(url, {"id": "read", "type": "set", "with": {"values": {"type": "{{ call.headers['content-type'] }}"}}}),
-    )
+    read = {"id": "read", "type": "set", "with": {"values": {"type": "{{ call.headers['content-type'] }}"}}}
+    write_flow(flows_dir, "crm", post_then(url, read))
     catalog = catalog_factory(flows_dir)
     env = daemon_env(redis_url, FLOWCHAT_COMPACT_SUCCEEDED="0")  # outputs stay after success
     processes.start("worker", "--flows", str(flows_dir), env=env)

@@ -16,13 +16,11 @@ mistake. Adding a file needs no code.
 from __future__ import annotations
 
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import write_flow
+from support import run_cli, write_flow
 
 from flowchat import FlowError, FlowInvalid, Registry, load_flow, load_registry
 
@@ -191,24 +189,13 @@ def test_every_mistake_of_a_file_is_reported_at_once_sorted_by_position(
     assert str(raised.value).splitlines() == [str(error) for error in errors]
 
 
-def flowchat(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 def test_cli_validate_prints_each_problem_with_its_position_and_exits_1(
     many_mistakes: Path, registry: Registry
 ) -> None:
     with pytest.raises(FlowInvalid) as raised:
         load_flow(many_mistakes, registry)
 
-    result = flowchat("validate", many_mistakes)
+    result = run_cli("validate", many_mistakes)
 
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
@@ -223,7 +210,7 @@ def test_cli_validate_accepts_the_shipped_flows() -> None:
     if any((REPO / "examples").rglob("*.y*ml")):
         folders.append("examples")
 
-    result = flowchat("validate", *folders)
+    result = run_cli("validate", *folders)
 
     assert result.returncode == 0, result.stderr
     assert "ok  flows/lead_intake.yaml" in result.stdout
@@ -233,9 +220,11 @@ def test_a_node_retry_merges_with_its_type_defaults_field_by_field(flows_dir, re
     path = write_flow(
         flows_dir,
         "merge",
-        "  - {id: call, type: http.request, with: {url: 'http://127.0.0.1:1/'}, retry: {backoff: 5s}}\n"
-        "  - {id: plain, type: http.request, with: {url: 'http://127.0.0.1:1/'}}\n"
-        "  - {id: once, type: http.request, with: {url: 'http://127.0.0.1:1/'}, retry: {max_attempts: 1}}\n",
+        """
+        - {id: call, type: http.request, with: {url: 'http://127.0.0.1:1/'}, retry: {backoff: 5s}}
+        - {id: plain, type: http.request, with: {url: 'http://127.0.0.1:1/'}}
+        - {id: once, type: http.request, with: {url: 'http://127.0.0.1:1/'}, retry: {max_attempts: 1}}
+        """,
     )
     flow = load_flow(path, registry)
 

@@ -1,6 +1,12 @@
-"""The embedded redis-server: one per data directory, shared by every FlowChat process using it."""
+"""The embedded redis-server: one per data directory, shared by every FlowChat process using it, files private."""
 
 from __future__ import annotations
+
+import stat
+import time
+from pathlib import Path
+
+from redis import Redis
 
 from flowchat.redis_server import RedisServer
 
@@ -50,3 +56,24 @@ def test_a_system_redis_server_is_preferred_to_the_older_copy_the_wheel_puts_in_
 
     assert chosen == system
     assert "v=6.2" not in subprocess.run([chosen, "--version"], capture_output=True, text=True).stdout
+
+
+def test_the_embedded_redis_keeps_its_files_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    (data / "old.aof").write_text("written before the rule")
+    (data / "old.aof").chmod(0o644)
+    server = RedisServer(data).start()
+    try:
+        client = Redis.from_url(server.url)
+        client.set("trigger", "+14155554567")
+        client.execute_command("BGREWRITEAOF")
+        time.sleep(0.3)
+        client.close()
+    finally:
+        server.stop(force=True)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    files = [path for path in data.rglob("*") if path.is_file() and not path.is_socket()]
+    assert files
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from redis.asyncio import Redis
+from support import write_flow
 
 from flowchat.catalog import Catalog
 from flowchat.keys import Keys
@@ -40,10 +40,7 @@ def schedule_flow(flows_dir: Path, catalog_factory: Callable[[Path], Catalog]) -
     """Write a schedule flow into the flows folder and return the catalog serving the folder."""
 
     def write(name: str = "report", cron: str = EVERY_5_MIN, timezone: str = "UTC", **trigger: Any) -> Catalog:
-        spec = {"type": "schedule", "cron": cron, "timezone": timezone, **trigger}
-        (flows_dir / f"{name}.yaml").write_text(
-            yaml.safe_dump({"flow": name, "trigger": spec, "nodes": NOOP}), encoding="utf-8"
-        )
+        write_flow(flows_dir, name, NOOP, trigger={"type": "schedule", "cron": cron, "timezone": timezone, **trigger})
         catalog = catalog_factory(flows_dir)
         assert not catalog.problems, catalog.problems
         return catalog
@@ -207,9 +204,7 @@ async def test_the_flow_time_zone_is_honoured(schedule_flow, queue, midnight_utc
 
 async def test_each_schedule_flow_fires_on_its_own(schedule_flow, flows_dir, queue):
     schedule_flow("hourly", cron="0 * * * *")
-    (flows_dir / "hook.yaml").write_text(
-        yaml.safe_dump({"flow": "hook", "trigger": {"type": "webhook"}, "nodes": NOOP}), encoding="utf-8"
-    )
+    write_flow(flows_dir, "hook", NOOP)
     scheduler = Scheduler(queue, schedule_flow("five", cron=EVERY_5_MIN))
     await scheduler.tick(T0 - 1)
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import TEST_PLUGINS, daemon_env, enqueue, install_dist, settled, wait_for
+from support import TEST_PLUGINS, daemon_env, enqueue, install_dist, run_cli, settled, wait_for, write_flow
 
 import flowchat
 from flowchat.catalog import Catalog
@@ -73,7 +72,7 @@ def counter_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     sys.modules.pop("fc_test_counter", None)
 
 
-BUMP_FLOW = "flow: bumps\ntrigger: {type: webhook}\nnodes:\n  - {id: bump, type: test.bump, with: {name: '{{ trigger.who }}'}}\n"
+BUMP_NODES = "- {id: bump, type: test.bump, with: {name: '{{ trigger.who }}'}}"
 
 
 async def test_factories_get_settings_or_settings_and_services_and_are_closed_in_reverse(redis):
@@ -142,8 +141,7 @@ async def test_http_is_always_there_even_without_a_runtime_session():
 async def test_an_installed_service_is_started_once_and_reached_by_its_node(counter_site, redis, tmp_path):
     registry = load_registry(tmp_path / "no-plugins")
     assert "counter" in registry.services
-    flow_file = tmp_path / "bumps.yaml"
-    flow_file.write_text(BUMP_FLOW)
+    flow_file = write_flow(tmp_path, "bumps", BUMP_NODES)
     flow = flowchat.load_flow(flow_file, registry)
     assert flow.services == {"counter"}
 
@@ -160,8 +158,7 @@ async def test_an_installed_service_is_started_once_and_reached_by_its_node(coun
 def test_a_flow_whose_node_needs_a_missing_service_is_refused_at_load_time(counter_site, tmp_path):
     registry = load_registry(tmp_path / "no-plugins")
     registry.services.discard("counter")  # as where the node is installed but not its service
-    flow_file = tmp_path / "bumps.yaml"
-    flow_file.write_text(BUMP_FLOW)
+    flow_file = write_flow(tmp_path, "bumps", BUMP_NODES)
 
     with pytest.raises(flowchat.FlowInvalid) as caught:
         flowchat.load_flow(flow_file, registry)
@@ -177,13 +174,10 @@ def test_validate_reports_the_missing_service(counter_site, tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "bumper.py").write_text(SERVICE_MODULE.replace("fc_test_counter", "x"))
-    flow_file = tmp_path / "bumps.yaml"
-    flow_file.write_text(BUMP_FLOW)
+    flow_file = write_flow(tmp_path, "bumps", BUMP_NODES)
 
     env = daemon_env("unused", FLOWCHAT_PLUGINS=str(plugins))
-    result = subprocess.run(
-        [sys.executable, "-m", "flowchat.cli", "validate", str(flow_file)], env=env, capture_output=True, text=True
-    )
+    result = run_cli("validate", flow_file, env=env)
     assert result.returncode == 1
     assert "[service-missing]" in result.stderr
     assert "Traceback" not in result.stderr
@@ -192,7 +186,7 @@ def test_validate_reports_the_missing_service(counter_site, tmp_path):
 async def test_a_worker_process_starts_installed_services_with_its_redis_and_closes_them(
     counter_site, queue, redis_url, flows_dir, processes
 ):
-    (flows_dir / "bumps.yaml").write_text(BUMP_FLOW)
+    write_flow(flows_dir, "bumps", BUMP_NODES)
     env = daemon_env(redis_url, PYTHONPATH=str(counter_site), FLOWCHAT_COMPACT_SUCCEEDED="0")  # outputs read after
     worker = processes.start("worker", "--flows", str(flows_dir), env=env)
     catalog = Catalog(flows_dir, load_registry(TEST_PLUGINS))

@@ -1,12 +1,12 @@
 """Factories for node tests: load a flow from YAML text, run it with real services,
 and start local HTTP servers (no test ever reaches the internet)."""
 
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import support
 from aiohttp import web
 
 import flowchat
@@ -27,14 +27,10 @@ def builtin_registry() -> flowchat.Registry:
 
 @pytest.fixture
 def write_flow(tmp_path: Path) -> Callable[..., Path]:
-    """Write a flow file (a header plus the given ``nodes:`` YAML) and return its path."""
+    """``support.write_flow`` bound to this test's folder: ``write_flow(nodes)`` writes ``flow.yaml``."""
 
-    def write(nodes: str, *, name: str = "flow.yaml", folder: Path | None = None, vars: str = "{}") -> Path:
-        path = (folder or tmp_path) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        header = f"flow: {path.stem}\nvars: {vars}\ntrigger: {{type: webhook}}\nnodes:\n"
-        path.write_text(header + textwrap.indent(textwrap.dedent(nodes).strip() + "\n", "  "), encoding="utf-8")
-        return path
+    def write(nodes: support.Nodes, *, folder: Path | None = None) -> Path:
+        return support.write_flow(folder or tmp_path, "flow", nodes, vars={})
 
     return write
 

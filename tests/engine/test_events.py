@@ -1,0 +1,45 @@
+"""flowchat.events: the events stream analytics reads, off when analytics is, trimmed only past what was read."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flowchat.contacts import Contacts
+from flowchat.events import Events
+from flowchat.keys import EVENTS_GROUP, Keys
+
+KEYS = Keys("fc")
+
+
+@pytest.fixture
+async def events(redis):
+    stream = Events(redis, KEYS)
+    await stream.setup()
+    return stream
+
+
+async def test_analytics_off_writes_no_event(redis) -> None:
+    quiet = Contacts(redis, KEYS, events=Events(redis, KEYS, enabled=False))
+    await quiet.upsert("+14155550123", name="Ann")
+    await asyncio.sleep(0.01)
+    assert not await redis.exists(KEYS.events)
+
+
+async def test_the_stream_is_trimmed_only_up_to_what_analytics_has_not_acknowledged(events, redis) -> None:
+    for n in range(10):
+        events.emit("metric", None, {"name": "m", "value": n, "tags": {}})
+    await asyncio.sleep(0.01)
+    assert await events.trim() == 0  # nothing read yet: nothing goes
+    read = await redis.xreadgroup(EVENTS_GROUP, "sink", {KEYS.events: ">"}, count=6)
+    ids = [entry_id for entry_id, _ in read[0][1]]
+    await redis.xack(KEYS.events, EVENTS_GROUP, *ids[:3])  # 3 acknowledged, 3 read but pending
+    await events.trim()
+    left = [entry_id for entry_id, _ in await redis.xrange(KEYS.events)]
+    assert left[0] == ids[3] and len(left) == 7
+    await redis.xack(KEYS.events, EVENTS_GROUP, *ids[3:])
+    await events.trim()
+    assert len(await redis.xrange(KEYS.events)) >= 4  # the 4 never delivered stay
+    stats = await events.stats()
+    assert stats["length"] >= 4 and stats["age_seconds"] >= 0

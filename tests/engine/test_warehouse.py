@@ -1,0 +1,161 @@
+"""flowchat.warehouse: events as Parquet by day and the views over them; erasure, retention, compaction."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from analytics_data import ALICE, DAVE, append, count, known_data_set, loaded, physical_rows
+from support import wait_for
+
+from flowchat.sink import Sink
+from flowchat.warehouse import Warehouse, entries_table, phone_hash
+
+
+async def test_views_show_the_recorded_events(redis_url: str, start_sink: Callable[..., Sink], data_dir: Path) -> None:
+    await loaded(redis_url, start_sink, data_dir)
+    con = duckdb.connect(str(data_dir / "analytics.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM node_runs").fetchone() == (26,)
+        row = con.execute(
+            "SELECT flow, flow_version, trigger_type, status, duration_ms, attempts, error_code, "
+            "finished_at - started_at FROM executions WHERE execution_id = 'w3'"
+        ).fetchone()
+        assert row is not None and row[:7] == ("welcome", "v1", "webhook", "failed", 400, 1, "twilio-63016")
+        assert row[7].total_seconds() == 0.4
+        messages = dict(con.execute("SELECT sid, status FROM messages").fetchall())
+        assert messages == {
+            "SM1": "read",
+            "SM2": "delivered",
+            "SM3": "read",
+            "SM4": "failed",
+            "SM5": "undelivered",
+            "SM6": "sent",
+            "SMin1": "received",
+        }  # SM7 went to Dave, who is erased
+        sm3 = con.execute(
+            "SELECT execution_id, flow, node, phone, delivered_at IS NULL, read_at > sent_at, sent_at > queued_at "
+            "FROM messages WHERE sid = 'SM3'"
+        ).fetchone()
+        assert sm3 == ("w3", "welcome", "send", "+14155550103", True, True, True)
+        assert con.execute("SELECT error_code FROM messages WHERE sid = 'SM4'").fetchone() == ("twilio-30008",)
+        assert con.execute("SELECT sum(value), tags['campaign'] FROM metrics GROUP BY 2 ORDER BY 2").fetchall() == [
+            (4.0, "fall"),
+            (12.5, "spring"),
+        ]
+        actions = con.execute("SELECT action, phone, tags FROM contact_events ORDER BY ts").fetchall()
+        assert actions[0] == ("tagged", ALICE, ["vip", "spring"])
+        assert [a for a, _, _ in actions] == ["tagged", "tagged", "opted_out", "opted_in"]
+        assert con.execute("SELECT count(*) FROM contact_events WHERE phone = ?", [DAVE]).fetchone() == (0,)
+    finally:
+        con.close()
+
+
+async def test_erasure_hides_the_phone_at_once_and_compaction_removes_it(
+    redis_url: str, start_sink: Callable[..., Sink], data_dir: Path
+) -> None:
+    await loaded(redis_url, start_sink, data_dir)
+    warehouse = Warehouse(data_dir)
+    tomb = warehouse.tombstones()
+    assert [t.phone_hash for t in tomb] == [phone_hash(DAVE)] and not tomb[0].purged
+    assert DAVE not in (data_dir / "analytics" / "tombstones.json").read_text()
+    # hidden in every view that shows phones, still in the Parquet files until compaction
+    assert count(data_dir, f"SELECT count(*) FROM messages WHERE phone = '{DAVE}'") == 0
+    assert count(data_dir, f"SELECT count(*) FROM contact_events WHERE phone = '{DAVE}'") == 0
+    raw = f"SELECT count(*) FROM events WHERE phone = '{DAVE}'"
+    assert count(data_dir, raw) == 0
+    assert physical_rows(data_dir) == len(known_data_set())
+    assert warehouse.compact() >= 1
+    assert physical_rows(data_dir) == len(known_data_set()) - 4  # created, two message events, erased
+    assert warehouse.tombstones()[0].purged
+    assert count(data_dir, "SELECT count(*) FROM messages") == 7
+    # a contact who comes back after erasure is recorded again
+    from analytics_data import Recorder
+
+    later = Recorder(hours_ago=0)
+    later.add("contact", {"action": "created", "phone": DAVE})
+    append(redis_url, later.events)
+    await wait_for(lambda: count(data_dir, f"SELECT count(*) FROM contact_events WHERE phone = '{DAVE}'") == 1)
+    warehouse.close()
+
+
+def test_retention_removes_old_days(tmp_path: Path) -> None:
+    from flowchat.warehouse import event_row
+
+    warehouse = Warehouse(tmp_path)
+    now = int(time.time() * 1000)
+    rows = [
+        event_row({"id": f"e{d}", "type": "metric", "ts": str(now - d * 86_400_000), "data": '{"name":"x","value":1}'})
+        for d in (0, 2, 5, 9)
+    ]
+    warehouse.write(rows, "1-0")
+    assert len(warehouse.files()) == 4
+    assert warehouse.expire(0, now) == 0
+    assert warehouse.expire(3, now) == 2
+    assert count(tmp_path, "SELECT count(*) FROM metrics") == 2
+    warehouse.close()
+
+
+def test_compaction_merges_small_files_once_per_event(tmp_path: Path) -> None:
+    from flowchat.warehouse import event_row
+
+    warehouse = Warehouse(tmp_path)
+    now = int(time.time() * 1000)
+    for batch in range(6):
+        rows = [
+            event_row({"id": f"e{batch}-{i}", "type": "metric", "ts": str(now + i), "data": '{"name":"x","value":1}'})
+            for i in range(100)
+        ]
+        warehouse.write(rows, f"{batch}-0")
+    warehouse.write(rows, "5-0-again")  # a batch written twice
+    assert len(warehouse.files()) == 7 and physical_rows(tmp_path) == 700
+    assert count(tmp_path, "SELECT count(*) FROM metrics") == 600
+    assert warehouse.compact(min_files=4) == 7
+    assert len(warehouse.files()) == 1 and physical_rows(tmp_path) == 600
+    assert warehouse.compact(min_files=4) == 0
+    warehouse.close()
+
+
+def test_entries_table_takes_any_field_order_and_odd_values() -> None:
+    ordered = [b"id", b"a", b"type", b"metric", b"ts", b"5", b"flow", b"f", b"execution_id", b"x", b"node", b"n"]
+    table = entries_table(
+        [
+            [*ordered, b"data", b'{"name": "m", "value": 1}'],
+            [b"type", b"contact", b"id", b"b", b"data", b'{"action": "created", "phone": "+14155550100"}'],
+            [b"id", b"c", b"type", b"message", b"ts", b"soon", b"data", b"not json"],
+            [b"id", b"\xff\xfe", b"type", b"node_run", b"ts", b"7"],
+        ]
+    )
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == ["a", "b", "c", "\ufffd\ufffd"]
+    assert [r["ts"] for r in rows] == [5, 0, 0, 7]
+    assert rows[1]["phone"] == "+14155550100" and rows[1]["flow"] == "" and rows[2]["phone"] is None
+    assert rows[3]["data"] == "{}"
+
+
+def test_node_runs_carried_by_execution_and_node_runs_entries_become_node_run_rows() -> None:
+    def fields(kind: str, data: dict[str, Any]) -> list[bytes]:
+        names = (b"id", b"type", b"ts", b"flow", b"execution_id", b"node", b"data")
+        values = (b"", kind.encode(), b"9", b"crm", b"x1", b"", json.dumps(data).encode())
+        return [item for pair in zip(names, values, strict=True) for item in pair]
+
+    run = {"node_type": "set", "status": "ok", "attempt": 1, "started_at": 8, "duration_ms": 0.5, "error_code": ""}
+    entries = [
+        fields("node_runs", {"runs": [{**run, "node": "a"}, {**run, "node": "b"}]}),
+        fields("execution", {"status": "succeeded", "runs": [{**run, "node": "c"}]}),
+    ]
+    first = entries_table(entries, [b"1-0", b"2-0"]).to_pylist()
+    again = entries_table(entries, [b"1-0", b"2-0"]).to_pylist()  # the same entries read again: the same rows
+    assert first == again
+    assert [(r["type"], r["node"], r["id"]) for r in first] == [
+        ("node_run", "a", "stream-1-0:0"),
+        ("node_run", "b", "stream-1-0:1"),
+        ("execution", "", "stream-2-0"),
+        ("node_run", "c", "stream-2-0:0"),
+    ]
+    assert json.loads(first[2]["data"]) == {"status": "succeeded"}  # the runs are not kept twice
+    assert json.loads(first[0]["data"]) == {k: v for k, v in run.items()}
