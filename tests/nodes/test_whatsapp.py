@@ -18,7 +18,7 @@ import flowchat
 from flowchat.keys import Keys
 from flowchat.messages import Ledger
 from flowchat.settings import Settings
-from flowchat.whatsapp import WhatsApp, retry_after, twilio_error
+from flowchat.whatsapp import WhatsApp
 
 TO = "+5511987654321"
 SEND = """
@@ -208,18 +208,3 @@ async def test_an_invalid_phone_fails_without_calling_twilio(send_flow, fake):
 
     assert execution.nodes["send"].error["code"] == "invalid-phone"
     assert fake.posts == 0
-
-
-def test_error_classes_and_retry_after():
-    from twilio.base.exceptions import TwilioRestException
-
-    def err(status: int, code: int) -> flowchat.NodeError:
-        return twilio_error(TwilioRestException(status, "uri", "msg", code), {"Retry-After": "7"})
-
-    assert err(429, 20429).retryable and err(429, 20429).retry_after == 7.0
-    assert err(400, 63018).retryable and err(503, 20503).retryable
-    for code in (21211, 21408, 21610, 21614, 63016, 63024, 63032):
-        assert not err(400, code).retryable and err(400, code).code == f"twilio-{code}"
-    assert not err(404, 20404).retryable
-    assert retry_after({"retry-after": "Thu, 01 Jan 1970 00:00:00 GMT"}) == 0.0
-    assert retry_after(None) is None

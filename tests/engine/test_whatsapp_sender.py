@@ -1,4 +1,4 @@
-"""The sender with the CRM's services: consent, the 24-hour window, 21610, pacing (real Redis, real twilio)."""
+"""flowchat.whatsapp: the sender with the CRM's services: consent, the 24-hour window, 21610, pacing, Twilio errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from redis.asyncio import Redis
 from twilio_fake import ACCOUNT_SID, AUTH_TOKEN, TwilioFake
 
-from flowchat.consent import consent_keyword
 from flowchat.contacts import Contacts
 from flowchat.errors import NodeError
 from flowchat.events import Events
@@ -18,7 +17,7 @@ from flowchat.keys import Keys
 from flowchat.limiter import Limiter
 from flowchat.node import Suspend
 from flowchat.settings import Settings
-from flowchat.whatsapp import WhatsApp
+from flowchat.whatsapp import WhatsApp, retry_after, twilio_error
 
 TO = "+5511987654321"
 TEMPLATE = {"content_sid": "HX0123456789abcdef0123456789abcdef", "variables": {"1": "Ana"}}
@@ -153,22 +152,6 @@ async def test_sends_write_message_events(sender, book, fake, redis):
     assert output["sid"].encode() in messages[0][b"data"] and TO.encode() in messages[0][b"data"]
 
 
-@pytest.mark.parametrize(
-    ("body", "expected"),
-    [
-        ("STOP", "opted_out"), ("  stop  ", "opted_out"), ("Stop.", "opted_out"), ("STOPALL", "opted_out"),
-        ("unsubscribe", "opted_out"), ("CANCEL", "opted_out"), ("end", "opted_out"), ("quit", "opted_out"),
-        ("BAJA", "opted_out"), ("parar", "opted_out"), ("Cancelar", "opted_out"),
-        ("SAIR", "opted_out"), ("descadastrar", "opted_out"),
-        ("ARRÊT", "opted_out"), ("arrêter", "opted_out"), ("désabonner", "opted_out"),
-        ("START", "opted_in"), ("unstop", "opted_in"),
-        ("please stop sending me the price list", None), ("hello", None), ("", None),
-    ],
-)  # fmt: skip
-def test_consent_keywords_in_four_languages(body, expected):
-    assert consent_keyword(body) == expected
-
-
 async def test_sends_from_one_number_are_spaced_at_the_sender_rate(sender, book, fake):
     for index in range(3):
         await wrote(book, f"+551198765000{index}", sid=f"SMw{index}")
@@ -180,3 +163,18 @@ async def test_sends_from_one_number_are_spaced_at_the_sender_rate(sender, book,
 
     assert 0.0 < paced.value.until - time.time() <= 0.11  # the next 100 ms slot, reserved for y1
     assert fake.posts == 1
+
+
+def test_error_classes_and_retry_after():
+    from twilio.base.exceptions import TwilioRestException
+
+    def err(status: int, code: int) -> NodeError:
+        return twilio_error(TwilioRestException(status, "uri", "msg", code), {"Retry-After": "7"})
+
+    assert err(429, 20429).retryable and err(429, 20429).retry_after == 7.0
+    assert err(400, 63018).retryable and err(503, 20503).retryable
+    for code in (21211, 21408, 21610, 21614, 63016, 63024, 63032):
+        assert not err(400, code).retryable and err(400, code).code == f"twilio-{code}"
+    assert not err(404, 20404).retryable
+    assert retry_after({"retry-after": "Thu, 01 Jan 1970 00:00:00 GMT"}) == 0.0
+    assert retry_after(None) is None
