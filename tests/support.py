@@ -58,6 +58,14 @@ def mark_node(marks: Path, node_id: str, **config: Any) -> dict[str, Any]:
     return {"id": node_id, "type": "test.mark", "with": {"file": str(marks), **config}}
 
 
+def fail_until(
+    exists: Path, node_id: str = "call", retry: Mapping[str, Any] | None = None, **config: Any
+) -> dict[str, Any]:
+    """A ``test.fail_until`` node: it fails (retryably, unless ``retryable=False``) until ``exists`` does."""
+    node: dict[str, Any] = {"id": node_id, "type": "test.fail_until", "with": {"exists": str(exists), **config}}
+    return node | ({"retry": dict(retry)} if retry else {})
+
+
 def _inline(value: Any) -> str:
     if isinstance(value, str):
         return value

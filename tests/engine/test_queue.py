@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from support import enqueue, settled, wait_for, write_flow
+from support import enqueue, fail_until, settled, wait_for, write_flow
 
 from flowchat.codec import execution_from_parts
 from flowchat.keys import GROUP
@@ -56,7 +56,7 @@ async def test_a_retry_is_parked_until_its_wake_at(queue, flows_dir, catalog_fac
     write_flow(
         flows_dir,
         "slowretry",
-        f"  - {{id: call, type: test.fail_until, with: {{exists: '{tmp_path / 'never'}'}}, retry: {{max_attempts: 3, backoff: 10s, max_backoff: 10s}}}}\n",
+        [fail_until(tmp_path / "never", retry={"max_attempts": 3, "backoff": "10s", "max_backoff": "10s"})],
     )
     catalog = catalog_factory(flows_dir)
     await start_worker(catalog, concurrency=1)
@@ -85,7 +85,7 @@ async def test_a_replayed_execution_cannot_be_requeued_twice(queue, flows_dir, c
     write_flow(
         flows_dir,
         "once",
-        f"  - {{id: call, type: test.fail_until, with: {{exists: '{tmp_path / 'never'}', retryable: false}}}}\n",
+        [fail_until(tmp_path / "never", retryable=False)],
     )
     catalog = catalog_factory(flows_dir)
     worker = await start_worker(catalog)
@@ -129,7 +129,7 @@ async def test_finished_executions_expire_after_their_retention_failed_ones_late
     write_flow(
         flows_dir,
         "bad",
-        f"  - {{id: a, type: test.fail_until, with: {{exists: '{tmp_path / 'x'}', retryable: false}}}}\n",
+        [fail_until(tmp_path / "x", "a", retryable=False)],
     )
     catalog = catalog_factory(flows_dir)
     await start_worker(catalog)

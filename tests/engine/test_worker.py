@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from support import enqueue, lines, settled, wait_for, write_flow
+from support import enqueue, fail_until, flow_yaml, lines, mark_node, settled, wait_for, write_flow
 
 from flowchat import Services
 from flowchat.keys import GROUP
@@ -21,7 +21,7 @@ async def test_an_execution_runs_to_success_and_its_entry_is_acknowledged(
     write_flow(
         flows_dir,
         "two",
-        f"  - {{id: a, type: test.mark, with: {{file: '{marks}'}}}}\n  - {{id: b, type: set, with: {{values: {{x: '{{{{ a.pid }}}}'}}}}}}\n",
+        [mark_node(marks, "a"), {"id": "b", "type": "set", "with": {"values": {"x": "{{ a.pid }}"}}}],
     )
     catalog = catalog_factory(flows_dir)
     queue.retention = Retention(compact=False)  # keep the outputs after success: the test reads one
@@ -46,7 +46,7 @@ async def test_a_retryable_failure_waits_in_the_delayed_set_without_holding_a_wo
     write_flow(
         flows_dir,
         "flaky",
-        f"  - {{id: call, type: test.fail_until, with: {{exists: '{marker}'}}, retry: {{max_attempts: 50, backoff: 300ms, max_backoff: 300ms}}}}\n",
+        [fail_until(marker, retry={"max_attempts": 50, "backoff": "300ms", "max_backoff": "300ms"})],
     )
     catalog = catalog_factory(flows_dir)
     worker = await start_worker(catalog, concurrency=1)
@@ -75,9 +75,7 @@ async def test_a_non_retryable_failure_is_dead_lettered_with_its_error_and_repla
     write_flow(
         flows_dir,
         "fragile",
-        f"  - {{id: first, type: test.mark, with: {{file: '{marks}'}}}}\n"
-        f"  - {{id: second, type: test.fail_until, with: {{exists: '{marker}', retryable: false}}}}\n"
-        f"  - {{id: third, type: test.mark, with: {{file: '{marks}'}}}}\n",
+        [mark_node(marks, "first"), fail_until(marker, "second", retryable=False), mark_node(marks, "third")],
     )
     catalog = catalog_factory(flows_dir)
     await start_worker(catalog)
@@ -104,7 +102,7 @@ async def test_exhausted_attempts_fail_the_execution(queue, flows_dir, catalog_f
     write_flow(
         flows_dir,
         "doomed",
-        f"  - {{id: call, type: test.fail_until, with: {{exists: '{tmp_path / 'never'}'}}, retry: {{max_attempts: 3, backoff: 10ms}}}}\n",
+        [fail_until(tmp_path / "never", retry={"max_attempts": 3, "backoff": "10ms"})],
     )
     catalog = catalog_factory(flows_dir)
     await start_worker(catalog)
@@ -169,10 +167,8 @@ async def test_an_execution_finishes_on_the_flow_version_it_started_with(
         return await queue.redis.zscore(queue.keys.delayed, execution_id) is not None
 
     await wait_for(parked)
-    path.write_text(
-        "flow: versioned\ntrigger: {type: webhook}\nnodes:\n"
-        f"  - {{id: wait, type: delay, with: {{for: 1ms}}}}\n  - {{id: v2, type: test.mark, with: {{file: '{marks}'}}}}\n"
-    )
+    edited = [{"id": "wait", "type": "delay", "with": {"for": "1ms"}}, mark_node(marks, "v2")]
+    path.write_text(flow_yaml("versioned", edited))
     assert catalog.reload()
     assert "v2" in catalog.get("versioned").nodes  # type: ignore[union-attr]
 
@@ -184,9 +180,7 @@ async def test_an_execution_finishes_on_the_flow_version_it_started_with(
 
 async def test_leases_are_renewed_while_a_long_node_runs(queue, flows_dir, catalog_factory, start_worker, tmp_path):
     marks = tmp_path / "marks"
-    write_flow(
-        flows_dir, "long", f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 1.6}}, timeout: 10s}}\n"
-    )
+    write_flow(flows_dir, "long", [mark_node(marks, "slow", sleep=1.6) | {"timeout": "10s"}])
     catalog = catalog_factory(flows_dir)
     await start_worker(catalog, visibility_timeout=0.6)
     await start_worker(catalog, visibility_timeout=0.6)  # a second worker that would steal an expired lease
@@ -222,8 +216,7 @@ async def test_replay_on_the_latest_version_applies_a_fix_made_in_the_flow_file(
 ):
     marks, missing, present = tmp_path / "marks", tmp_path / "missing", tmp_path / "present"
     present.touch()
-    nodes = "  - {{id: first, type: test.mark, with: {{file: '{marks}'}}}}\n  - {{id: call, type: test.fail_until, with: {{exists: '{target}', retryable: false}}}}\n"
-    path = write_flow(flows_dir, "fixable", nodes.format(marks=marks, target=missing))
+    path = write_flow(flows_dir, "fixable", [mark_node(marks, "first"), fail_until(missing, retryable=False)])
     catalog = catalog_factory(flows_dir)
     await start_worker(catalog)
     execution_id = await enqueue(queue, catalog, "fixable")
@@ -244,7 +237,7 @@ async def test_a_worker_whose_lease_was_taken_stops_its_copy_and_writes_no_outco
     queue, flows_dir, catalog_factory, start_worker, tmp_path
 ):
     marks = tmp_path / "marks"
-    write_flow(flows_dir, "stolen", f"  - {{id: slow, type: test.mark, with: {{file: '{marks}', sleep: 3}}}}\n")
+    write_flow(flows_dir, "stolen", [mark_node(marks, "slow", sleep=3)])
     catalog = catalog_factory(flows_dir)
     worker = await start_worker(catalog, visibility_timeout=0.6)
     execution_id = await enqueue(queue, catalog, "stolen")
