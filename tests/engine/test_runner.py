@@ -3,12 +3,12 @@
 import asyncio
 import itertools
 import json
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import write_flow
 
 import flowchat
 
@@ -23,10 +23,7 @@ def make_flow(tmp_path: Path) -> MakeFlow:
         registry = flowchat.Registry()
         for cls in classes:
             registry.add(flowchat.register(cls), "test")
-        path = tmp_path / "flow.yaml"
-        body = textwrap.indent(textwrap.dedent(nodes).strip() + "\n", "  ")
-        path.write_text(f"flow: test\ntrigger: {{type: webhook}}\nnodes:\n{body}", encoding="utf-8")
-        return flowchat.load_flow(path, registry)
+        return flowchat.load_flow(write_flow(tmp_path, "test", nodes), registry)
 
     return make
 
