@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from support import ROOT, daemon_env, wait_for
+from support import ROOT, daemon_env, wait_for, write_flow
 
 from flowchat.ingress import create_app
 from flowchat.keys import Keys
@@ -24,13 +24,13 @@ from flowchat.metrics import Metrics
 from flowchat.queue import Queue
 from flowchat.redis_server import RedisServer, free_port
 
-FLOW = "flow: {name}\ntrigger: {{type: webhook{extra}}}\nnodes:\n  - {{id: a, type: test.noop}}\n"
+NOOP = "- {id: a, type: test.noop}"
 
 
 def write_flows(folder: Path) -> None:
-    (folder / "open.yaml").write_text(FLOW.format(name="open", extra=""))
-    (folder / "signed.yaml").write_text(FLOW.format(name="signed", extra=", secret_env: HOOK_SECRET"))
-    (folder / "token.yaml").write_text(FLOW.format(name="token", extra=", token_env: HOOK_TOKEN"))
+    write_flow(folder, "open", NOOP)
+    write_flow(folder, "signed", NOOP, trigger={"type": "webhook", "secret_env": "HOOK_SECRET"})
+    write_flow(folder, "token", NOOP, trigger={"type": "webhook", "token_env": "HOOK_TOKEN"})
 
 
 @pytest.fixture
@@ -188,7 +188,7 @@ async def test_half_open_connections_cannot_exhaust_the_daemon(redis_url, flows_
                 return False
 
         await wait_for(healthy, timeout=10, interval=0.1)
-        (flows_dir / "later.yaml").write_text(FLOW.format(name="later", extra=""))
+        write_flow(flows_dir, "later", NOOP)
 
         async def later_served() -> bool:
             async with aiohttp.ClientSession() as http, http.post(f"http://127.0.0.1:{port}/hooks/later", json={}) as r:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import support
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 from twilio.request_validator import RequestValidator
@@ -37,9 +37,7 @@ def write_flow(flows_dir: Path) -> WriteFlow:
     """Write a one-node flow file with the given trigger into the flows folder."""
 
     def write(name: str, trigger: dict[str, Any]) -> Path:
-        path = flows_dir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({"flow": name, "trigger": trigger, "nodes": NOOP}), encoding="utf-8")
-        return path
+        return support.write_flow(flows_dir, name, NOOP, trigger)
 
     return write
 
