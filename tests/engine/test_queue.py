@@ -237,8 +237,7 @@ async def test_every_status_change_moves_the_execution_to_the_index_of_its_new_s
     queue, flows_dir, catalog_factory, start_worker, tmp_path
 ):
     marker = tmp_path / "fixed"
-    retry = "retry: {max_attempts: 2, backoff: 300ms}"
-    write_flow(flows_dir, "walk", f"  - {{id: gate, type: test.fail_until, with: {{exists: '{marker}'}}, {retry}}}\n")
+    write_flow(flows_dir, "walk", [fail_until(marker, "gate", retry={"max_attempts": 2, "backoff": "300ms"})])
     catalog = catalog_factory(flows_dir)
 
     async def where(execution_id: str) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from support import ROOT, daemon_env, enqueue, settled, wait_for, write_flow
+from support import ROOT, daemon_env, enqueue, fail_until, mark_node, settled, wait_for, write_flow
 
 from flowchat.connections import open_queue, retention
 from flowchat.keys import GROUP
@@ -67,12 +67,15 @@ async def test_a_succeeded_execution_keeps_a_compact_summary_and_a_failed_one_ke
     queue, redis_url, flows_dir, catalog_factory, processes, tmp_path
 ):
     marker = tmp_path / "fixed"
+    values = {"name": "{{ trigger.name }}", "note": '{{ trigger.note | default("") }}'}
     write_flow(
         flows_dir,
         "intake",
-        "  - {id: check, type: set, with: {values: {name: '{{ trigger.name }}', note: '{{ trigger.note | default("") }}'}}}\n"
-        f"  - {{id: gate, type: test.fail_until, with: {{exists: '{marker}', retryable: false}}}}\n"
-        "  - {id: done, type: set, with: {values: {greeting: 'hello {{ check.name }}'}}}\n",
+        [
+            {"id": "check", "type": "set", "with": {"values": values}},
+            fail_until(marker, "gate", retryable=False),
+            {"id": "done", "type": "set", "with": {"values": {"greeting": "hello {{ check.name }}"}}},
+        ],
     )
     catalog = catalog_factory(flows_dir)
     processes.start("worker", "--flows", str(flows_dir), env=daemon_env(redis_url))
@@ -128,7 +131,7 @@ async def test_a_delivery_of_a_succeeded_execution_is_dropped_not_run_again(
     queue, flows_dir, catalog_factory, start_worker, tmp_path
 ):
     marks = tmp_path / "marks"
-    write_flow(flows_dir, "once", f"  - {{id: a, type: test.mark, with: {{file: '{marks}'}}}}\n")
+    write_flow(flows_dir, "once", [mark_node(marks, "a")])
     catalog = catalog_factory(flows_dir)
     await start_worker(catalog)
     execution_id = await enqueue(queue, catalog, "once")
