@@ -187,11 +187,11 @@ def report_command(args: argparse.Namespace) -> int:
 def sink_command(args: argparse.Namespace) -> int:
     import asyncio
 
-    return asyncio.run(run_sink_alone(Settings.from_env()))
+    return asyncio.run(run_sink_alone(Settings.from_env(), args.parent_pid))
 
 
-async def run_sink_alone(settings: Settings) -> int:
-    """``flowchat sink``: the sink without ingress or workers, until SIGTERM/SIGINT."""
+async def run_sink_alone(settings: Settings, parent_pid: int | None = None) -> int:
+    """``flowchat sink``: the sink without ingress or workers, until SIGTERM/SIGINT (or ``parent_pid`` exits)."""
     import asyncio
     import signal
 
@@ -207,8 +207,25 @@ async def run_sink_alone(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, sink.stop)
         print(f"flowchat: sink {sink.owner} writing {settings.data_dir / 'analytics'}", flush=True)
-        await run_sink(sink)
+        orphaned = asyncio.create_task(_stop_when_orphaned(sink, parent_pid)) if parent_pid else None
+        try:
+            await run_sink(sink)
+        finally:
+            if orphaned is not None:
+                orphaned.cancel()
     return 0
+
+
+async def _stop_when_orphaned(sink: Any, parent_pid: int, every: float = 1.0) -> None:
+    """Stop ``sink`` once the process that started it is gone (``serve`` killed without a chance to stop it)."""
+    import asyncio
+    import logging
+    import os
+
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(every)
+    logging.getLogger("flowchat.sink").warning("the serve process %d is gone; stopping the sink", parent_pid)
+    sink.stop()
 
 
 def add_commands(sub: Any) -> None:
@@ -225,6 +242,12 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--json", action="store_true")
     p = sub.add_parser(
         "sink", help="run only the analytics sink (events stream -> Parquet); one per deployment is active"
+    )
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        metavar="PID",
+        help="stop when process PID exits (serve starts its sink with this)",
     )
     p.set_defaults(handler=sink_command)
 

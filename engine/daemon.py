@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from flowchat.catalog import Catalog
 from flowchat.connections import describe, open_queue, open_redis, queue_keys, redis_client, retention
 from flowchat.ingress import CATALOG_KEY, METRICS_KEY, QUEUE_KEY, create_app, healthz, metrics_endpoint, readyz
 from flowchat.listener import BoundedSite
+from flowchat.logs import current_log_format
 from flowchat.metrics import Metrics
 from flowchat.mover import DelayedMover
 from flowchat.queue import Queue
@@ -36,7 +38,6 @@ from flowchat.scheduler import Scheduler
 from flowchat.secrets import flow_secrets, unset_secret_warnings
 from flowchat.services import Services, open_services
 from flowchat.settings import Settings
-from flowchat.sink import Sink, SinkSettings, run_sink
 from flowchat.startup import eviction_warning, port_taken, unset_webhook_secrets
 from flowchat.twilio_webhooks import TwilioWebhooks, twilio_mode
 from flowchat.watchdog import LoopWatchdog
@@ -188,8 +189,8 @@ async def serve(
         parts.start(capacity.watch(rt.queue, rt.metrics), "capacity watch")
         worker = _worker(rt, concurrency) if workers else None
         worker_task = parts.start(worker.run(), "worker") if worker else None
-        sink = _sink(rt)
-        sink_task = parts.start(run_sink(sink), "analytics sink") if sink else None
+        sink = SinkProcess() if rt.settings.analytics else None
+        sink_task = parts.start(sink.run(), "analytics sink") if sink else None
         await stop.wait()
         draining = time.monotonic()
         await runner.cleanup()
@@ -197,16 +198,57 @@ async def serve(
             worker.stop()
             await asyncio.gather(worker_task, return_exceptions=True)
         if sink and sink_task:
-            sink.stop()
+            await sink.stop(rt.settings.grace)
             await asyncio.gather(sink_task, return_exceptions=True)
         return _drained(draining, await parts.stop())
 
 
-def _sink(rt: Runtime) -> Sink | None:
-    """The analytics sink serve runs (it waits for the lease when another sink holds it)."""
-    if not rt.settings.analytics:
-        return None
-    return Sink(rt.queue.redis, rt.queue.keys, SinkSettings.from_settings(rt.settings))
+class SinkProcess:
+    """``flowchat sink`` as a child of serve, restarted if it dies, stopped with serve.
+
+    Writing Parquet and publishing the views costs CPU in bursts; in its own process that
+    never holds the serving process's event loop or GIL (accept-to-send latency), and the
+    operating system can run it on another core. The child competes for the sink lease like
+    any other ``flowchat sink``, and stops by itself if serve goes away without stopping it.
+    """
+
+    def __init__(self, restart_after: float = 1.0, ceiling: float = 30.0) -> None:
+        self.restart_after = restart_after
+        self.ceiling = ceiling
+        self.process: asyncio.subprocess.Process | None = None
+        self._stopping = asyncio.Event()
+
+    def command(self) -> list[str]:
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        options = ["--log-level", str(level), "--log-format", current_log_format()]
+        return [sys.executable, "-m", "flowchat.cli", *options, "sink", "--parent-pid", str(os.getpid())]
+
+    async def run(self) -> None:
+        delay = self.restart_after
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            self.process = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL)
+            status = await self.process.wait()
+            if self._stopping.is_set():
+                return
+            delay = self.restart_after if time.monotonic() - started > self.ceiling else min(delay * 2, self.ceiling)
+            log.warning("the analytics sink exited with status %s; starting it again in %.0fs", status, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM (the sink writes what it has read, then exits), then SIGKILL after ``grace`` seconds."""
+        self._stopping.set()
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), max(grace, 1.0))
+        except TimeoutError:
+            log.warning("the analytics sink did not stop within %.0fs; killing it", grace)
+            process.kill()
+            await process.wait()
 
 
 async def work(

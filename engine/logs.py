@@ -169,6 +169,12 @@ def logger_for(execution_id: str, node_id: str) -> logging.LoggerAdapter[logging
     return _ExecutionAdapter(_EXECUTION_LOGGER, {"execution": execution_id, "node": node_id})
 
 
+def current_log_format() -> str:
+    """``json`` when the root handler writes JSON lines, else ``text`` (what a child process should use)."""
+    handlers = logging.getLogger().handlers
+    return "json" if handlers and isinstance(handlers[0].formatter, JsonFormatter) else "text"
+
+
 def configure_logging(level: int | str = logging.INFO, log_format: str = "text", *, region: str = "") -> None:
     """Root logging for the CLI and daemon (``text`` or ``json`` lines on stderr), redacted on every handler.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -177,3 +178,64 @@ def test_real_executions_reach_the_views(processes: Processes, redis_url: str, t
     _wait(lambda: count(data, "SELECT count(*) FROM contact_events WHERE phone = '+14155550111'") == 0, timeout=5)
     # left: the other two contacts (created, tagged) and the one who wrote in (created)
     assert count(data, "SELECT count(*) FROM contact_events") == 5
+
+
+def _sink_children(parent: int) -> list[int]:
+    """Pids of `flowchat sink --parent-pid <parent>` processes (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sink" in argv and b"--parent-pid" in argv and argv[argv.index(b"--parent-pid") + 1] == str(parent).encode():
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().split(") ", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_serve_runs_its_sink_as_a_child_restarts_it_and_never_leaves_it_behind(
+    processes: Processes, redis_url: str, tmp_path: Path
+) -> None:
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    write_flow(flows, "noop", "  - {id: a, type: set, with: {values: {}}}\n")
+    env = daemon_env(redis_url, FLOWCHAT_DATA_DIR=str(tmp_path / "data"), FLOWCHAT_ANALYTICS_LEASE="1")
+    serve = processes.start("serve", "--flows", str(flows), "--port", str(free_port()), env=env)
+    _wait(lambda: len(_sink_children(serve.pid)) == 1)
+    [first] = _sink_children(serve.pid)
+    append(redis_url, bulk(10))
+    _wait(lambda: count(tmp_path / "data", "SELECT count(*) FROM node_runs") == 10)
+
+    os.kill(first, signal.SIGKILL)  # a crashed sink is started again, and takes up where it was
+    _wait(lambda: [pid for pid in _sink_children(serve.pid) if pid != first and _alive(pid)] != [])
+    append(redis_url, bulk(10))
+    _wait(lambda: count(tmp_path / "data", "SELECT count(*) FROM node_runs") == 20, timeout=30)
+    assert "the analytics sink exited" in processes.log_of(serve)
+
+    [second] = [pid for pid in _sink_children(serve.pid) if _alive(pid)]
+    serve.send_signal(signal.SIGKILL)  # serve killed without a chance to stop its sink: the sink stops itself
+    serve.wait()
+    _wait(lambda: not _alive(second), timeout=10)
+
+
+def test_serve_stops_its_sink_when_it_stops(processes: Processes, redis_url: str, tmp_path: Path) -> None:
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    write_flow(flows, "noop", "  - {id: a, type: set, with: {values: {}}}\n")
+    env = daemon_env(redis_url, FLOWCHAT_DATA_DIR=str(tmp_path / "data"))
+    serve = processes.start("serve", "--flows", str(flows), "--port", str(free_port()), env=env)
+    _wait(lambda: len(_sink_children(serve.pid)) == 1)
+    [child] = _sink_children(serve.pid)
+    serve.send_signal(signal.SIGTERM)
+    assert serve.wait(timeout=30) == 0
+    assert not _alive(child)
