@@ -123,19 +123,18 @@ class CrmBench:
         return found
 
     def deferred(self, waited: float = 0.25) -> int:
-        """Sends recorded more than ``waited`` s after their node first started: pacing held them."""
-        client = self.bench.client()
+        """Sends recorded more than ``waited`` s after their execution first started: pacing held them.
+
+        (The execution's start, not the send node's: a succeeded execution keeps no node times.)
+        """
         messages = self.messages()
-        pipe = client.pipeline(transaction=False)
-        for message in messages:
-            pipe.hgetall(Keys().execution(message["execution"]))
-        count = 0
-        for message, fields in zip(messages, pipe.execute(), strict=True):
-            runs = [json.loads(v) for k, v in fields.items() if k.startswith(b"n:")]
-            sender = next((r for r in runs if r["type"] == "whatsapp.send"), None)
-            if sender and sender["started_at"] and message["created_at"] / 1000 - sender["started_at"] > waited:
-                count += 1
-        return count
+        started = {meta["id"]: meta["started_at"] for meta in self.bench.metas([m["execution"] for m in messages])}
+        return sum(
+            1
+            for message in messages
+            if started.get(message["execution"])
+            and message["created_at"] / 1000 - started[message["execution"]] > waited
+        )
 
     def seed_contacts(self, count: int, first: int = 0) -> None:
         """Contacts as the flow leaves them (name, attribute, tag), for the senders to come."""
