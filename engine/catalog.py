@@ -19,6 +19,7 @@ from flowchat.errors import FlowChatError, FlowInvalid
 from flowchat.flow import Flow
 from flowchat.loader import find_clash, flow_files, load_flow, load_flow_text, webhook_path
 from flowchat.registry import Registry
+from flowchat.secrets import Secrets, flow_secrets, unset_secret_warnings
 
 log = logging.getLogger("flowchat.catalog")
 SourceLookup = Callable[[str, str], Awaitable[tuple[str, str] | None]]
@@ -36,13 +37,16 @@ class Catalog:
     _versions: OrderedDict[tuple[str, str], Flow] = field(default_factory=OrderedDict)
     max_versions: int = 256
     """Older flow versions kept loaded (least recently used dropped first); current ones are always at hand."""
+    secrets: Secrets | None = None
+    """The secrets the daemon has: a flow (re)loaded later that reads an unset one is warned about."""
+    _by_name: dict[str, Flow] = field(default_factory=dict)
 
     @property
     def flows(self) -> dict[str, Flow]:
-        return {flow.name: flow for flow in self.by_file.values()}
+        return self._by_name
 
     def get(self, name: str) -> Flow | None:
-        return self.flows.get(name)
+        return self._by_name.get(name)
 
     def webhook(self, path: str) -> Flow | None:
         return next((flow for flow in self.by_file.values() if webhook_path(flow) == path), None)
@@ -70,6 +74,7 @@ class Catalog:
                 self._signatures[path] = signature
                 changed |= self._load(path, by_file, problems)
         self.by_file, self.problems = by_file, problems
+        self._by_name = {flow.name: flow for flow in by_file.values()}
         return changed
 
     def _load(self, path: Path, by_file: dict[Path, Flow], problems: dict[Path, list[FlowChatError]]) -> bool:
@@ -96,6 +101,9 @@ class Catalog:
         by_file[path] = flow
         self._remember(flow)
         log.info("flow %s loaded (version %s)", flow.name, flow.version)
+        if self.secrets is not None:
+            for warning in unset_secret_warnings(flow_secrets([flow]), self.secrets):
+                log.warning("%s", warning)
         return True
 
     def _remember(self, flow: Flow, key: tuple[str, str] | None = None) -> None:

@@ -80,6 +80,7 @@ async def runtime(flows: Path, plugins: Path | None = None, settings: Settings |
         async with open_services(settings, redis=redis, keys=keys) as services:
             for warning in unset_secret_warnings(flow_secrets(catalog.flows.values()), services.secrets):
                 log.warning("%s", warning)
+            catalog.secrets = services.secrets  # flows reloaded from now on are checked as they load
             yield Runtime(Queue(redis, keys, retention=retention(settings)), catalog, services, Metrics(), settings)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from support import flow_yaml, write_flow
 
 from flowchat.catalog import Catalog
+from flowchat.secrets import Secrets
 
 
 async def test_stored_versions_are_cached_up_to_a_bound(flows_dir, registry):
@@ -39,3 +40,17 @@ async def test_the_current_version_needs_no_lookup(flows_dir, registry):
 
     for _ in range(3):
         assert await catalog.flow_at("now", current.version, lookup) is current
+
+
+def test_a_flow_reloaded_later_that_reads_an_unset_secret_is_warned_about(flows_dir, registry, caplog):
+    catalog = Catalog(flows_dir, registry, secrets=Secrets({"KNOWN": "value-1"}))
+    catalog.reload()
+    reads = [{"id": "a", "type": "set", "with": {"values": {"k": "{{ secrets.KNOWN }}", "u": "{{ secrets.NEW_ONE }}"}}}]
+    write_flow(flows_dir, "later", reads)
+    catalog.reload()
+    warned = [r.getMessage() for r in caplog.records if "secret-missing" in r.getMessage()]
+    assert warned == [
+        "[secret-missing] flow 'later' reads secrets.NEW_ONE, which is not set "
+        "(FLOWCHAT_SECRET_NEW_ONE or FLOWCHAT_SECRETS_FILE); its executions will fail at that node"
+    ]
+    assert catalog.get("later") is not None and catalog.flows == {"later": catalog.get("later")}
