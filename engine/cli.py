@@ -9,16 +9,15 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from flowchat import analytics, contacts_cli, whatsapp_cli
-from flowchat.codec import encode_run, execution_json
+from flowchat.codec import execution_json, through_codec
 from flowchat.errors import FlowChatError, FlowInvalid
-from flowchat.execution import Execution, NodeRun
-from flowchat.flow import Flow
+from flowchat.execution import Execution
+from flowchat.flow import Flow, trigger_payload
 from flowchat.graph import mermaid
 from flowchat.loader import load_flow, load_flows
 from flowchat.logs import configure_logging, mask_phones
@@ -112,7 +111,7 @@ async def run_in_process(
             services.clock = clock.now
         runner = Runner(
             services,
-            checkpoint=_through_codec,
+            checkpoint=through_codec,
             max_output=settings.max_output,
             sleep=clock.skip if fast_forward else asyncio.sleep,
         )
@@ -131,26 +130,6 @@ class _Clock:
     async def skip(self, seconds: float) -> None:
         self.offset += seconds
         await asyncio.sleep(0)
-
-
-async def _through_codec(execution: Execution, run: NodeRun, node: object) -> None:
-    """What a worker stores and a resumed execution reads back: the node state after a codec round trip."""
-    stored = json.loads(encode_run(run))
-    run.output, run.error = stored["output"], stored["error"]
-
-
-def trigger_payload(flow: Flow, given: dict[str, Any]) -> dict[str, Any]:
-    """The trigger as the daemon would build it: a schedule's payload, tick and missed; a webhook's schema checked."""
-    if flow.trigger.type == "schedule":
-        tick = datetime.fromtimestamp(time.time(), UTC).replace(second=0, microsecond=0).isoformat()
-        return {**flow.trigger.payload, "tick": tick, "missed": 0, **given}
-    validator = flow.trigger_validator
-    if validator is not None:
-        errors = sorted(validator.iter_errors(given), key=lambda e: e.json_path)
-        if errors:
-            listed = "; ".join(f"{error.json_path}: {error.message}" for error in errors)
-            raise ValueError(f"the payload does not match the trigger schema ({len(errors)} error(s)): {listed}")
-    return given
 
 
 def _read_input(source: str | None) -> dict[str, Any]:

@@ -424,3 +424,10 @@ def _headers(value: Any) -> dict[str, Any]:
         text = item.decode("latin-1") if isinstance(item, bytes) else str(item)
         collected.setdefault(str(name).lower(), []).append(text)
     return {name: items if name == "set-cookie" else ", ".join(items) for name, items in collected.items()}
+
+
+async def through_codec(execution: Any, run: Any, node: object) -> None:
+    """A checkpoint for in-process runs (``flowchat run``, :mod:`flowchat.testing`): the node state
+    after the round trip a worker's storage gives it, so downstream nodes read what a worker would."""
+    stored = orjson.loads(encode_run(run))
+    run.output, run.error = stored["output"], stored["error"]

@@ -5,7 +5,9 @@ The graph algorithms live in :mod:`flowchat.graph` (re-exported here for older i
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -84,3 +86,19 @@ class Flow:
 
 
 __all__ = ["Flow", "FlowNode", "ancestors", "dependents_of", "find_cycle", "resolve_needs"]
+
+
+def trigger_payload(flow: Flow, given: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """The trigger as the daemon builds it: a schedule's payload with ``tick`` (the minute of ``now``) and
+    ``missed``; a webhook payload checked against its schema (``ValueError`` naming every mismatch)."""
+    if flow.trigger.type == "schedule":
+        moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+        tick = moment.replace(second=0, microsecond=0).isoformat()
+        return {**flow.trigger.payload, "tick": tick, "missed": 0, **given}
+    validator = flow.trigger_validator
+    if validator is not None:
+        errors = sorted(validator.iter_errors(given), key=lambda e: e.json_path)
+        if errors:
+            listed = "; ".join(f"{error.json_path}: {error.message}" for error in errors)
+            raise ValueError(f"the payload does not match the trigger schema ({len(errors)} error(s)): {listed}")
+    return given

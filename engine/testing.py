@@ -29,13 +29,12 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import orjson
 import yaml
 
-from flowchat.codec import encode_run
+from flowchat.codec import through_codec
 from flowchat.errors import FlowChatError, NodeError
-from flowchat.execution import Execution, NodeRun
-from flowchat.flow import Flow
+from flowchat.execution import Execution
+from flowchat.flow import Flow, trigger_payload
 from flowchat.loader import load_flow, load_flow_text
 from flowchat.node import Node
 from flowchat.registry import Registry, load_registry
@@ -167,14 +166,9 @@ async def _run(
     execution_id: str | None = None,
 ) -> Execution:
     async with _services(flow, given, extra, clock, secrets) as services:
-        runner = Runner(services, checkpoint=_through_codec, max_output=services.settings.max_output)
-        return await runner.run(flow, Execution.new(flow, trigger, execution_id))
-
-
-async def _through_codec(execution: Execution, run: NodeRun, node: object) -> None:
-    """What a worker stores, and what nodes downstream and the test then read: a codec round trip."""
-    stored = orjson.loads(encode_run(run))
-    run.output, run.error = stored["output"], stored["error"]
+        runner = Runner(services, checkpoint=through_codec, max_output=services.settings.max_output)
+        payload = trigger_payload(flow, trigger, services.clock())  # a schedule's tick from the (fake) clock
+        return await runner.run(flow, Execution.new(flow, payload, execution_id))
 
 
 @contextlib.asynccontextmanager

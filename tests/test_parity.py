@@ -21,8 +21,9 @@ from aiohttp import web
 from support import ROOT, Nodes, daemon_env, settled, write_flow
 
 from flowchat import load_flow, load_registry, open_services
-from flowchat.cli import run_in_process, trigger_payload
+from flowchat.cli import run_in_process
 from flowchat.codec import execution_json
+from flowchat.flow import trigger_payload
 from flowchat.operations import load_execution
 from flowchat.settings import Settings
 

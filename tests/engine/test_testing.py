@@ -122,3 +122,24 @@ async def test_run_flow_reads_a_file(tmp_path):
     same = await run_flow(str(path), {})
 
     assert execution.nodes["s"].output == same.nodes["s"].output == {"x": 1}
+
+
+async def test_run_flow_gives_a_schedule_trigger_its_payload_tick_and_missed_from_the_clock() -> None:
+    text = """flow: nightly
+trigger: {type: schedule, cron: "0 3 * * *", payload: {report: daily}}
+nodes:
+  - {id: echo, type: set, with: {values: {tick: "{{ trigger.tick }}", missed: "{{ trigger.missed }}", report: "{{ trigger.report }}"}}}
+"""
+    at_three = datetime.datetime(2026, 11, 30, 3, 0, 42, tzinfo=datetime.UTC).timestamp()
+    execution = await run_flow(text, clock=FakeClock(at_three))
+    assert execution.nodes["echo"].output == {"tick": "2026-11-30T03:00:00+00:00", "missed": 0, "report": "daily"}
+
+
+async def test_run_flow_checks_a_webhook_payload_against_the_trigger_schema() -> None:
+    text = """flow: strict
+trigger: {type: webhook, schema: {type: object, required: [phone]}}
+nodes:
+  - {id: a, type: set, with: {values: {}}}
+"""
+    with pytest.raises(ValueError, match="phone"):
+        await run_flow(text, {"name": "no phone"})
