@@ -133,7 +133,8 @@ return {ARGV[1], 1}
 """
 
 # KEYS: hash, ready, delayed, dead, counters, index(queued), index(waiting), index(new status)
-# ARGV[14] == '1': replace the hash (compact form); ARGV[15..]: field, value, … to write
+# ARGV[14] == '1': replace the hash (compact form); ARGV[15..]: field, value, … to write (one HSET:
+# a flow has at most 1,000 nodes, well under the 8,000 values Lua's unpack can pass)
 _FINISH = """
 local owner = redis.call('XPENDING', KEYS[2], ARGV[8], ARGV[1], ARGV[1], 1)
 if #owner == 0 or owner[1][2] ~= ARGV[12] then return 0 end
@@ -192,7 +193,7 @@ return 1
 
 # KEYS: hash, legacy index, index(flow, status read); ARGV: id, score, field read, its value then
 _MOVE_LEGACY = """
-if redis.call('HGET', KEYS[1], ARGV[3]) == ARGV[4] then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+if (redis.call('HGET', KEYS[1], ARGV[3]) or '') == ARGV[4] then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
@@ -280,15 +281,14 @@ class Queue:
         moved = 0
         while entries := await self.redis.zrange(self.keys.legacy_index, 0, batch - 1, withscores=True):
             ids = [_text(member) for member, _ in entries]
-            summaries = await self._summaries(ids)
             pipe = self.redis.pipeline(transaction=False)
-            for (execution_id, score), (raw, meta) in zip(
-                ((i, s) for i, (_, s) in zip(ids, entries, strict=True)), summaries, strict=True
+            for (execution_id, (raw, meta)), (_, score) in zip(
+                zip(ids, await self._summaries(ids), strict=True), entries, strict=True
             ):
                 if meta is None:
                     pipe.zrem(self.keys.legacy_index, execution_id)
                     continue
-                field, value = ("s", raw[1]) if raw[0] is not None else ("z", raw[2])
+                field, value = ("s", raw[1] or "") if raw[0] is not None else ("z", raw[2])
                 index = self.keys.index(str(meta["flow"]), str(meta["status"]))
                 keys = [self.keys.execution(execution_id), self.keys.legacy_index, index]
                 pipe.evalsha(self._move_legacy.sha, len(keys), *keys, execution_id, score, field, value)
