@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, WatchError
 
 from flowchat.errors import NodeError
-from flowchat.events import CLI, Events, Origin, entry, now_ms, origin_of
+from flowchat.events import CLI, Event, Events, Origin, entry, now_ms, origin_of
 from flowchat.keys import Keys
 from flowchat.phones import normalize
 from flowchat.pipeliner import Pipeliner
@@ -416,7 +416,7 @@ class Contacts:
             await self.owned.aclose()
 
 
-def contact_events(applied: Applied, origin: Origin, source: str = "") -> list[dict[str, str]]:
+def contact_events(applied: Applied, origin: Origin, source: str = "") -> list[Event]:
     """One event per kind of change (created, updated, tagged, …) with the full phone."""
     phone = applied.contact["phone"]
     ts = now_ms()

@@ -1,13 +1,20 @@
 """The events stream: what happened, for analytics to read (``{fc:events}:stream``).
 
 One Redis stream under its own hash tag. Every entry has the fields ``id``, ``type``
-(execution | node_runs | node_run | metric | contact | message), ``ts`` (epoch ms), ``flow``,
-``execution_id``, ``node`` ("" when none) and ``data`` (a JSON object). An event's identity
-is its stream entry id (unique, assigned by Redis, the same when the sink reads it again);
-``id`` is left empty by the engine's writers. A worker writes one entry per write of an
-execution: the node runs settled since its last write (``node_runs``, ``data.runs``), or at
-the end the ``execution`` event carrying them; the sink turns each run into a ``node_run``
-row, so the views are unchanged. Analytics reads it through the consumer group ``analytics``.
+(execution | node_runs | node_run | metric | contact | message | batch), ``ts`` (epoch ms),
+``flow``, ``execution_id``, ``node`` ("" when none) and ``data`` (a JSON object). Analytics
+reads it through the consumer group ``analytics``; :func:`unpack` turns an entry back into
+the events it holds, one row each:
+
+- **batch**: the events appended in one event-loop turn leave as one entry,
+  ``data.events`` (a list of ``{type, ts, flow, execution_id, node, data}``), so a busy
+  worker writes one entry per round trip rather than one per event;
+- **node runs ride their execution's writes**: a worker's write of an execution carries the
+  node runs settled since its last one (``node_runs``, ``data.runs``), and the last write the
+  ``execution`` event carrying the rest; each run becomes a ``node_run`` row.
+
+An event's identity is its stream entry id (unique, assigned by Redis, the same when the sink
+reads it again) and its place in the entry; ``id`` is left empty by the engine's writers.
 
 Guarantees and costs:
 
@@ -86,17 +93,71 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def entry(kind: str, origin: Origin, data: Mapping[str, Any], ts: int | None = None) -> dict[str, str]:
-    """The fields of one stream entry (its identity is the stream entry id Redis gives it)."""
+Event = dict[str, Any]
+"""One event: ``type``, ``ts`` (epoch ms), ``flow``, ``execution_id``, ``node`` and ``data`` (a mapping)."""
+MAX_BATCH = 500
+"""Events per ``batch`` entry at most."""
+_FIELDS = ("type", "ts", "flow", "execution_id", "node")
+
+
+def entry(kind: str, origin: Origin, data: Mapping[str, Any], ts: int | None = None) -> Event:
+    """One event, to append with :meth:`Events.emit_many`."""
     return {
-        "id": "",
         "type": kind,
-        "ts": str(ts if ts is not None else now_ms()),
+        "ts": ts if ts is not None else now_ms(),
         "flow": origin.flow,
         "execution_id": origin.execution_id,
         "node": origin.node,
-        "data": orjson.dumps(data, default=str).decode(),
+        "data": data,
     }
+
+
+def stream_fields(events: list[Event]) -> list[Any]:
+    """The XADD field list of one entry holding ``events``: the event itself, or a ``batch``."""
+    if len(events) == 1:
+        event = events[0]
+        head: list[Any] = [item for name in _FIELDS for item in (name, str(event[name]))]
+        return ["id", "", *head, "data", orjson.dumps(event["data"], default=str)]
+    data = orjson.dumps({"events": events}, default=str)
+    return ["id", "", "type", "batch", "ts", str(now_ms()), "flow", "", "execution_id", "", "node", "", "data", data]
+
+
+def unpack(fields: Mapping[bytes, bytes], base: bytes) -> list[dict[bytes, bytes]]:
+    """The rows one stream entry stands for (``base`` names it: ``stream-<entry id>``).
+
+    A ``batch`` gives each of its events (``<base>:<n>``); a ``node_runs`` entry gives a
+    ``node_run`` row per run (``<base>:<n>``) and no row of its own; an ``execution`` entry
+    gives its row, without the runs, then theirs. Anything else, or anything malformed, is
+    the entry itself. The same entry always gives the same rows.
+    """
+    kind, raw = fields.get(b"type", b""), fields.get(b"data", b"")
+    if not (kind == b"batch" or (kind in (b"node_runs", b"execution") and b'"runs"' in raw)):
+        return [dict(fields)]
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return [dict(fields)]
+    if kind == b"batch":
+        events = data.get("events") if isinstance(data, dict) else None
+        if not isinstance(events, list):
+            return [dict(fields)]
+        rows: list[dict[bytes, bytes]] = []
+        for number, event in enumerate(events):
+            if isinstance(event, dict):
+                child = base + b":" + str(number).encode()
+                values = {name.encode(): str(event.get(name, "")).encode() for name in _FIELDS}
+                rows += unpack({**values, b"id": child, b"data": orjson.dumps(event.get("data", {}))}, child)
+        return rows
+    runs = data.pop("runs", None) if isinstance(data, dict) else None
+    if not isinstance(runs, list):
+        return [dict(fields)]
+    rows = [] if kind == b"node_runs" else [{**fields, b"data": orjson.dumps(data)}]
+    for number, run in enumerate(runs):
+        if isinstance(run, dict):
+            node = str(run.pop("node", "")).encode()
+            row_id = base + b":" + str(number).encode()
+            rows.append({**fields, b"id": row_id, b"type": b"node_run", b"node": node, b"data": orjson.dumps(run)})
+    return rows
 
 
 class Events:
@@ -111,6 +172,7 @@ class Events:
         self._next_trim = time.monotonic() + TRIM_EVERY
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writes: set[asyncio.Future[Any]] = set()
+        self._pending: dict[Pipeliner, list[Event]] = {}
         self._ready = False
         self.owned: AsyncExitStack | None = None
         """A connection this service opened itself (``flowchat run``), closed with it."""
@@ -134,17 +196,23 @@ class Events:
         ``origin`` is an :class:`Origin` or a node's context."""
         self.emit_many([entry(kind, origin_of(origin), data)], pipeliner=pipeliner)
 
-    def emit_many(self, entries: list[dict[str, str]], *, pipeliner: Pipeliner | None = None) -> None:
-        if not self.enabled or not entries:
+    def emit_many(self, events: list[Event], *, pipeliner: Pipeliner | None = None) -> None:
+        """Queue ``events``; those queued in one event-loop turn leave as one entry, on ``pipeliner``."""
+        if not self.enabled or not events:
             return
         if not self._ready:
             self._spawn(self.setup())
-        via = pipeliner or self.pipeliner
-        for fields in entries:
-            flat = [item for pair in fields.items() for item in pair]
-            future = via.execute("XADD", self.keys.events, "*", *flat)
-            self._writes.add(future)
-            future.add_done_callback(self._written)
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._append_pending)
+        self._pending.setdefault(pipeliner or self.pipeliner, []).extend(events)
+
+    def _append_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for via, events in pending.items():
+            for start in range(0, len(events), MAX_BATCH):
+                future = via.execute("XADD", self.keys.events, "*", *stream_fields(events[start : start + MAX_BATCH]))
+                self._writes.add(future)
+                future.add_done_callback(self._written)
         if time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + TRIM_EVERY
             self._spawn(self.trim())
@@ -163,6 +231,8 @@ class Events:
 
     async def flush(self) -> None:
         """Wait until every queued append has been written (or failed, logged)."""
+        if self._pending:
+            self._append_pending()
         while self._writes or self._tasks:
             await asyncio.gather(*self._writes, *self._tasks, return_exceptions=True)
 
@@ -221,12 +291,12 @@ def node_run(run: Any) -> dict[str, Any]:
     }
 
 
-def node_runs_event(execution: Any, runs: list[dict[str, Any]]) -> dict[str, str]:
+def node_runs_event(execution: Any, runs: list[dict[str, Any]]) -> Event:
     """A ``node_runs`` entry: node runs of ``execution`` settled since its last write."""
     return entry("node_runs", Origin(execution.flow, execution.id, ""), {"runs": runs})
 
 
-def execution_event(execution: Any, trigger_type: str, runs: list[dict[str, Any]] | None = None) -> dict[str, str]:
+def execution_event(execution: Any, trigger_type: str, runs: list[dict[str, Any]] | None = None) -> Event:
     """An ``execution`` entry for a finished execution, with the node runs settled in its last write."""
     started, finished = _ms(execution.started_at), _ms(execution.finished_at)
     data: dict[str, Any] = {

@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from flowchat.events import unpack
 
 log = logging.getLogger("flowchat.warehouse")
 
@@ -127,7 +128,7 @@ def entries_table(entries: Sequence[Sequence[bytes]], entry_ids: Sequence[bytes]
     row-by-row path, which never fails. An event without an id gets its stream entry's id
     (``entry_ids``), so it is neither lost nor merged with another.
     """
-    entries, entry_ids = _expand_runs(entries, entry_ids)
+    entries, entry_ids = _expand(entries, entry_ids)
     table = _entries_table(entries)
     if entry_ids is not None and pc.any(pc.equal(table["id"], "")).as_py():
         stream_ids = pa.array(entry_ids, pa.binary()).cast(pa.string())
@@ -138,55 +139,37 @@ def entries_table(entries: Sequence[Sequence[bytes]], entry_ids: Sequence[bytes]
     return table
 
 
-_CARRIERS = (b"node_runs", b"execution")
+_NESTING = (b"batch", b"node_runs", b"execution")
 
 
-def _expand_runs(
+def _expand(
     entries: Sequence[Sequence[bytes]], entry_ids: Sequence[bytes] | None
 ) -> tuple[Sequence[Sequence[bytes]], Sequence[bytes] | None]:
-    """One ``node_run`` row per run an ``execution`` or ``node_runs`` entry carries (``data.runs``).
-
-    A run's row id is its entry's id (the stream entry id) and its place in the entry, so
-    reading the same entry again gives the same rows. ``node_runs`` entries leave no row of
-    their own; an ``execution`` entry keeps its row, without the runs.
-    """
-    if not any(_carries_runs(flat) for flat in entries):
+    """Entries that hold other events (a batch, node runs) as one row per event (:func:`flowchat.events.unpack`)."""
+    if not any(_nests(flat) for flat in entries):
         return entries, entry_ids
     out: list[Sequence[bytes]] = []
     ids: list[bytes] = []
     for index, flat in enumerate(entries):
         stream_id = entry_ids[index] if entry_ids is not None else b""
-        fields = dict(zip(flat[0::2], flat[1::2], strict=False)) if _carries_runs(flat) else None
-        try:
-            data = orjson.loads(fields[b"data"]) if fields is not None else None
-        except orjson.JSONDecodeError:
-            data = None
-        if fields is None or not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        if not _nests(flat):
             out.append(flat)
             ids.append(stream_id)
             continue
-        runs = data.pop("runs")
-        base = fields.get(b"id") or b"stream-" + stream_id
-        if fields.get(b"type") == b"execution":
-            fields[b"data"] = orjson.dumps(data)
-            out.append([item for pair in fields.items() for item in pair])
-            ids.append(stream_id)
-        for number, run in enumerate(runs):
-            if not isinstance(run, dict):
-                continue
-            node = str(run.pop("node", "")).encode()
-            row = {**fields, b"id": base + b":" + str(number).encode(), b"type": b"node_run", b"node": node}
-            row[b"data"] = orjson.dumps(run)
-            out.append([item for key in FIELD_ORDER for item in (key, row.get(key, b""))])
+        fields = dict(zip(flat[0::2], flat[1::2], strict=False))
+        for row in unpack(fields, fields.get(b"id") or b"stream-" + stream_id):
+            out.append([item for key in FIELD_ORDER for item in (key, row.get(key) or _DEFAULTS.get(key, b""))])
             ids.append(stream_id)
     return out, ids if entry_ids is not None else None
 
 
-def _carries_runs(flat: Sequence[bytes]) -> bool:
+_DEFAULTS = {b"ts": b"0", b"data": b"{}"}
+
+
+def _nests(flat: Sequence[bytes]) -> bool:
     if len(flat) == 14 and flat[0::2] == FIELD_ORDER:
-        return flat[3] in _CARRIERS and b'"runs":' in flat[13]
-    fields = dict(zip(flat[0::2], flat[1::2], strict=False))
-    return fields.get(b"type") in _CARRIERS and b'"runs":' in fields.get(b"data", b"")
+        return flat[3] in _NESTING
+    return dict(zip(flat[0::2], flat[1::2], strict=False)).get(b"type") in _NESTING
 
 
 def _entries_table(entries: Sequence[Sequence[bytes]]) -> pa.Table:

@@ -15,9 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from flowchat.catalog import Catalog
+from flowchat.events import unpack
 from flowchat.queue import Queue
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,3 +247,16 @@ def install_dist(site: Path, name: str, modules: dict[str, str], entry_points: d
         lines.extend(f"{key} = {value}" for key, value in entries.items())
     (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     return site
+
+
+def stream_events(entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]]) -> list[dict[str, Any]]:
+    """The events in XRANGE ``entries`` of the events stream, one per row the sink would write
+    (batches and carried node runs unpacked), with text fields, ``data`` parsed and ``id`` set."""
+    events = []
+    for entry_id, fields in entries:
+        for row in unpack(fields, fields.get(b"id") or b"stream-" + entry_id):
+            event: dict[str, Any] = {k.decode(): v.decode() for k, v in row.items()}
+            event["data"] = orjson.loads(event["data"])
+            event["id"] = event["id"] or "stream-" + entry_id.decode()
+            events.append(event)
+    return events

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 import pytest
+from support import stream_events
 
 from flowchat.contacts import Contacts
 from flowchat.events import Events
@@ -28,14 +28,7 @@ def book(redis, events) -> Contacts:
 
 async def event_list(redis) -> list[dict[str, object]]:
     await asyncio.sleep(0.01)  # appends are not awaited: let the batch leave
-    entries = await redis.xrange(KEYS.events)
-    out = []
-    for entry_id, fields in entries:
-        item = {k.decode(): v.decode() for k, v in fields.items()}
-        item["data"] = orjson.loads(item["data"])
-        item["id"] = item["id"] or entry_id.decode()  # an event's identity is its stream entry id
-        out.append(item)
-    return out
+    return stream_events(await redis.xrange(KEYS.events))
 
 
 async def test_upsert_update_tag_consent_and_the_audit_trail(book, redis) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import redis as sync_redis
-from support import daemon_env, run_cli
+from support import daemon_env, run_cli, stream_events
 
 from flowchat.keys import Keys
 
@@ -111,7 +111,7 @@ def test_get_tag_search_erase_mask_phones_except_in_json(redis_url: str) -> None
     assert contacts(redis_url, "get", "+14155550123").returncode == 1
     assert contacts(redis_url, "search", "--tag", "vip", "--json").stdout.strip() == "[]"
     client = sync_redis.Redis.from_url(redis_url)
-    actions = [json.loads(f[b"data"])["action"] for _, f in client.xrange(KEYS.events)]
+    actions = [event["data"]["action"] for event in stream_events(client.xrange(KEYS.events))]
     assert actions[-1] == "erased"
 
 

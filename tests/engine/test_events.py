@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from support import stream_events
 
 from flowchat.contacts import Contacts
 from flowchat.events import Events
@@ -28,9 +29,9 @@ async def test_analytics_off_writes_no_event(redis) -> None:
 
 
 async def test_the_stream_is_trimmed_only_up_to_what_analytics_has_not_acknowledged(events, redis) -> None:
-    for n in range(10):
+    for n in range(10):  # one entry each (events emitted in one loop turn would share one)
         events.emit("metric", None, {"name": "m", "value": n, "tags": {}})
-    await asyncio.sleep(0.01)
+        await events.flush()
     assert await events.trim() == 0  # nothing read yet: nothing goes
     read = await redis.xreadgroup(EVENTS_GROUP, "sink", {KEYS.events: ">"}, count=6)
     ids = [entry_id for entry_id, _ in read[0][1]]
@@ -43,3 +44,14 @@ async def test_the_stream_is_trimmed_only_up_to_what_analytics_has_not_acknowled
     assert len(await redis.xrange(KEYS.events)) >= 4  # the 4 never delivered stay
     stats = await events.stats()
     assert stats["length"] >= 4 and stats["age_seconds"] >= 0
+
+
+async def test_events_of_one_loop_turn_leave_as_one_entry_and_unpack_in_order(events, redis) -> None:
+    for n in range(3):
+        events.emit("metric", None, {"name": "m", "value": n, "tags": {}})
+    await events.flush()
+    [(entry_id, fields)] = await redis.xrange(KEYS.events)
+    assert fields[b"type"] == b"batch"
+    found = stream_events([(entry_id, fields)])
+    assert [(e["type"], e["data"]["value"]) for e in found] == [("metric", 0), ("metric", 1), ("metric", 2)]
+    assert [e["id"] for e in found] == [f"stream-{entry_id.decode()}:{n}" for n in range(3)]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-import orjson
-from support import enqueue, settled, wait_for, write_flow
+from support import enqueue, settled, stream_events, wait_for, write_flow
 
 from flowchat import open_services
 from flowchat.settings import Settings
@@ -15,7 +15,7 @@ CRM = ("events", "contacts", "limiter")
 
 
 async def run_one(queue, catalog, services, events: int = 6) -> None:
-    """Run the catalog's one flow once on a worker; wait for ``events`` entries on the stream."""
+    """Run the catalog's one flow once on a worker; wait for ``events`` events (rows) on the stream."""
     worker = Worker(queue, catalog, services, WorkerSettings(concurrency=4, block_ms=50, visibility_timeout=2))
     task = asyncio.create_task(worker.run())
     try:
@@ -23,7 +23,7 @@ async def run_one(queue, catalog, services, events: int = 6) -> None:
         await settled(queue, await enqueue(queue, catalog, name))
 
         async def all_there() -> bool:
-            return await queue.redis.xlen(queue.keys.events) >= events
+            return len(stream_events(await queue.redis.xrange(queue.keys.events))) >= events
 
         await wait_for(all_there)
         await asyncio.sleep(0.05)
@@ -43,22 +43,20 @@ async def test_a_worker_emits_one_execution_event_carrying_every_node_run(queue,
     )
     catalog = catalog_factory(flows_dir)
     async with open_services(Settings(), redis=queue.redis, keys=queue.keys, only=CRM) as services:
-        await run_one(queue, catalog, services, events=3)  # metric, node_runs (first three), execution
-    entries = [
-        {k.decode(): v.decode() for k, v in fields.items()} for _, fields in await queue.redis.xrange(queue.keys.events)
-    ]
+        await run_one(queue, catalog, services, events=6)  # a metric, four node runs, the execution
+    raw = await queue.redis.xrange(queue.keys.events)
+    assert not any(fields[b"type"] == b"node_run" for _, fields in raw)  # runs ride their execution's writes
+    entries = stream_events(raw)
     execution_id = entries[0]["execution_id"]
     for item in entries:
         assert set(item) == {"id", "type", "ts", "flow", "execution_id", "node", "data"}
         assert item["flow"] == "evented" and item["execution_id"] == execution_id and int(item["ts"]) > 0
-    by_type: dict[str, list[dict[str, object]]] = {}
+    assert len({item["id"] for item in entries}) == len(entries) == 6
+    by_type: dict[str, list[dict[str, Any]]] = {}
     for item in entries:
-        by_type.setdefault(item["type"], []).append({**item, "data": orjson.loads(item["data"])})
-    assert "node_run" not in by_type  # runs ride the entry of the write that saves them
-    carried = [run for item in by_type.get("node_runs", []) for run in item["data"]["runs"]]
-    carried += by_type["execution"][0]["data"]["runs"]
-    runs = {run["node"]: run for run in carried}
-    assert len(carried) == len(runs) == 4
+        by_type.setdefault(item["type"], []).append(item)
+    runs = {run["node"]: run["data"] for run in by_type["node_run"]}
+    assert len(runs) == 4
     assert {node: data["status"] for node, data in runs.items()} == {
         "first": "ok",
         "skipped": "skipped",

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from support import stream_events
 from twilio_fake import ACCOUNT_SID, AUTH_TOKEN, TwilioFake
 
 from flowchat.contacts import Contacts
@@ -145,11 +146,11 @@ async def test_sends_write_message_events(sender, book, fake, redis):
     output = await sender().send(to=TO, body="hi", flow="crm", execution="x1", node="reply")
     await book.events.flush()
 
-    entries = await redis.xrange(Keys("fc").events)
-    messages = [fields for _, fields in entries if fields[b"type"] == b"message"]
+    events = stream_events(await redis.xrange(Keys("fc").events))
+    messages = [event for event in events if event["type"] == "message"]
     assert len(messages) == 1
-    assert messages[0][b"execution_id"] == b"x1" and messages[0][b"node"] == b"reply"
-    assert output["sid"].encode() in messages[0][b"data"] and TO.encode() in messages[0][b"data"]
+    assert messages[0]["execution_id"] == "x1" and messages[0]["node"] == "reply"
+    assert messages[0]["data"]["sid"] == output["sid"] and messages[0]["data"]["phone"] == TO
 
 
 async def test_sends_from_one_number_are_spaced_at_the_sender_rate(sender, book, fake):
