@@ -1,4 +1,4 @@
-"""Fixtures for the engine's analytics tests: a sink factory over a data folder."""
+"""Fixtures for the engine's analytics tests: a sink factory over a data folder, the events stream."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from flowchat.events import Events
 from flowchat.keys import Keys
 from flowchat.sink import Sink, SinkSettings
 
@@ -33,3 +34,11 @@ async def start_sink(redis: Redis, data_dir: Path) -> AsyncIterator[Callable[...
     for sink, task in started:
         sink.stop()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def events(redis: Redis) -> Events:
+    """The events stream of the queue ``fc``, its group created."""
+    stream = Events(redis, Keys("fc"))
+    await stream.setup()
+    return stream

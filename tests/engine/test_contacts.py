@@ -8,17 +8,9 @@ import pytest
 from support import stream_events
 
 from flowchat.contacts import Contacts
-from flowchat.events import Events
 from flowchat.keys import Keys
 
 KEYS = Keys("fc")
-
-
-@pytest.fixture
-async def events(redis):
-    stream = Events(redis, KEYS)
-    await stream.setup()
-    return stream
 
 
 @pytest.fixture

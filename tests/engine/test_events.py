@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from support import stream_events
 
 from flowchat.contacts import Contacts
@@ -12,13 +11,6 @@ from flowchat.events import Events
 from flowchat.keys import EVENTS_GROUP, Keys
 
 KEYS = Keys("fc")
-
-
-@pytest.fixture
-async def events(redis):
-    stream = Events(redis, KEYS)
-    await stream.setup()
-    return stream
 
 
 async def test_analytics_off_writes_no_event(redis) -> None:
