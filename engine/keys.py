@@ -6,7 +6,7 @@ Lua script and MULTI stays in one slot, and the same code runs on Redis Cluster.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GROUP = "workers"
 """The consumer group every worker reads the ready stream through."""
@@ -20,10 +20,17 @@ class Keys:
     """Key names for one queue (one partition)."""
 
     prefix: str = "fc"
+    tag: str = field(init=False, repr=False, compare=False)
+    """``{<prefix>}``: the hash tag of the queue's own keys."""
+    contacts_tag: str = field(init=False, repr=False, compare=False)
+    """``{<prefix>:contacts}``: every contact key shares it, so a contact and its indexes change in one script."""
+    ledger_tag: str = field(init=False, repr=False, compare=False)
+    """``{<prefix>:wa}``: the hash tag of the WhatsApp message ledger."""
 
-    @property
-    def tag(self) -> str:
-        return f"{{{self.prefix}}}"
+    def __post_init__(self) -> None:  # the tags are in every key: built once, not per key
+        object.__setattr__(self, "tag", f"{{{self.prefix}}}")
+        object.__setattr__(self, "contacts_tag", f"{{{self.prefix}:contacts}}")
+        object.__setattr__(self, "ledger_tag", f"{{{self.prefix}:wa}}")
 
     @property
     def ready(self) -> str:
@@ -88,11 +95,6 @@ class Keys:
 
     # --- crm: contacts, limiter, events (each under its own hash tag) -----------------------
 
-    @property
-    def contacts_tag(self) -> str:
-        """Every contact key shares this tag: a contact and its indexes change in one script."""
-        return f"{{{self.prefix}:contacts}}"
-
     def contact(self, phone: str) -> str:
         """Hash of one contact (E.164): name, times, consent_*, ``a:<attr>`` JSON, ``t:<tag>``, ``g:<group>``."""
         return f"{self.contacts_tag}:c:{phone}"
@@ -140,9 +142,6 @@ class Keys:
     # One hash tag for the ledger, so a send's record (message hash, send marker, index) is
     # written by one script in one slot.
 
-    @property
-    def ledger_tag(self) -> str:
-        return f"{{{self.prefix}:wa}}"
 
     def message(self, sid: str) -> str:
         """Hash of one WhatsApp message: sid, direction, to, from, status, error, flow, execution, node."""

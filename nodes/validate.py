@@ -46,9 +46,19 @@ class Validate(Node):
         return {"valid": not errors, "errors": errors}
 
 
+_INLINE: dict[int, tuple[dict[str, Any], Draft202012Validator]] = {}
+"""Validators of inline schemas by the schema's identity: a config without templates is built once per
+flow load, so its schema is the same dict on every run (the entry holds it, so its id is not reused)."""
+
+
 def _validator_for(schema: dict[str, Any] | None, schema_file: str | None, flow_dir: Path) -> Draft202012Validator:
     if schema is not None:
-        return Draft202012Validator(schema)
+        found = _INLINE.get(id(schema))
+        if found is None or found[0] is not schema:
+            if len(_INLINE) >= 256:  # rendered schemas are new dicts each run: keep the cache bounded
+                _INLINE.clear()
+            found = _INLINE[id(schema)] = (schema, Draft202012Validator(schema))
+        return found[1]
     path = (flow_dir / str(schema_file)).resolve()
     try:
         mtime_ns = path.stat().st_mtime_ns
