@@ -20,6 +20,8 @@ async def list_executions(
     entries from each index it reads, and ``limit`` hashes), whatever the filter. An entry whose
     state has expired before retention trimmed it is skipped, and the next ones read instead.
     """
+    if status == "running":
+        return await _running(queue, flow, limit, since)
     indexes = await queue.indexes(flow, status)
     rows: list[dict[str, Any]] = []
     offset = 0
@@ -31,6 +33,19 @@ async def list_executions(
         if len(ids) < wanted:
             break
     return rows
+
+
+async def _running(queue: Queue, flow: str | None, limit: int, since: float | None) -> list[dict[str, Any]]:
+    """Executions a worker holds now (read from the ready stream's pending list, bounded by the workers'
+    concurrency), newest first; stored as queued or waiting until their next write, shown as running."""
+    rows = [
+        {**row, "status": "running"}
+        for row in await queue.summaries(await queue.in_flight())
+        if row.get("status") not in ("succeeded", "failed", "cancelled")
+        and (flow is None or row.get("flow") == flow)
+        and (since is None or (row.get("created_at") or 0) >= since)
+    ]
+    return sorted(rows, key=lambda row: -(row.get("created_at") or 0))[:limit]
 
 
 async def load_execution(queue: Queue, execution_id: str) -> Execution | None:

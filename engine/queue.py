@@ -637,6 +637,26 @@ class Queue:
         ids = [execution_id for execution_id, _ in await self.newest(indexes, limit, offset=offset, since=since)]
         return await self.summaries(ids)
 
+    async def in_flight(self, count: int = 10_000) -> list[str]:
+        """Ids of the executions a worker holds right now: the ready stream's pending entries.
+
+        No index is written when a worker picks an execution up (that would cost every execution
+        a write); the consumer group's pending list already is one, as long as workers run.
+        """
+        pending = await self.redis.xpending_range(self.keys.ready, GROUP, "-", "+", count)
+        if not pending:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for entry in pending:
+            pipe.xrange(self.keys.ready, entry["message_id"], entry["message_id"])
+        ids = []
+        for found in await pipe.execute():
+            for _, fields in found:
+                execution_id = fields.get(b"e") or fields.get("e")
+                if execution_id:
+                    ids.append(_text(execution_id))
+        return ids
+
     async def summaries(self, ids: list[str]) -> list[dict[str, Any]]:
         """The meta of each execution (fields m and s merged, or the compact form's), leaving out expired ones."""
         return [meta for _, meta in await self._summaries(ids) if meta is not None]

@@ -469,3 +469,20 @@ async def test_a_running_execution_stops_at_its_next_node_boundary(
 async def _drained(queue) -> bool:
     stats = await queue.stats()
     return stats["ready"] == 0 and stats["in_flight"] == 0
+
+
+async def test_list_running_shows_what_workers_hold_now(queue, flows_dir, catalog_factory, start_worker, tmp_path):
+    from flowchat.operations import list_executions
+
+    marks = tmp_path / "marks"
+    write_flow(flows_dir, "long", [{"id": "slow", "type": "test.mark", "with": {"file": str(marks), "sleep": 1.0}}])
+    write_flow(flows_dir, "other", [{"id": "a", "type": "test.noop"}])
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    held = await enqueue(queue, catalog, "long")
+    await wait_for(lambda: any(f"{held} slow start" in line for line in lines(marks)))
+    running = await list_executions(queue, None, "running", 20)
+    assert [(row["id"], row["status"]) for row in running] == [(held, "running")]
+    assert await list_executions(queue, "other", "running", 20) == []
+    await settled(queue, held)
+    assert await list_executions(queue, None, "running", 20) == []
