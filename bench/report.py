@@ -48,7 +48,8 @@ def sink_rows(results: dict[str, Any], t: Targets) -> list[Row]:
             "analytics sink: stream -> Parquet",
             f"{sink['sink_per_s']:,.0f} events/s",
             f"raw DuckDB Arrow insert {sink['raw_arrow_insert_per_s']:,.0f}/s; "
-            f"bare XREADGROUP+XACK {sink.get('stream_read_per_s', 0):,.0f}/s",
+            f"bare XREADGROUP+XACK {sink.get('stream_read_per_s', 0):,.0f}/s; "
+            f"{sink.get('events_per_entry', 1)} events per entry",
             t.at_least("sink_ratio", sink["ratio"], 1 / 3, f"0.33 raw ({sink['ratio']:.2f})"),
         )
     ]

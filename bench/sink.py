@@ -2,7 +2,9 @@
 
 The sink drains COUNT events already in the stream (XREADGROUP, rows, Parquet through DuckDB,
 fsync, XACK, trim) into a fresh data dir; the raw side builds an Arrow table of the same rows and
-inserts it into a DuckDB table (no Redis, no files). Prints one JSON line.
+inserts it into a DuckDB table (no Redis, no files). The events are in the stream as the engine
+writes them: ``batch`` entries of BATCH events (a busy worker's loop turn), each unpacked into its
+rows by the sink. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow as pa
 import redis as sync_redis
 from redis.asyncio import Redis
 
+from flowchat.events import stream_fields
 from flowchat.keys import Keys
 from flowchat.sink import Sink, SinkSettings
 from flowchat.warehouse import COLUMNS, SCHEMA, event_row
@@ -46,24 +49,34 @@ def events(count: int) -> list[dict[str, str]]:
     return rows
 
 
-def fill(url: str, rows: list[dict[str, str]]) -> None:
+BATCH = 50
+"""Events per stream entry, as the engine's events writer leaves them under load (one entry per loop turn)."""
+
+
+def fill(url: str, rows: list[dict[str, str]]) -> int:
+    """Append ``rows`` as the engine does (``batch`` entries of BATCH events); the number of entries."""
     client = sync_redis.Redis.from_url(url)
     client.delete(Keys().events, Keys().sink_lease)
     pipe = client.pipeline(transaction=False)
-    for index, fields in enumerate(rows):
-        pipe.xadd(Keys().events, fields)  # type: ignore[arg-type]
-        if index % 2000 == 1999:
+    events = [{**row, "ts": int(row["ts"]), "data": orjson.loads(row["data"])} for row in rows]
+    entries = 0
+    for start in range(0, len(events), BATCH):
+        fields = stream_fields([{k: v for k, v in e.items() if k != "id"} for e in events[start : start + BATCH]])
+        pipe.execute_command("XADD", Keys().events, "*", *fields)
+        entries += 1
+        if entries % 200 == 0:
             pipe.execute()
     pipe.execute()
     client.close()
+    return entries
 
 
 async def drain(url: str, count: int, data_dir: Path) -> float:
     """Seconds the sink takes to write ``count`` waiting events: its first read to its last XACK."""
     redis = Redis.from_url(url)
-    sink = Sink(redis, Keys(), SinkSettings(data_dir, batch=10_000, flush=0.2, compact_every=3600))
+    sink = Sink(redis, Keys(), SinkSettings(data_dir, batch=10_000 // BATCH, flush=0.2, compact_every=3600))
     task = asyncio.create_task(sink.run())
-    while sink.stats.events < count:
+    while sink.stats.rows < count:
         if task.done():
             task.result()
         await asyncio.sleep(0.005)
@@ -75,8 +88,8 @@ async def drain(url: str, count: int, data_dir: Path) -> float:
 
 
 def read_only(url: str, count: int) -> float:
-    """Seconds to read and acknowledge ``count`` waiting entries through a consumer group, writing nothing:
-    the Redis side's ceiling for any sink."""
+    """Seconds to read and acknowledge ``count`` waiting entries through a consumer group, writing nothing
+    and unpacking nothing: the Redis side's ceiling for any sink."""
     client = sync_redis.Redis.from_url(url)
     client.set_response_callback("XREADGROUP", lambda response, **options: response)
     client.xgroup_create(Keys().events, "bench-read", id="0")
@@ -120,11 +133,12 @@ def measure(url: str, count: int, rounds: int = 2) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="flowchat-sink-bench-") as folder:
             sink.append(asyncio.run(drain(url, count, Path(folder))))
         raw.append(raw_insert(rows))
-    fill(url, rows)
-    reading = read_only(url, count)
+    entries = fill(url, rows)
+    reading = read_only(url, entries)
     sink_rate, raw_rate = count / min(sink), count / min(raw)
     return {
         "events": count,
+        "events_per_entry": BATCH,
         "rounds": rounds,
         "stream_read_per_s": count / reading,
         "sink_per_s": sink_rate,

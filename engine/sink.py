@@ -95,9 +95,11 @@ class SinkSettings:
 
 @dataclass
 class SinkStats:
-    """What a sink did: events and batches written, seconds writing, first read and last ack (monotonic)."""
+    """What a sink did: stream entries and batches written, the rows (events) they held, seconds
+    writing, first read and last ack (monotonic)."""
 
     events: int = 0
+    rows: int = 0
     batches: int = 0
     write_seconds: float = 0.0
     first_read: float = 0.0
@@ -243,9 +245,13 @@ class Sink:
         warehouse = self._warehouse
         started = time.perf_counter()
         name = batch[0][0].decode()
-        await asyncio.to_thread(
-            lambda: warehouse.write(entries_table([f for _, f in batch], [i for i, _ in batch]), name)
-        )
+
+        def write() -> int:
+            table = entries_table([f for _, f in batch], [i for i, _ in batch])
+            warehouse.write(table, name)
+            return int(table.num_rows)
+
+        self.stats.rows += await asyncio.to_thread(write)
         self.stats.write_seconds += time.perf_counter() - started
         bounds = [batch[0][0], batch[-1][0]]
         await self._ack_range(keys=[self.keys.events], args=[GROUP, CONSUMER, *bounds])
