@@ -26,7 +26,7 @@ from pathlib import Path
 
 from redis.asyncio.connection import AbstractConnection
 
-from flowchat.daemon import runtime
+from flowchat.daemon import run, runtime
 from flowchat.mover import DelayedMover
 from flowchat.settings import Settings
 from flowchat.worker import Worker, WorkerSettings
@@ -44,7 +44,7 @@ async def _counting_send(self, command, check_health=True):  # type: ignore[no-u
 AbstractConnection.send_packed_command = _counting_send  # type: ignore[method-assign]
 
 
-async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -> None:
+async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -> int:
     stop, go = asyncio.Event(), asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, go.set)
@@ -85,7 +85,8 @@ async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -
         ),
         flush=True,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5]))
+    run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5]))  # the loop `flowchat worker` runs on

@@ -185,9 +185,10 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def sink_command(args: argparse.Namespace) -> int:
-    import asyncio
 
-    return asyncio.run(run_sink_alone(Settings.from_env(), args.parent_pid))
+    from flowchat.daemon import run
+
+    return run(run_sink_alone(Settings.from_env(), args.parent_pid))
 
 
 async def run_sink_alone(settings: Settings, parent_pid: int | None = None) -> int:

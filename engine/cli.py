@@ -234,11 +234,12 @@ def graph(args: argparse.Namespace) -> int:
 
 @command("serve")
 def serve(args: argparse.Namespace) -> int:
+    from flowchat.daemon import run
     from flowchat.daemon import serve as serve_daemon
 
     check_flows_folder(Path(args.flows))
     plugins = Path(args.plugins) if args.plugins else None
-    return asyncio.run(
+    return run(
         serve_daemon(
             Path(args.flows),
             args.host,
@@ -253,11 +254,11 @@ def serve(args: argparse.Namespace) -> int:
 
 @command("worker")
 def worker(args: argparse.Namespace) -> int:
-    from flowchat.daemon import work
+    from flowchat.daemon import run, work
 
     check_flows_folder(Path(args.flows))
     plugins = Path(args.plugins) if args.plugins else None
-    return asyncio.run(work(Path(args.flows), args.concurrency, plugins, host=args.host, port=args.port))
+    return run(work(Path(args.flows), args.concurrency, plugins, host=args.host, port=args.port))
 
 
 # --- operators ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -148,3 +149,16 @@ async def test_the_readme_quickstart_works_against_the_shipped_flows(redis_url, 
         return result.returncode == 0 and json.loads(result.stdout)["status"] == "succeeded"
 
     await wait_for(succeeded, timeout=30, interval=0.2)
+
+
+def test_long_lived_processes_run_on_uvloop_where_it_is_installed() -> None:
+    from flowchat.daemon import run
+
+    seen: list[str] = []
+
+    async def main() -> int:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+        return 7
+
+    assert run(main()) == 7
+    assert seen == ["uvloop"]
