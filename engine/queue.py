@@ -14,7 +14,8 @@ Guarantees:
   State is checkpointed after every node, so a taken-over execution resumes at
   its first unfinished node and never re-runs a finished one. The only window
   for a repeat is a crash between a node's side effect and its checkpoint (one
-  round trip); pure nodes, which have none, share the next checkpoint.
+  round trip); pure nodes, which have none, and idempotent ones, whose repeat is harmless,
+  share the next checkpoint.
 - **Waiting holds no worker.** Retry backoff and ``delay`` nodes park the
   execution in the delayed sorted set; a Lua script moves due ones back onto
   the ready stream atomically.
