@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -39,8 +40,8 @@ from flowchat.sandbox import (
 
 CONTEXT_NAMES = frozenset({"trigger", "vars", "flow", "execution", "secrets"})
 """Names every template may use besides upstream node ids."""
-RESERVED_NAMES = CONTEXT_NAMES | {"secrets"}
-"""Names of the template context: a node id may not shadow them."""
+RESERVED_NAMES = CONTEXT_NAMES | {"secrets", "self"}
+"""Names of the template context, and ``self`` (Jinja's own): a node id may not take them."""
 
 _SAFE_GLOBALS = ("range", "dict", "lipsum")
 
@@ -187,6 +188,8 @@ class _Unsupported(Exception):
 
 
 Fast = Callable[[dict[str, Any]], Any]
+_JINJA_NAMES = frozenset({*_GLOBALS, "self"})
+"""Names Jinja answers itself: the globals, and ``self`` (the template), whatever the context holds."""
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 """``x.items`` is dict.items in Jinja, not the key "items": such lookups take Jinja's path."""
 _COMPARE: dict[str, Callable[[Any, Any], Any]] = {
@@ -223,9 +226,7 @@ def _fast_renderer(tree: nodes.Template) -> Fast | None:
         return render_one
 
     def render_text(context: dict[str, Any]) -> Any:
-        text = "".join([str(part(context)) for part in parts])
-        check_text(len(text))
-        return text
+        return _concat(part(context) for part in parts)  # as Jinja's: the size checked part by part, not once built
 
     return render_text
 
@@ -237,11 +238,13 @@ def _text_part(data: str) -> Fast:
 def _expression(node: nodes.Node) -> Fast:
     if isinstance(node, nodes.Const) and type(node.value) in (str, int, float, bool, type(None)):
         value = node.value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Unsupported  # Jinja's code spells 1e400 as `inf`, a NameError when it runs
         return lambda context: value
     if isinstance(node, nodes.List):
         items = [_expression(item) for item in node.items]
         return lambda context: [item(context) for item in items]
-    if isinstance(node, nodes.Name) and node.ctx == "load" and node.name not in _GLOBALS:
+    if isinstance(node, nodes.Name) and node.ctx == "load" and node.name not in _JINJA_NAMES:
         return _name(node.name)
     if isinstance(node, nodes.Getattr) and node.attr not in _DICT_ATTRIBUTES:
         return _key(_expression(node.node), node.attr)
@@ -324,9 +327,11 @@ def compile_template(source: str) -> Template:
     _check_known(tree, source)
     _check_constants(tree, source)
     fast = _fast_renderer(tree)  # first: Jinja's analysis and compiler rewrite nodes in place
-    names = frozenset(meta.find_undeclared_variables(tree))
     try:
+        names = frozenset(meta.find_undeclared_variables(tree))
         compiled = ENVIRONMENT.from_string(tree)
+    except jinja2.UndefinedError as exc:  # folding constants: {{ 1 if 1.x else 2 }}
+        raise TemplateError(f"{exc} in {source!r}", code="template-undefined") from exc
     except jinja2.TemplateError as exc:
         raise TemplateError(f"template: {exc} in {source!r}", code="template-syntax") from exc
     except RecursionError as exc:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jinja2.sandbox import SecurityError
 
 from flowchat import Execution, FlowInvalid, Registry, Runner, TemplateError, TemplateSecurityError, load_registry
 from flowchat.errors import FlowChatError
 from flowchat.loader import load_flow_text
+from flowchat.secrets import Secrets
 from flowchat.templates import ENVIRONMENT, Template, compile_expression, compile_template, render_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -292,6 +297,9 @@ FAST_SOURCES = [
     "{{ range }}",
     "{{ none }}",
     "{{ true }}",
+    "{{ self or 'x' }}",  # Jinja's own name (the template), whatever the context holds
+    "{{ 1e400 }}",  # Jinja's code spells it `inf`: a NameError
+    "{{ [n2, 1e400] if flag else 1 }}",
 ]
 FAST_CONTEXTS = [
     {
@@ -304,6 +312,7 @@ FAST_CONTEXTS = [
         "empty": "",
         "text": "t",
         "flag": 0,
+        "self": {},
     },
     {"trigger": {"From": "x", "contact": {"created": False, "consent": {"state": "opted_out"}}}, "x": [], "n2": 9},
 ]
@@ -314,7 +323,7 @@ def test_templates_rendered_without_jinja_match_jinja(source: str) -> None:
     template = compile_template(source)
     for context in FAST_CONTEXTS:
         slow = replace(template, _fast=None)
-        assert _outcome(template, context) == _outcome(slow, context), (source, context)
+        assert _typed_outcome(template, context) == _typed_outcome(slow, context), (source, context)
 
 
 def test_plain_lookups_and_conditions_take_the_fast_path() -> None:
@@ -324,8 +333,106 @@ def test_plain_lookups_and_conditions_take_the_fast_path() -> None:
         assert compile_template(source)._fast is None, source
 
 
-def _outcome(template: Template, context: dict[str, object]) -> tuple[str, object]:
+def test_text_made_of_many_big_values_fails_before_it_is_built() -> None:
+    template = compile_template("{{ body }}" * 200)
+    assert template._fast is not None
+    tracemalloc.start()
     try:
-        return "ok", template.render(context)
+        with pytest.raises(TemplateError) as raised:
+            template.render({"body": "x" * 900_000})  # 180 MB of text if joined before it is measured
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert raised.value.code == "template-limit"
+    assert "would be 1800000 long" in raised.value.message
+    assert peak < 20_000_000
+
+
+def test_a_constant_lookup_that_is_always_undefined_fails_at_load_time() -> None:
+    with pytest.raises(TemplateError) as raised:
+        compile_template("{{ 1 if 1.x else 2 }}")  # Jinja folds the constant test while compiling
+    assert raised.value.code == "template-undefined"
+    assert "'int object' has no attribute 'x'" in raised.value.message
+
+
+# Random templates of the fast subset over random JSON-like contexts: the fast path and Jinja agree on
+# the value (and its type), or on the error's code and message.
+_KEYS = ["a", "b", "items", "keys", "get", "values", "pop", "0", "self", "loop"]
+_NAMES = ["a", "b", "items", "self", "loop", "secrets", "caller", "none", "true", "range"]
+_BIG = "y" * 600_000  # two of them in one text are over MAX_TEXT
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 2),
+    st.integers(),
+    st.floats(),  # NaN and infinities included
+    st.sampled_from(["", "a", "abc", "0", "True", "é\x00", _BIG]),
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(_KEYS) | st.integers(-2, 2) | st.booleans(), inner, max_size=4),
+    max_leaves=10,
+)
+_LITERALS = ["1", "0", "-1", "1.5", "0.0", "'a'", "''", "'items'", "true", "False", "none", "[]", "[1, 'a']", "1e400"]
+_COMPARISONS = ["==", "!=", "<", "<=", ">", ">=", "in", "not in"]
+
+
+def _bigger(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    key = st.sampled_from(_KEYS)
+    return st.one_of(
+        st.tuples(inner, key).map(lambda t: f"{t[0]}.{t[1]}" if t[1].isidentifier() else f"{t[0]}['{t[1]}']"),
+        st.tuples(inner, key).map(lambda t: f"{t[0]}['{t[1]}']"),
+        st.tuples(inner, st.integers(-2, 2)).map(lambda t: f"{t[0]}[{t[1]}]"),
+        st.tuples(inner, st.sampled_from(["or", "and"]), inner).map(" ".join).map("({})".format),
+        inner.map("(not {})".format),
+        st.tuples(inner, inner, inner).map(lambda t: f"({t[0]} if {t[1]} else {t[2]})"),
+        st.tuples(inner, st.lists(st.tuples(st.sampled_from(_COMPARISONS), inner), min_size=1, max_size=3)).map(
+            lambda t: "(" + t[0] + "".join(f" {op} {operand}" for op, operand in t[1]) + ")"
+        ),
+        st.lists(inner, max_size=3).map(", ".join).map("[{}]".format),
+    )
+
+
+_EXPRESSIONS = st.recursive(st.sampled_from(_NAMES + _LITERALS), _bigger, max_leaves=8)
+_TEMPLATES = st.lists(_EXPRESSIONS.map("{{{{ {} }}}}".format) | st.sampled_from(["x", " ", "\n"]), min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    _TEMPLATES,
+    st.dictionaries(st.sampled_from(_NAMES + _KEYS), _JSON, max_size=6),
+    st.booleans(),
+)
+def test_random_templates_of_the_fast_subset_render_as_jinja_does(
+    parts: list[str], context: dict[str, Any], text: bool
+) -> None:
+    source = "".join(parts)
+    try:
+        template = compile_template(source)
+    except TemplateError:
+        return
+    if text:
+        template = template.as_text()
+    context["secrets"] = Secrets({"TOKEN": "s3cret"}).view
+    assert _typed_outcome(template, context) == _typed_outcome(replace(template, _fast=None), context), source
+
+
+def _typed_outcome(template: Template, context: dict[str, Any]) -> tuple[Any, ...]:
+    try:
+        return "ok", _typed(template.render(context))
     except FlowChatError as exc:
-        return exc.code, exc.message
+        return type(exc).__name__, exc.code, exc.message
+
+
+def _typed(value: Any) -> Any:
+    """``value`` comparable with ``==`` as the same type and contents: 1, 1.0 and True differ, NaN equals NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if isinstance(value, list):
+        return [_typed(item) for item in value]
+    if isinstance(value, dict):
+        return [(_typed(key), _typed(item)) for key, item in value.items()]
+    if isinstance(value, str | int | float | bool | None):
+        return type(value).__name__, value
+    return type(value).__name__  # the secrets view, Jinja's objects
