@@ -122,6 +122,26 @@ def stream_fields(events: list[Event]) -> list[Any]:
     return ["id", "", "type", "batch", "ts", str(now_ms()), "flow", "", "execution_id", "", "node", "", "data", data]
 
 
+def _fields_of_encodable(events: list[Event]) -> list[Any]:
+    """:func:`stream_fields` of ``events``, leaving out (and logging) any orjson cannot write (an int
+    over 64 bits, nesting over 254 levels), so one bad event costs only itself, not its turn's batch."""
+    try:
+        return stream_fields(events)
+    except TypeError:  # orjson.JSONEncodeError
+        pass
+    good = []
+    for event in events:
+        try:
+            orjson.dumps(event, default=str)
+        except TypeError as exc:
+            log.warning(
+                "an event was not written: %s event of %s: %s", event["type"], event["execution_id"] or "-", exc
+            )
+        else:
+            good.append(event)
+    return stream_fields(good) if good else []
+
+
 def unpack(fields: Mapping[bytes, bytes], base: bytes) -> list[dict[bytes, bytes]]:
     """The rows one stream entry stands for (``base`` names it: ``stream-<entry id>``).
 
@@ -146,18 +166,27 @@ def unpack(fields: Mapping[bytes, bytes], base: bytes) -> list[dict[bytes, bytes
             if isinstance(event, dict):
                 child = base + b":" + str(number).encode()
                 values = {name.encode(): str(event.get(name, "")).encode() for name in _FIELDS}
-                rows += unpack({**values, b"id": child, b"data": orjson.dumps(event.get("data", {}))}, child)
+                rows += unpack({**values, b"id": child, b"data": _json(event.get("data", {}))}, child)
         return rows
     runs = data.pop("runs", None) if isinstance(data, dict) else None
     if not isinstance(runs, list):
         return [dict(fields)]
-    rows = [] if kind == b"node_runs" else [{**fields, b"data": orjson.dumps(data)}]
+    rows = [] if kind == b"node_runs" else [{**fields, b"data": _json(data, raw)}]
     for number, run in enumerate(runs):
         if isinstance(run, dict):
             node = str(run.pop("node", "")).encode()
             row_id = base + b":" + str(number).encode()
-            rows.append({**fields, b"id": row_id, b"type": b"node_run", b"node": node, b"data": orjson.dumps(run)})
+            rows.append({**fields, b"id": row_id, b"type": b"node_run", b"node": node, b"data": _json(run)})
     return rows
+
+
+def _json(value: Any, otherwise: bytes = b"{}") -> bytes:
+    """``value`` as JSON again; ``otherwise`` when orjson cannot write what it read (nesting over 254 levels):
+    a hostile entry costs its own data, never the sink's progress."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError
+        return otherwise
 
 
 class Events:
@@ -210,7 +239,10 @@ class Events:
         pending, self._pending = self._pending, {}
         for via, events in pending.items():
             for start in range(0, len(events), MAX_BATCH):
-                future = via.execute("XADD", self.keys.events, "*", *stream_fields(events[start : start + MAX_BATCH]))
+                fields = _fields_of_encodable(events[start : start + MAX_BATCH])
+                if not fields:
+                    continue
+                future = via.execute("XADD", self.keys.events, "*", *fields)
                 self._writes.add(future)
                 future.add_done_callback(self._written)
         if time.monotonic() >= self._next_trim:

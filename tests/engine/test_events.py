@@ -47,3 +47,19 @@ async def test_events_of_one_loop_turn_leave_as_one_entry_and_unpack_in_order(ev
     found = stream_events([(entry_id, fields)])
     assert [(e["type"], e["data"]["value"]) for e in found] == [("metric", 0), ("metric", 1), ("metric", 2)]
     assert [e["id"] for e in found] == [f"stream-{entry_id.decode()}:{n}" for n in range(3)]
+
+
+async def test_an_event_that_cannot_be_encoded_is_logged_and_the_others_of_its_turn_are_written(
+    events, redis, caplog
+) -> None:
+    deep: list[object] = []
+    for _ in range(300):  # deeper than orjson writes (it reads up to 1024 levels: a webhook body can be)
+        deep = [deep]
+    events.emit("metric", None, {"name": "before", "value": 1, "tags": {}})
+    events.emit("metric", None, {"name": "deep", "value": deep, "tags": {}})
+    events.emit("metric", None, {"name": "huge", "value": 2**70, "tags": {}})  # {{ 2 ** 70 }}: over 64 bits
+    events.emit("metric", None, {"name": "after", "value": 2, "tags": {}})
+    await events.flush()
+    found = stream_events(await redis.xrange(KEYS.events))
+    assert [e["data"]["name"] for e in found] == ["before", "after"]
+    assert "an event was not written" in caplog.text

@@ -108,6 +108,8 @@ async def test_hostile_entries_neither_stop_the_sink_nor_break_the_views(
     redis_url: str, redis: Redis, start_sink: Callable[..., Sink], data_dir: Path
 ) -> None:
     good = bulk(10)
+    deep = "[" * 300 + "]" * 300  # orjson reads it but cannot write it again
+    beside = '{"type": "metric", "ts": 5, "data": {"name": "beside deep", "value": 1}}'
     hostile: list[dict[Any, Any]] = [
         {"junk": "no contract fields at all"},
         {"id": "bad-json", "type": "execution", "ts": "1", "data": "{not json"},
@@ -117,6 +119,12 @@ async def test_hostile_entries_neither_stop_the_sink_nor_break_the_views(
         {"id": "unknown", "type": "mystery", "ts": "3", "data": "{}"},
         {"type": "metric", "data": '{"name": "no id", "value": 1}'},
         {"type": "metric", "data": '{"name": "no id either", "value": 2}'},
+        # entries holding others: 5 rows, the metric beside the deep one among them
+        {"type": "batch", "data": '{"events": "not a list"}'},
+        {"type": "batch", "data": b"\xff\xfe"},
+        {"type": "node_runs", "data": '{"runs": 5}'},
+        {"type": "batch", "data": '{"events": [1, null, {"type": "metric", "data": ' + deep + "}, " + beside + "]}"},
+        {"type": "execution", "data": '{"status": "ok", "runs": [{"node": "a", "deep": ' + deep + '}], "x": ' + deep + "}"},
     ]
     for fields in hostile:
         await redis.xadd(Keys().events, fields)
@@ -124,7 +132,8 @@ async def test_hostile_entries_neither_stop_the_sink_nor_break_the_views(
     sink = start_sink()
     await wait_for(lambda: sink.stats.events == len(good) + len(hostile))
     assert count(data_dir, "SELECT count(*) FROM node_runs WHERE flow = 'load'") == 10
-    assert count(data_dir, "SELECT count(*) FROM events") == 18
+    assert count(data_dir, "SELECT count(*) FROM events") == 18 + 7
+    assert count(data_dir, "SELECT count(*) FROM metrics WHERE name = 'beside deep'") == 1
     for view in ("executions", "node_runs", "messages", "metrics", "contact_events"):
         assert count(data_dir, f"SELECT count(*) FROM {view}") >= 0
     assert count(data_dir, "SELECT count(*) FROM metrics WHERE name LIKE 'no id%'") == 2
