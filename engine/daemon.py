@@ -243,12 +243,18 @@ class SinkProcess:
         delay = self.restart_after
         while not self._stopping.is_set():
             started = time.monotonic()
-            self.process = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL)
-            status = await self.process.wait()
+            try:
+                self.process = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL)
+            except OSError as exc:  # no process slot or file descriptor left: serving goes on, the sink waits
+                ended = f"could not start ({type(exc).__name__}: {exc})"
+            else:
+                if self._stopping.is_set():
+                    self.process.terminate()  # stop() came while it was starting, and found nothing to stop
+                ended = f"exited with status {await self.process.wait()}"
             if self._stopping.is_set():
                 return
             delay = self.restart_after if time.monotonic() - started > self.ceiling else min(delay * 2, self.ceiling)
-            log.warning("the analytics sink exited with status %s; starting it again in %.0fs", status, delay)
+            log.warning("the analytics sink %s; starting it again in %.0fs", ended, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,8 +16,9 @@ from pathlib import Path
 import duckdb
 import redis as sync_redis
 from analytics_data import append, bulk, count, physical_rows
-from support import ROOT, Processes, daemon_env, run_cli, write_flow
+from support import ROOT, Processes, daemon_env, run_cli, wait_for, write_flow
 
+from flowchat.daemon import SinkProcess
 from flowchat.keys import Keys
 from flowchat.redis_server import free_port
 from flowchat.sink import GROUP
@@ -239,3 +242,70 @@ def test_serve_stops_its_sink_when_it_stops(processes: Processes, redis_url: str
     serve.send_signal(signal.SIGTERM)
     assert serve.wait(timeout=30) == 0
     assert not _alive(child)
+
+
+class _Sleeper(SinkProcess):
+    """A child that would run for a minute unless stopped."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+async def test_a_stop_while_the_sink_starts_stops_the_child_being_started() -> None:
+    sink = _Sleeper()
+    running = asyncio.create_task(sink.run())
+    await asyncio.sleep(0)  # run() is inside create_subprocess_exec: forked, not yet handed back
+    await sink.stop(grace=1)  # SIGTERM to serve during its start-up
+    try:
+        await asyncio.wait_for(running, 10)  # serve waits for its sink before exiting
+    finally:
+        if sink.process is not None and sink.process.returncode is None:
+            sink.process.kill()
+    assert sink.process is not None and sink.process.returncode == -signal.SIGTERM
+
+
+async def test_a_sink_that_cannot_start_is_retried_with_a_capped_backoff(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    class Missing(SinkProcess):
+        def command(self) -> list[str]:
+            return [str(tmp_path / "no-such-python")]  # as EAGAIN or EMFILE would: the spawn raises OSError
+
+    caplog.set_level(logging.WARNING, "flowchat.daemon")
+    sink = Missing(restart_after=0.01, ceiling=0.04)
+    running = asyncio.create_task(sink.run())
+    await wait_for(lambda: len(caplog.records) >= 4 or running.done())
+    assert not running.done()  # the task ending would stop serve (a part that died)
+    await sink.stop(grace=1)
+    await asyncio.wait_for(running, 5)
+    assert all("could not start (FileNotFoundError" in record.getMessage() for record in caplog.records)
+    assert [record.args[1] for record in caplog.records[:4]] == [0.02, 0.04, 0.04, 0.04]  # type: ignore[index]
+
+
+def test_serve_on_its_embedded_redis_shares_it_with_its_sink(processes: Processes, tmp_path: Path) -> None:
+    """No FLOWCHAT_REDIS_URL: the child reads serve's embedded server (not an empty one of its own), logs as
+    serve does, and when serve is killed it stops itself and, the last user out, the server too."""
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    write_flow(flows, "noop", "  - {id: a, type: set, with: {values: {}}}\n")
+    data = tmp_path / "data"
+    env = daemon_env("", FLOWCHAT_DATA_DIR=str(data))
+    del env["FLOWCHAT_REDIS_URL"]
+    serve = processes.start("--log-format", "json", "serve", "--flows", str(flows), "--port", str(free_port()), env=env)
+    _wait(lambda: len(_sink_children(serve.pid)) == 1)
+    [child] = _sink_children(serve.pid)
+    argv = (Path("/proc") / str(child) / "cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"--log-format") + 1] == b"json"
+    embedded = f"unix://{data / 'redis.sock'}?db=0"
+    append(embedded, bulk(10))
+    _wait(lambda: count(data, "SELECT count(*) FROM node_runs") == 10, timeout=30)
+
+    serve.send_signal(signal.SIGKILL)
+    serve.wait()
+    _wait(lambda: not _alive(child), timeout=10)
+    _wait(lambda: not (data / "redis.sock").exists() or not _answers(data / "redis.sock"), timeout=10)
+
+
+def _answers(path: Path) -> bool:
+    try:
+        return bool(sync_redis.Redis(unix_socket_path=str(path), socket_connect_timeout=0.5).ping())
+    except sync_redis.RedisError:
+        return False
