@@ -168,3 +168,15 @@ def test_queue_stats_works_through_the_cli_on_a_cluster(cluster):
     result = run_cli("queue", "stats", env=daemon_env(cluster.url))
     assert result.returncode == 0, result.stderr
     assert "ready" in result.stdout
+
+
+async def test_list_running_reads_the_pending_list_on_a_cluster(cluster):
+    from flowchat.operations import list_executions
+
+    settings = Settings.from_env({"FLOWCHAT_REDIS_URL": cluster.url, "FLOWCHAT_QUEUE": "running"})
+    async with open_queue(settings) as queue:
+        execution_id, _ = await queue.enqueue("f", "v1", {})
+        [delivery] = await queue.read("c", 10, 10)
+        assert delivery.execution_id == execution_id
+        rows = await list_executions(queue, "f", "running", 10)
+        assert [(row["id"], row["status"]) for row in rows] == [(execution_id, "running")]

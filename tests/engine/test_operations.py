@@ -486,3 +486,32 @@ async def test_list_running_shows_what_workers_hold_now(queue, flows_dir, catalo
     assert await list_executions(queue, "other", "running", 20) == []
     await settled(queue, held)
     assert await list_executions(queue, None, "running", 20) == []
+
+
+async def test_list_running_filters_limits_and_skips_what_expired(lab, cli, redis):
+    first = await lab.enqueue("greet")
+    await asyncio.sleep(0.02)
+    middle = await lab.enqueue("flaky")
+    await asyncio.sleep(0.02)
+    last = await lab.enqueue("greet")
+    expired = await lab.enqueue("greet")
+    assert len(await lab.queue.read("elsewhere", 10, 100)) == 4  # held by a worker, not acknowledged
+    await redis.delete(lab.queue.keys.execution(expired))  # its state expired while an entry is pending
+    created = {row["id"]: row["created_at"] for row in await lab.queue.summaries([first, middle, last])}
+
+    listed = await cli("executions", "list", "--status", "running", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [(row["id"], row["status"]) for row in rows] == [(last, "running"), (middle, "running"), (first, "running")]
+    limited = await cli("executions", "list", "--status", "running", "--flow", "greet", "--limit", "1", "--json")
+    assert [row["id"] for row in json.loads(limited.stdout)] == [last]
+    from flowchat.operations import list_executions
+
+    since = await list_executions(lab.queue, None, "running", 10, since=created[middle])
+    assert [row["id"] for row in since] == [last, middle]
+    as_text = await cli("executions", "list", "--status", "running")
+    assert [line.split()[:3] for line in as_text.stdout.splitlines()[1:]] == [
+        [last, "greet", "running"],
+        [middle, "flaky", "running"],
+        [first, "greet", "running"],
+    ]
