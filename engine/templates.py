@@ -57,7 +57,8 @@ def _concat(values: Iterable[Any]) -> Any:
             size += len(part)
             check_text(size)
     if len(parts) == 1:
-        return parts[0]
+        # `{{ a if b }}` with b false is Jinja's plain Undefined (not strict): nothing, as text renders ""
+        return None if isinstance(parts[0], jinja2.Undefined) else parts[0]
     texts = [str(part) for part in parts]
     check_text(sum(map(len, texts)))
     return "".join(texts)

@@ -436,3 +436,9 @@ def _typed(value: Any) -> Any:
     if isinstance(value, str | int | float | bool | None):
         return type(value).__name__, value
     return type(value).__name__  # the secrets view, Jinja's objects
+
+
+def test_an_if_without_else_that_is_false_renders_nothing() -> None:
+    assert compile_template("{{ 'x' if flag }}").render({"flag": False}) is None
+    assert compile_template("{{ 'x' if flag }}").render({"flag": True}) == "x"
+    assert compile_template("a{{ 'x' if flag }}b").render({"flag": False}) == "ab"
