@@ -19,6 +19,7 @@ from flowchat.errors import FlowChatError, FlowInvalid
 from flowchat.execution import Execution
 from flowchat.flow import Flow, trigger_payload
 from flowchat.graph import mermaid
+from flowchat.listing import limit as listing_limit
 from flowchat.loader import load_flow, load_flows
 from flowchat.logs import configure_logging, mask_phones
 from flowchat.registry import Registry, load_registry
@@ -523,7 +524,7 @@ environment:
         help="only this status (dead: failed for good, with a dead letter; the same as failed)",
     )
     a.add_argument("--since", metavar="AGE", help="only executions created in the last AGE (30m, 1h, 7d)")
-    a.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    a.add_argument("--limit", type=listing_limit, default=20, help="at most this many (default 20)")
     a.add_argument("--json", action="store_true")
     a = actions.add_parser("cancel", help="cancel a queued or waiting execution (e.g. a contact who opted out)")
     a.add_argument("id")

@@ -23,6 +23,7 @@ import orjson
 from flowchat.contacts import CONSENT_STATES, Change, Contacts, applied_from_reply, contact_events
 from flowchat.errors import FlowChatError
 from flowchat.events import CLI, Events
+from flowchat.listing import limit as listing_limit
 from flowchat.phones import mask, normalize
 from flowchat.settings import Settings, SettingsError
 
@@ -48,7 +49,7 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--tag", action="append", default=[], help="has this tag (repeatable: all of them)")
     a.add_argument("--group", action="append", default=[], help="in this group (repeatable: all of them)")
     a.add_argument("--opted-out", action="store_true", help="opted out of messages")
-    a.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    a.add_argument("--limit", type=listing_limit, default=50, help="at most this many (default 50)")
     a.add_argument("--json", action="store_true")
     a = actions.add_parser("tag", help="add and remove tags of a contact (created if new)")
     a.add_argument("phone")

@@ -6,6 +6,7 @@ strings like ``2026-11-30T10:46:00.939+00:00`` (null when not reached yet).
 
 from __future__ import annotations
 
+import argparse
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +30,17 @@ MEMORY_FIELDS = (
     "used_memory_bytes", "maxmemory_bytes", "maxmemory_policy", "executions", "bytes_per_live_execution",
     "bytes_per_finished_execution", "executions_per_second", "full_in_seconds",
 )  # fmt: skip
+
+
+def limit(text: str) -> int:
+    """``--limit``'s type for every listing: a whole number of rows, 1 or more (argparse names a bad one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def iso(epoch: float | str | None) -> str | None:

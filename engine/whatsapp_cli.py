@@ -18,6 +18,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from flowchat.listing import limit as listing_limit
 from flowchat.settings import Settings, SettingsError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -49,7 +50,7 @@ def add_commands(sub: Any) -> None:
     a = actions.add_parser("list", help="recent messages, newest first", description="Recent messages.")
     a.add_argument("--to", default="", metavar="PHONE", help="only to this phone (E.164)")
     a.add_argument("--status", default="", help="only in this status (simulated, queued, sent, delivered, …)")
-    a.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    a.add_argument("--limit", type=listing_limit, default=20, help="at most this many (default 20)")
     a.add_argument("--json", action="store_true")
     a = actions.add_parser("show", help="one message by sid", description="One message by sid.")
     a.add_argument("sid")

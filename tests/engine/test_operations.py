@@ -147,6 +147,9 @@ async def test_executions_list_filters_and_limits(lab, cli):
 
     for result in (everything, by_flow, failed, newest):
         assert result.returncode == 0, result.stderr
+    for bad in ("0", "-1", "ten"):  # every listing's --limit: a whole number of rows, 1 or more
+        refused = await cli("executions", "list", "--status", "running", "--limit", bad)
+        assert refused.returncode == 2 and "--limit" in refused.stderr and "Traceback" not in refused.stderr
     assert everything.stdout.splitlines()[0].split() == ["id", "flow", "status", "created"]
     # newest first
     assert [row[:3] for row in table(everything.stdout)] == [
