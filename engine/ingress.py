@@ -37,8 +37,9 @@ from flowchat.twilio_webhooks import (
     TwilioWebhooks,
     addressed_to,
     advance_status,
-    read_params,
-    record_inbound,
+    read_form,
+    record_in_ledger,
+    record_on_contact,
     route,
     signed_flows,
 )
@@ -203,26 +204,43 @@ async def _enqueue(
 
 
 async def twilio_message(request: web.Request) -> web.Response:
-    hooks, settings = request.app[TWILIO_KEY], request.app[TWILIO_KEY].settings
+    hooks = request.app[TWILIO_KEY]
+    settings = hooks.settings
     _credential(request, "X-Twilio-Signature")
-    params = read_params(await _read_body(request, MAX_TWILIO_BODY))
+    form = read_form(await _read_body(request, MAX_TWILIO_BODY))
+    params = form.params
     flows = [flow for flow in request.app[CATALOG_KEY].by_trigger("twilio.message") if addressed_to(flow, params)]
-    flows = signed_flows(request, params, flows, hooks, settings)
+    started = route(signed_flows(request, form, flows, hooks, settings), params)
     queue = request.app[QUEUE_KEY]
-    contact = await record_inbound(hooks, queue.keys, queue.redis, params)
-    started = route(flows, params)
+    # Two round trips: the ledger and contact writes, then the enqueue with the events they emitted.
+    # The ledger's command is queued first (its task runs before this one resumes), so its answer is
+    # handled, and its event emitted, before the contact's: the enqueue below then leaves with both events.
+    ledger = asyncio.ensure_future(record_in_ledger(hooks, queue.keys, queue.redis, params))
+    ledger.add_done_callback(_retrieved)
+    await asyncio.sleep(0)
+    contact = await record_on_contact(hooks, params)
+    await ledger  # recorded before anything is enqueued (already done, unless Redis had to reload the script)
     trigger = {**params, "contact": contact}
     sid = params.get("MessageSid") or None
-    # the flows' enqueues ride one auto-pipelined round trip
-    await asyncio.gather(*(_enqueue(request, flow, trigger, sid) for flow in started))
+    if len(started) == 1:  # inline: its command joins the events' batch
+        await _enqueue(request, started[0], trigger, sid)
+    elif started:
+        await asyncio.gather(*(_enqueue(request, flow, trigger, sid) for flow in started))
     return web.Response(text=TWIML_EMPTY, content_type="text/xml")
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """Mark a side task's failure as seen when the request already failed on its own (no 'never retrieved' log)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def twilio_status(request: web.Request) -> web.Response:
     hooks, settings = request.app[TWILIO_KEY], request.app[TWILIO_KEY].settings
     _credential(request, "X-Twilio-Signature")
-    params = read_params(await _read_body(request, MAX_TWILIO_BODY))
-    flows = signed_flows(request, params, request.app[CATALOG_KEY].by_trigger("twilio.status"), hooks, settings)
+    form = read_form(await _read_body(request, MAX_TWILIO_BODY))
+    params = form.params
+    flows = signed_flows(request, form, request.app[CATALOG_KEY].by_trigger("twilio.status"), hooks, settings)
     queue = request.app[QUEUE_KEY]
     message = await advance_status(hooks, queue.keys, queue.redis, params)
     if message is not None:

@@ -1,14 +1,18 @@
 """``POST /twilio/message`` and ``POST /twilio/status``: Twilio's webhooks (routes are a contract).
 
-Both check ``X-Twilio-Signature`` (twilio's RequestValidator) against
+Both check ``X-Twilio-Signature`` (twilio's RequestValidator algorithm, every received
+field, :class:`~flowchat.twilio_auth.SignatureCheck`) against
 ``FLOWCHAT_PUBLIC_URL`` + path + query when that is set, with ``TWILIO_AUTH_TOKEN``
 or, in outbox mode, the local signing token (:mod:`flowchat.twilio_auth`); a flow
 with its own ``auth_token_env`` is reached only with that account's signature.
 A missing or bad signature is 403 and nothing is stored. Unknown fields are kept.
 
 - **message**: the inbound is recorded on its contact (upsert, last inbound time,
-  profile name, consent keywords; idempotent per ``MessageSid``) before the flows
-  are enqueued, and the flows get ``trigger.contact = {phone, created, consent}``.
+  profile name, consent keywords; idempotent per ``MessageSid``) and in the message
+  ledger before the flows are enqueued, and the flows get
+  ``trigger.contact = {phone, created, consent}``. Two Redis round trips: the contact
+  and ledger writes, then the enqueue with the contact and message events (the
+  enqueue needs the contact's answer; they live under different hash tags).
   Every ``twilio.message`` flow whose ``match:`` fits starts (flows without
   ``match:`` always do; ``match: {default: true}`` only when no other ``match:``
   fitted). A repeated ``MessageSid`` starts nothing new. The answer is an empty
@@ -21,12 +25,11 @@ A missing or bad signature is 403 and nothing is stored. Unknown fields are kept
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -36,9 +39,11 @@ from flowchat.flow import Flow
 from flowchat.keys import Keys
 from flowchat.logs import mask_phones
 from flowchat.messages import Ledger, SentBy
+from flowchat.payloads import form_pairs
+from flowchat.phones import normalize
 from flowchat.settings import Settings
 from flowchat.spec import MessageMatch
-from flowchat.twilio_auth import SIGNATURE_HEADER, is_signed, signed_url, signing_token
+from flowchat.twilio_auth import SIGNATURE_HEADER, SignatureCheck, signed_url, signing_token
 from flowchat.whatsapp import emit_message
 
 log = logging.getLogger("flowchat.ingress")
@@ -60,6 +65,7 @@ class TwilioWebhooks:
         self.services = services
         self._token: tuple[str, str] | None = None
         self._ledger: Ledger | None = None
+        self._checks: dict[str, SignatureCheck] = {}
 
     def ledger(self, redis: Any, keys: Keys) -> Ledger:
         """The message ledger on the ingress's Redis (made once: its scripts and auto-pipeline are kept)."""
@@ -78,6 +84,15 @@ class TwilioWebhooks:
             self._token = signing_token(settings)
         return self._token[0]
 
+    def check(self, token: str) -> SignatureCheck:
+        """The signature check for ``token`` (made once per token: it keeps per-URL HMAC states)."""
+        found = self._checks.get(token)
+        if found is None:
+            if len(self._checks) >= 16:  # tokens change only when settings are read per request
+                self._checks.clear()
+            found = self._checks[token] = SignatureCheck(token)
+        return found
+
     def service(self, name: str) -> Any:
         services = self.services
         if services is None:
@@ -94,20 +109,30 @@ def twilio_mode(settings: Settings) -> str:
     return f"whatsapp: outbox mode (no TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN): sends are recorded, not sent; /twilio/* signed with {where}"
 
 
-def read_params(raw: bytes) -> dict[str, str]:
-    return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+@dataclass(frozen=True, slots=True)
+class TwilioForm:
+    """A Twilio webhook's form, parsed once: the fields (a repeated name keeps its last value) and the pairs as sent."""
+
+    params: dict[str, str]
+    pairs: list[tuple[str, str]]
+    """Every name and value in order: what the signature covers."""
+
+
+def read_form(raw: bytes) -> TwilioForm:
+    pairs = form_pairs(raw.decode("utf-8", "replace"))
+    return TwilioForm(dict(pairs), pairs)
 
 
 def signed_flows(
-    request: web.Request, params: dict[str, str], flows: list[Flow], hooks: TwilioWebhooks, settings: Settings
+    request: web.Request, form: TwilioForm, flows: list[Flow], hooks: TwilioWebhooks, settings: Settings
 ) -> list[Flow]:
     """The flows this request may start; 403 (nothing stored) when no token we know signed it."""
     signature = request.headers.get(SIGNATURE_HEADER, "")
-    url = signed_url(settings.public_url, request.path_qs, str(request.url))
-    default_ok = is_signed(hooks.token(settings), url, params, signature)
+    url = signed_url(settings.public_url, request.path_qs, "" if settings.public_url else str(request.url))
+    default_ok = hooks.check(hooks.token(settings)).valid(url, form.pairs, signature)
     verdicts: dict[str, bool] = {DEFAULT_TOKEN_ENV: default_ok}
     for env_name in {flow.trigger.auth_token_env for flow in flows} - {DEFAULT_TOKEN_ENV}:
-        verdicts[env_name] = is_signed(settings.env(env_name) or "", url, params, signature)
+        verdicts[env_name] = hooks.check(settings.env(env_name) or "").valid(url, form.pairs, signature)
     if not any(verdicts.values()):
         from flowchat.ingress import HttpProblem
 
@@ -167,36 +192,27 @@ def _digits(phone: str) -> str:
 # --- recording -----------------------------------------------------------------------------
 
 
-async def record_inbound(hooks: TwilioWebhooks, keys: Keys, redis: Any, params: dict[str, str]) -> dict[str, Any]:
-    """Record the inbound on its contact and in the ledger (both idempotent per MessageSid); ``trigger.contact``.
-
-    The ``message`` event is written only the first time a MessageSid is seen.
-    """
+async def record_in_ledger(hooks: TwilioWebhooks, keys: Keys, redis: Any, params: dict[str, str]) -> None:
+    """Record the inbound in the message ledger (idempotent per MessageSid); the first time, a ``message`` event."""
     sid = params.get("MessageSid", "")
-    ledger = hooks.ledger(redis, keys)
-    contact: dict[str, Any]  # mypy infers Any for a gather of a dict[str, Any] and a bool
-    new: bool
-    contact, new = await asyncio.gather(_record_on_contact(hooks, params), _record_in_ledger(ledger, sid, params))
-    if new:
-        emit_event(
-            hooks, SentBy(), sid=sid, direction="inbound", phone=contact.get("phone", ""), status="received",
-            error_code="", template=False,
-        )  # fmt: skip
-    return contact
-
-
-async def _record_in_ledger(ledger: Ledger, sid: str, params: dict[str, str]) -> bool:
     if not sid:
-        return False
+        return
+    sender = _e164_or_raw(params.get("From", ""))
     fields = {
-        "to": _e164_or_raw(params.get("To", "")), "from": _e164_or_raw(params.get("From", "")),
+        "to": _e164_or_raw(params.get("To", "")), "from": sender,
         "body": params.get("Body", "")[:1600], "num_media": params.get("NumMedia", "0"),
         "button": params.get("ButtonPayload", ""), "profile_name": params.get("ProfileName", ""),
     }  # fmt: skip
-    return await ledger.record_inbound(sid, fields)
+    if await hooks.ledger(redis, keys).record_inbound(sid, fields):
+        # the phone trigger.contact gets: the contact book keys by this same E.164 form
+        emit_event(
+            hooks, SentBy(), sid=sid, direction="inbound", phone=sender, status="received", error_code="",
+            template=False,
+        )  # fmt: skip
 
 
-async def _record_on_contact(hooks: TwilioWebhooks, params: dict[str, str]) -> dict[str, Any]:
+async def record_on_contact(hooks: TwilioWebhooks, params: dict[str, str]) -> dict[str, Any]:
+    """Record the inbound on its contact (idempotent per MessageSid, STOP/START kept as consent); ``trigger.contact``."""
     raw_phone = params.get("From", "")
     consent = consent_keyword(params.get("Body", ""))
     contacts = hooks.service("contacts")
@@ -227,11 +243,7 @@ def _unrecorded(phone: str, keyword: str | None) -> dict[str, Any]:
 
 def _e164_or_raw(raw: str) -> str:
     try:
-        from flowchat.phones import normalize
-
-        return str(normalize(raw))
-    except ImportError:
-        return raw.removeprefix("whatsapp:").strip()
+        return normalize(raw)
     except Exception:  # not a phone (e.g. a business-scoped WhatsApp id): keep what Twilio sent
         return raw.removeprefix("whatsapp:").strip()
 
