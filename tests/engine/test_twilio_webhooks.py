@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import types
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -10,13 +11,17 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
 from twilio_fake import TwilioFake
 
 from flowchat.catalog import Catalog
+from flowchat.contacts import Contacts
+from flowchat.events import Events
 from flowchat.ingress import create_app
 from flowchat.keys import Keys
 from flowchat.messages import Ledger, SentBy
 from flowchat.metrics import Metrics
+from flowchat.pipeliner import Pipeliner
 from flowchat.queue import Queue
 from flowchat.settings import Settings
 from flowchat.twilio_auth import TOKEN_FILE, sign
@@ -39,11 +44,11 @@ def write_flow(flows_dir: Path) -> Callable[..., None]:
 async def start(flows_dir, catalog_factory, queue: Queue, tmp_path) -> AsyncIterator[Callable[..., Any]]:
     clients: list[TestClient] = []
 
-    async def make(**changes: Any) -> TestClient:
+    async def make(services: Any = None, **changes: Any) -> TestClient:
         settings = Settings().with_changes(data_dir=tmp_path / "data", public_url=PUBLIC, **changes)
         catalog: Catalog = catalog_factory(flows_dir)
         assert not catalog.problems, catalog.problems
-        client = TestClient(TestServer(create_app(queue, catalog, Metrics(), TwilioWebhooks(settings))))
+        client = TestClient(TestServer(create_app(queue, catalog, Metrics(), TwilioWebhooks(settings, services))))
         await client.start_server()
         clients.append(client)
         return client
@@ -125,6 +130,65 @@ async def test_the_reference_fixture_signature_validates():
         From="whatsapp:+5511987654321", ApiVersion="2010-04-01",
     )  # fmt: skip
     assert sign(TOKEN, "https://flowchat.example.com/twilio/inbound", params) == "96QofFr77/Pwj1BjOqkdbH0pL/w="
+
+
+@pytest.fixture
+async def crm(queue: Queue) -> AsyncIterator[Any]:
+    """The contact book and the events stream on the queue's Redis, as ``flowchat serve`` installs them."""
+    events = Events(queue.redis, queue.keys)
+    await events.setup()
+    contacts = Contacts(queue.redis, queue.keys, events=events)
+    yield types.SimpleNamespace(extra={"contacts": contacts, "events": events})
+    await events.flush()
+
+
+@pytest.fixture
+def round_trips(monkeypatch) -> list[list[str]]:
+    """Every round trip to Redis of the auto-pipeline (the command names) and every command sent apart."""
+    trips: list[list[str]] = []
+    pipelined, sent_apart = Pipeliner.round_trip, Redis.execute_command
+
+    async def counted(self: Pipeliner, commands: list[tuple[Any, ...]]) -> list[Any]:
+        trips.append([str(command[0]) for command in commands])
+        return await pipelined(self, commands)
+
+    async def apart(self: Any, *args: Any, **options: Any) -> Any:
+        trips.append([f"apart:{args[0]}"])
+        return await sent_apart(self, *args, **options)
+
+    monkeypatch.setattr(Pipeliner, "round_trip", counted)
+    monkeypatch.setattr(Redis, "execute_command", apart)
+    return trips
+
+
+async def test_an_inbound_is_recorded_and_enqueued_in_two_round_trips(write_flow, start, queue, crm, round_trips):
+    """Contact and ledger writes share the first; the enqueue takes the contact and message events with it."""
+    write_flow("inbound", {"type": "twilio.message"})
+    client = await start(crm, twilio_auth_token=TOKEN)
+    assert await post(client, "/twilio/message", inbound("SMwarm", From="whatsapp:+5511900000000")) == 200
+    round_trips.clear()  # the first request also stored the flow's YAML
+
+    assert await post(client, "/twilio/message", inbound("SMcounted")) == 200
+
+    assert [sorted(trip) for trip in round_trips] == [["EVALSHA", "EVALSHA"], ["EVALSHA", "XADD", "XADD"]]
+    [_, (_, trigger)] = await started(queue)
+    assert trigger["contact"]["created"] is True and trigger["contact"]["phone"] == "+5511987654321"
+    assert (await Ledger(queue.redis, queue.keys).get("SMcounted") or {}).get("direction") == "inbound"
+    kinds = [fields[b"type"] for _, fields in await queue.redis.xrange(queue.keys.events)]
+    assert kinds.count(b"message") == 2 and kinds.count(b"contact") == 2
+
+
+async def test_stop_opts_out_at_ingress_and_the_flow_sees_it(write_flow, start, queue, crm):
+    write_flow("inbound", {"type": "twilio.message"})
+    client = await start(crm, twilio_auth_token=TOKEN)
+
+    assert await post(client, "/twilio/message", inbound("SMstop", Body="STOP")) == 200
+    assert await post(client, "/twilio/message", inbound("SMstop", Body="STOP")) == 200  # Twilio retried
+
+    [(_, trigger)] = await started(queue)
+    assert trigger["contact"]["consent"]["state"] == "opted_out"
+    contact = await crm.extra["contacts"].get("+5511987654321")
+    assert contact is not None and contact["consent"]["state"] == "opted_out"
 
 
 async def test_outbox_mode_signs_with_a_private_local_token(write_flow, start, queue, tmp_path):
