@@ -50,7 +50,9 @@ def test_the_reference_inbound_fixture():
     )  # fmt: skip
     check = SignatureCheck("test_auth_token_0123456789abcdef")
 
-    assert check.valid("https://flowchat.example.com/twilio/inbound", list(params.items()), "96QofFr77/Pwj1BjOqkdbH0pL/w=")
+    assert check.valid(
+        "https://flowchat.example.com/twilio/inbound", list(params.items()), "96QofFr77/Pwj1BjOqkdbH0pL/w="
+    )
 
 
 def test_repeated_names_are_signed_as_twilio_signs_a_multidict():
