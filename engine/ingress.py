@@ -134,6 +134,12 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     """The body, at most ``limit`` bytes (413), arriving within the body timeout (408)."""
     if request.content_length is not None and request.content_length > limit:
         raise HttpProblem(413, f"body of {request.content_length} bytes is over the limit of {limit}")
+    content = request.content
+    if content.is_eof():  # already all here (a small request arrives with its headers): no timer to arm
+        raw = content.read_nowait(limit + 1)
+        if len(raw) > limit:
+            raise HttpProblem(413, f"body is over the limit of {limit} bytes")
+        return raw
     timeout = request.app[SETTINGS_KEY].body_timeout
     chunks: list[bytes] = []
     size = 0
