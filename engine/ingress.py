@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -71,9 +70,11 @@ def create_app(
     *,
     settings: Settings | None = None,
 ) -> web.Application:
+    """The ingress routes. Without ``settings`` they are read from the environment now, once (like the
+    daemon's): the variables flows name for their webhook secrets included."""
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[access_log, _count_requests])
     app[QUEUE_KEY], app[CATALOG_KEY], app[METRICS_KEY] = queue, catalog, metrics
-    app[SETTINGS_KEY] = settings or Settings()
+    app[SETTINGS_KEY] = settings or Settings.from_env()
     app[TWILIO_KEY] = twilio or TwilioWebhooks()
     app.router.add_post("/hooks/{path:.+}", webhook)
     app.router.add_post("/twilio/message", twilio_message)
@@ -156,8 +157,9 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 def _authenticate(request: web.Request, raw: bytes, secret_env: str | None, token_env: str | None) -> None:
+    settings = request.app[SETTINGS_KEY]
     if secret_env:
-        secret = _secret(secret_env)
+        secret = _secret(settings, secret_env)
         given = _credential(request, SIGNATURE_HEADER)
         if not given:
             raise HttpProblem(401, f"missing {SIGNATURE_HEADER} header (sha256=<hex HMAC of the body>)")
@@ -165,7 +167,7 @@ def _authenticate(request: web.Request, raw: bytes, secret_env: str | None, toke
         if not hmac.compare_digest(given.strip().encode(), expected.encode()):
             raise HttpProblem(403, f"{SIGNATURE_HEADER} does not match the body")
     if token_env:
-        token = _secret(token_env)
+        token = _secret(settings, token_env)
         header = _credential(request, "Authorization") or ""
         if not header.startswith("Bearer "):
             raise HttpProblem(401, "missing Authorization: Bearer <token> header")
@@ -181,8 +183,9 @@ def _credential(request: web.Request, name: str) -> str | None:
         raise HttpProblem(401, bad.message) from None
 
 
-def _secret(env_name: str) -> str:
-    value = os.environ.get(env_name)
+def _secret(settings: Settings, env_name: str) -> str:
+    """The value of the variable a flow names (``secret_env``, ``token_env``), as the process started with it."""
+    value = settings.env(env_name)
     if not value:
         log.error("environment variable %s is not set; refusing requests to its webhook", env_name)
         raise HttpProblem(503, f"webhook authentication is not configured (set {env_name})")

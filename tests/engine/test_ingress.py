@@ -22,6 +22,7 @@ from flowchat.keys import Keys
 from flowchat.metrics import Metrics
 from flowchat.queue import Queue
 from flowchat.redis_server import free_port
+from flowchat.settings import Settings
 
 SECRET = "s3cret-hmac-key"
 TOKEN = "bearer-token-123"
@@ -282,6 +283,25 @@ async def test_hmac_with_the_secret_unset_is_503_and_accepts_nothing(write_flow,
     assert response.status == 503
     assert "HOOK_SECRET" in (await response.json())["error"]
     assert await stored_count(queue) == (0, 0)
+
+
+async def test_webhook_secrets_come_from_the_settings_not_the_live_environment(
+    write_flow, flows_dir, catalog_factory, queue, monkeypatch
+):
+    """A flow's ``secret_env`` is read from the Settings the app was made with (the daemon's, read at start)."""
+    monkeypatch.delenv("HOOK_SECRET", raising=False)
+    write_flow("signed", {"type": "webhook", "secret_env": "HOOK_SECRET"})
+    settings = Settings.from_env({"HOOK_SECRET": SECRET})
+    client = TestClient(TestServer(create_app(queue, catalog_factory(flows_dir), Metrics(), settings=settings)))
+    await client.start_server()
+    try:
+        body = b'{"order": 42}'
+        headers = {"Content-Type": "application/json", "X-FlowChat-Signature": sign(body)}
+        assert (await client.post("/hooks/signed", data=body, headers=headers)).status == 202
+        monkeypatch.setenv("HOOK_SECRET", "changed-after-start")
+        assert (await client.post("/hooks/signed", data=body, headers=headers)).status == 202
+    finally:
+        await client.close()
 
 
 async def test_bearer_token(write_flow, client_factory, queue, monkeypatch):
