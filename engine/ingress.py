@@ -220,15 +220,7 @@ async def twilio_message(request: web.Request) -> web.Response:
     params = form.params
     flows = [flow for flow in request.app[CATALOG_KEY].by_trigger("twilio.message") if addressed_to(flow, params)]
     started = route(signed_flows(request, form, flows, hooks, settings), params)
-    queue = request.app[QUEUE_KEY]
-    # Two round trips: the ledger and contact writes, then the enqueue with the events they emitted.
-    # The ledger's command is queued first (its task runs before this one resumes), so its answer is
-    # handled, and its event emitted, before the contact's: the enqueue below then leaves with both events.
-    ledger = asyncio.ensure_future(record_in_ledger(hooks, queue.keys, queue.redis, params))
-    ledger.add_done_callback(_retrieved)
-    await asyncio.sleep(0)
-    contact = await record_on_contact(hooks, params)
-    await ledger  # recorded before anything is enqueued (already done, unless Redis had to reload the script)
+    contact = await _record_inbound(hooks, request.app[QUEUE_KEY], params)
     trigger = {**params, "contact": contact}
     sid = params.get("MessageSid") or None
     if len(started) == 1:  # inline: its command joins the events' batch
@@ -236,6 +228,21 @@ async def twilio_message(request: web.Request) -> web.Response:
     elif started:
         await asyncio.gather(*(_enqueue(request, flow, trigger, sid) for flow in started))
     return web.Response(text=TWIML_EMPTY, content_type="text/xml")
+
+
+async def _record_inbound(hooks: TwilioWebhooks, queue: Queue, params: dict[str, str]) -> dict[str, Any]:
+    """The inbound in the ledger and on its contact, in one round trip; ``trigger.contact``.
+
+    The ledger's command goes first (its task runs before this coroutine resumes from the
+    sleep), so its answer is handled, and its event emitted, before the contact's answer
+    resumes this coroutine: the caller's enqueue then leaves in one round trip with both events.
+    """
+    ledger = asyncio.create_task(record_in_ledger(hooks, queue.keys, queue.redis, params))
+    ledger.add_done_callback(_retrieved)
+    await asyncio.sleep(0)
+    contact = await record_on_contact(hooks, params)
+    await ledger  # recorded before anything is enqueued (already done, unless Redis had to reload its script)
+    return contact
 
 
 def _retrieved(task: asyncio.Future[None]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import stat
 import types
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +25,7 @@ from flowchat.messages import Ledger, SentBy
 from flowchat.metrics import Metrics
 from flowchat.pipeliner import Pipeliner
 from flowchat.queue import Queue
+from flowchat.redis_server import free_port
 from flowchat.settings import Settings
 from flowchat.twilio_auth import TOKEN_FILE, sign
 from flowchat.twilio_webhooks import TwilioWebhooks
@@ -44,11 +47,12 @@ def write_flow(flows_dir: Path) -> Callable[..., None]:
 async def start(flows_dir, catalog_factory, queue: Queue, tmp_path) -> AsyncIterator[Callable[..., Any]]:
     clients: list[TestClient] = []
 
-    async def make(services: Any = None, **changes: Any) -> TestClient:
+    async def make(services: Any = None, app_queue: Queue | None = None, **changes: Any) -> TestClient:
         settings = Settings().with_changes(data_dir=tmp_path / "data", public_url=PUBLIC, **changes)
         catalog: Catalog = catalog_factory(flows_dir)
         assert not catalog.problems, catalog.problems
-        client = TestClient(TestServer(create_app(queue, catalog, Metrics(), TwilioWebhooks(settings, services))))
+        hooks = TwilioWebhooks(settings, services)
+        client = TestClient(TestServer(create_app(app_queue or queue, catalog, Metrics(), hooks)))
         await client.start_server()
         clients.append(client)
         return client
@@ -176,6 +180,26 @@ async def test_an_inbound_is_recorded_and_enqueued_in_two_round_trips(write_flow
     assert (await Ledger(queue.redis, queue.keys).get("SMcounted") or {}).get("direction") == "inbound"
     kinds = [fields[b"type"] for _, fields in await queue.redis.xrange(queue.keys.events)]
     assert kinds.count(b"message") == 2 and kinds.count(b"contact") == 2
+
+
+async def test_redis_unreachable_is_503_with_retry_after_and_no_stray_task_errors(write_flow, start, caplog):
+    write_flow("inbound", {"type": "twilio.message"})
+    down = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    events = Events(down, Keys("fc"))
+    book = types.SimpleNamespace(extra={"contacts": Contacts(down, Keys("fc"), events=events), "events": events})
+    client = await start(book, app_queue=Queue(down, Keys("fc")), twilio_auth_token=TOKEN)
+    try:
+        response = await client.post(
+            "/twilio/message",
+            data=inbound(),
+            headers={"X-Twilio-Signature": sign(TOKEN, f"{PUBLIC}/twilio/message", inbound())},
+        )
+        assert (response.status, response.headers.get("Retry-After")) == (503, "1")
+        gc.collect()
+        await asyncio.sleep(0)
+        assert "never retrieved" not in caplog.text
+    finally:
+        await down.aclose()
 
 
 async def test_stop_opts_out_at_ingress_and_the_flow_sees_it(write_flow, start, queue, crm):
