@@ -235,7 +235,8 @@ async def _record_inbound(hooks: TwilioWebhooks, queue: Queue, params: dict[str,
 
     The ledger's command goes first (its task runs before this coroutine resumes from the
     sleep), so its answer is handled, and its event emitted, before the contact's answer
-    resumes this coroutine: the caller's enqueue then leaves in one round trip with both events.
+    resumes this coroutine, and the caller's enqueue is issued in that same loop turn: it
+    leaves in one round trip with both events (a test counts them).
     """
     ledger = asyncio.create_task(record_in_ledger(hooks, queue.keys, queue.redis, params))
     ledger.add_done_callback(_retrieved)
