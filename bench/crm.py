@@ -136,6 +136,21 @@ class CrmBench:
             and message["created_at"] / 1000 - started[message["execution"]] > waited
         )
 
+    def execution_bytes(self, ids: list[str], sample: int = 500) -> float:
+        """Redis bytes of a finished execution's own state: its hash (MEMORY USAGE, a sample) and its index entry."""
+        client, keys = self.bench.client(), Keys()
+        chosen = ids[:sample]
+        if not chosen:
+            return 0.0
+        pipe = client.pipeline(transaction=False)
+        for execution_id in chosen:
+            pipe.memory_usage(keys.execution(execution_id), samples=0)
+        hashes = [int(size or 0) for size in pipe.execute()]
+        index = keys.index(self.flow, "succeeded")
+        entries = int(client.zcard(index) or 0)
+        per_entry = int(client.memory_usage(index, samples=0) or 0) / entries if entries else 0.0
+        return sum(hashes) / len(hashes) + per_entry
+
     def seed_contacts(self, count: int, first: int = 0) -> None:
         """Contacts as the flow leaves them (name, attribute, tag), for the senders to come."""
         from bench.load import sender
@@ -192,6 +207,7 @@ class CrmBench:
             "redis_cpu_us_per_execution": redis_cpu / executions * 1e6,
             "redis_bytes_per_queued": (queued - empty) / executions,
             "redis_bytes_per_finished": (finished - empty - events) / executions,
+            "execution_bytes_per_finished": self.execution_bytes(ids),
             "events_bytes_per_execution": events / executions,
             "commandstats_per_execution": commands,
         }
