@@ -469,18 +469,36 @@ class Queue:
         moved = await self._move_due(keys=[self.keys.delayed, self.keys.ready], args=[now or time.time(), limit])
         return int(moved)
 
-    async def forget_expired(self, now: float | None = None) -> int:
-        """Drop index entries of finished executions older than their retention (their hashes have expired)."""
+    async def forget_expired(self, now: float | None = None, batch: int = 1000) -> int:
+        """Drop index entries of finished executions past their retention whose state has expired.
+
+        Entries are scored by creation time, and an execution that ran for days (a drip campaign's
+        ``delay``) keeps its state for the retention after it *finished*: an entry past its
+        retention by score goes only once its hash is gone, so a listing shows what ``show`` finds.
+        Up to ``batch`` entries per index are looked at per call (the mover calls it regularly).
+        """
         now = now or time.time()
         # dead letters go with the failed executions they name (their state has expired by then)
         await self.redis.xtrim(
             self.keys.dead, minid=f"{int((now - self.retention.failed) * 1000)}-0", approximate=False
         )
+        indexes = [self.keys.index(flow, status) for flow in await self.flows() for status in FINISHED]
+        statuses = [status for _ in range(len(indexes) // len(FINISHED)) for status in FINISHED]
         pipe = self.redis.pipeline(transaction=False)
-        for flow in await self.flows():
-            for status in FINISHED:
-                pipe.zremrangebyscore(self.keys.index(flow, status), "-inf", now - self.retention.of(status))
-        return sum(int(removed) for removed in await pipe.execute())
+        for index, status in zip(indexes, statuses, strict=True):
+            pipe.zrangebyscore(index, "-inf", now - self.retention.of(status), start=0, num=batch)
+        candidates = [(index, _text(member)) for index, found in zip(indexes, await pipe.execute(), strict=True)
+                      for member in found]  # fmt: skip
+        if not candidates:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for _, execution_id in candidates:
+            pipe.exists(self.keys.execution(execution_id))
+        gone = [candidate for candidate, alive in zip(candidates, await pipe.execute(), strict=True) if not alive]
+        pipe = self.redis.pipeline(transaction=False)
+        for index, execution_id in gone:
+            pipe.zrem(index, execution_id)
+        return sum(int(removed) for removed in await pipe.execute()) if gone else 0
 
     async def next_due(self) -> float | None:
         first = await self.redis.zrange(self.keys.delayed, 0, 0, withscores=True)

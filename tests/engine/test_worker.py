@@ -308,3 +308,21 @@ async def test_metrics_count_executions_and_time_nodes_and_any_process_sees_clus
     cluster = samples(ingress_metrics)
     key = (("event", "succeeded"), ("flow", "counted"), ("scope", "cluster"))
     assert cluster[("flowchat_cluster_executions_total", key)] == 3  # a counter: rate() works on it
+
+
+async def test_an_execution_that_finished_late_stays_listed_while_its_state_is_kept(queue, flows_dir, catalog_factory):
+    from flowchat.queue import RETENTION_SUCCEEDED
+
+    write_flow(flows_dir, "drip", "  - {id: a, type: test.noop}\n")
+    catalog_factory(flows_dir)
+    await queue.redis.sadd(queue.keys.indexed_flows, "drip")
+    index = queue.keys.index("drip", "succeeded")
+    created_two_days_ago = time.time() - RETENTION_SUCCEEDED - 3600  # a drip: created long ago, finished now
+    await queue.redis.zadd(index, {"finished-just-now": created_two_days_ago})
+    await queue.redis.hset(queue.keys.execution("finished-just-now"), "z", "kept for a day from its finish")
+
+    assert await queue.forget_expired() == 0
+    assert await queue.redis.zrange(index, 0, -1) == [b"finished-just-now"]
+    await queue.redis.delete(queue.keys.execution("finished-just-now"))  # its retention ran out
+    assert await queue.forget_expired() == 1
+    assert not await queue.redis.exists(index)
