@@ -17,7 +17,7 @@ from pathlib import Path
 
 from flowchat.errors import FlowChatError, FlowInvalid
 from flowchat.flow import Flow
-from flowchat.loader import find_clash, flow_files, load_flow, load_flow_text, webhook_path
+from flowchat.loader import flow_files, load_flow, load_flow_text
 from flowchat.registry import Registry
 from flowchat.secrets import Secrets, flow_secrets, unset_secret_warnings
 
@@ -40,6 +40,7 @@ class Catalog:
     secrets: Secrets | None = None
     """The secrets the daemon has: a flow (re)loaded later that reads an unset one is warned about."""
     _by_name: dict[str, Flow] = field(default_factory=dict)
+    _by_route: dict[str, Flow] = field(default_factory=dict)
 
     @property
     def flows(self) -> dict[str, Flow]:
@@ -49,7 +50,7 @@ class Catalog:
         return self._by_name.get(name)
 
     def webhook(self, path: str) -> Flow | None:
-        return next((flow for flow in self.by_file.values() if webhook_path(flow) == path), None)
+        return self._by_route.get(path)
 
     def by_trigger(self, trigger_type: str) -> list[Flow]:
         return [flow for flow in self.by_file.values() if flow.trigger.type == trigger_type]
@@ -75,6 +76,7 @@ class Catalog:
                 changed |= self._load(path, by_file, problems)
         self.by_file, self.problems = by_file, problems
         self._by_name = {flow.name: flow for flow in by_file.values()}
+        self._by_route = {route: flow for flow in by_file.values() if (route := flow.webhook_path) is not None}
         return changed
 
     def _load(self, path: Path, by_file: dict[Path, Flow], problems: dict[Path, list[FlowChatError]]) -> bool:
@@ -85,12 +87,12 @@ class Catalog:
             keeping = " (the previous version keeps serving)" if path in by_file else ""
             log.error("flow %s rejected%s:\n%s", path, keeping, invalid)
             return False
-        clash = find_clash(flow, by_file.values())
+        clash = flow.clash(by_file.values())
         if clash is not None:
             problems[path] = [clash]
             log.error("flow %s rejected: %s", path, clash.message)
             return False
-        route = webhook_path(flow)
+        route = flow.webhook_path
         if route and not (flow.trigger.secret_env or flow.trigger.token_env):
             log.warning(
                 "flow %s: /hooks/%s has no secret_env or token_env; anyone who reaches it can trigger it",

@@ -6,6 +6,7 @@ The graph algorithms live in :mod:`flowchat.graph` (re-exported here for older i
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -14,6 +15,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from flowchat.errors import FlowChatError, FlowError
 from flowchat.graph import ancestors, dependents_of, find_cycle, resolve_needs
 from flowchat.node import Node, RetryPolicy
 from flowchat.secrets import referenced_secrets
@@ -83,6 +85,26 @@ class Flow:
     @property
     def vars(self) -> dict[str, Any]:
         return self.spec.vars
+
+    @property
+    def webhook_path(self) -> str | None:
+        """The path a webhook flow listens on under /hooks/ (its ``path``, else its name), or None."""
+        trigger = self.spec.trigger
+        return str(trigger.path or self.name) if trigger.type == "webhook" else None
+
+    def clash(self, others: Iterable[Flow]) -> FlowChatError | None:
+        """Why this flow cannot serve beside ``others``: another file's flow with its name or webhook path."""
+        route = self.webhook_path
+        for other in others:
+            if other.file == self.file:
+                continue
+            if other.name == self.name:
+                message = f"flow name {self.name!r} is also used by {other.file}"
+                return FlowError(message, code="flow-duplicate-name").at(file=self.file, line=1, col=1)
+            if route is not None and other.webhook_path == route:
+                message = f"webhook path /hooks/{route} is already served by flow {other.name!r} ({other.file})"
+                return FlowError(message, code="webhook-path-taken").at(file=self.file, line=1, col=1)
+        return None
 
 
 __all__ = ["Flow", "FlowNode", "ancestors", "dependents_of", "find_cycle", "resolve_needs"]

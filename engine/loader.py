@@ -135,34 +135,12 @@ def load_flows(paths: Iterable[str | Path], registry: Registry) -> tuple[dict[st
         except FlowInvalid as invalid:
             problems.extend(invalid.errors)
             continue
-        clash = find_clash(flow, flows.values())
+        clash = flow.clash(flows.values())
         if clash is not None:
             problems.append(clash)
             continue
         flows[flow.name] = flow
     return flows, problems
-
-
-def webhook_path(flow: Flow) -> str | None:
-    """The path a webhook flow listens on under /hooks/, or None."""
-    trigger = flow.trigger
-    return str(trigger.path or flow.name) if trigger.type == "webhook" else None
-
-
-def find_clash(flow: Flow, others: Iterable[Flow]) -> FlowChatError | None:
-    """A flow may not reuse another's name or webhook path."""
-    route = webhook_path(flow)
-    for other in others:
-        if other.file == flow.file:
-            continue
-        if other.name == flow.name:
-            return FlowError(f"flow name {flow.name!r} is also used by {other.file}", code="flow-duplicate-name").at(
-                file=flow.file, line=1, col=1
-            )
-        if route is not None and webhook_path(other) == route:
-            message = f"webhook path /hooks/{route} is already served by flow {other.name!r} ({other.file})"
-            return FlowError(message, code="webhook-path-taken").at(file=flow.file, line=1, col=1)
-    return None
 
 
 class _FlowBuilder:
