@@ -49,20 +49,23 @@ _RANKS_LUA = "local rank = {" + ", ".join(f"{name}={value}" for name, value in S
 # KEYS: message hash, send record (or a dummy when none), index.
 # ARGV: sid, the node's output as JSON for the send record ('' for none), ttl, then field pairs.
 # A status callback may have arrived before this (Twilio is fast): never move its status back.
+# The fields (a dozen) go in one HSET.
 _RECORD_SEND = (
     _RANKS_LUA
     + """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local old = redis.call('HGET', KEYS[1], 'status')
+local fields = {'updated_at', now}
 for i = 4, #ARGV, 2 do
   local name, value = ARGV[i], ARGV[i + 1]
   if not (name == 'status' and old and (rank[old] or 3) >= (rank[value] or 3)) then
-    redis.call('HSET', KEYS[1], name, value)
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
   end
 end
+redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('HSETNX', KEYS[1], 'created_at', now)
-redis.call('HSET', KEYS[1], 'updated_at', now)
 if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3]) end
 redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1])
 return now
