@@ -26,6 +26,14 @@ from twilio.request_validator import RequestValidator
 
 ACCOUNT_SID = "AC" + "0" * 32
 AUTH_TOKEN = "fake-auth-token-0123456789abcdef"
+REFERENCE_INBOUND = dict(
+    SmsMessageSid="SM5f1c0e8b2a3d4c6e9f7a1b2c3d4e5f60", NumMedia="0", ProfileName="Ana Souza", MessageType="text",
+    SmsSid="SM5f1c0e8b2a3d4c6e9f7a1b2c3d4e5f60", WaId="5511987654321", SmsStatus="received",
+    Body="Oi, quero saber o preço", To="whatsapp:+14155550100", NumSegments="1", ReferralNumMedia="0",
+    MessageSid="SM5f1c0e8b2a3d4c6e9f7a1b2c3d4e5f60", AccountSid="AC0123456789abcdef0123456789abcdef",
+    From="whatsapp:+5511987654321", ApiVersion="2010-04-01",
+)  # fmt: skip
+"""The worked WhatsApp inbound of the Twilio reference (../shared/reference): 15 params, its URL and token give its signature."""
 
 ERRORS: dict[str, tuple[int, int, str]] = {
     "429": (429, 20429, "Too Many Requests"),

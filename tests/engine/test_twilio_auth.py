@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import MultiDict
 from twilio.request_validator import RequestValidator
+from twilio_fake import REFERENCE_INBOUND
 
 from flowchat.twilio_auth import SignatureCheck, sign
 
@@ -41,13 +42,7 @@ def test_twilio_python_vectors():
 
 def test_the_reference_inbound_fixture():
     """The worked WhatsApp inbound of the Twilio reference (15 params, this URL, this token)."""
-    params = dict(
-        SmsMessageSid="SM5f1c0e8b2a3d4c6e9f7a1b2c3d4e5f60", NumMedia="0", ProfileName="Ana Souza", MessageType="text",
-        SmsSid="SM5f1c0e8b2a3d4c6e9f7a1b2c3d4e5f60", WaId="5511987654321", SmsStatus="received",
-        Body="Oi, quero saber o preço", To="whatsapp:+14155550100", NumSegments="1", ReferralNumMedia="0",
-        MessageSid="SM5f1c0e8b2a3d4c6e9f7a1b2c3d4e5f60", AccountSid="AC0123456789abcdef0123456789abcdef",
-        From="whatsapp:+5511987654321", ApiVersion="2010-04-01",
-    )  # fmt: skip
+    params = dict(REFERENCE_INBOUND)
     check = SignatureCheck("test_auth_token_0123456789abcdef")
 
     assert check.valid(

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
-from twilio_fake import TwilioFake
+from twilio_fake import REFERENCE_INBOUND, TwilioFake
 
 from flowchat.catalog import Catalog
 from flowchat.contacts import Contacts
@@ -126,13 +126,7 @@ async def test_bad_signatures_are_403_and_store_nothing(write_flow, start, queue
 
 async def test_the_reference_fixture_signature_validates():
     """The worked example of the Twilio reference: 15 params, this URL, this token."""
-    params = dict(
-        SmsMessageSid="SM5f1c0e8b2a3d4c6e9f7a1b2c3d4e5f60", NumMedia="0", ProfileName="Ana Souza", MessageType="text",
-        SmsSid="SM5f1c0e8b2a3d4c6e9f7a1b2c3d4e5f60", WaId="5511987654321", SmsStatus="received",
-        Body="Oi, quero saber o preço", To="whatsapp:+14155550100", NumSegments="1", ReferralNumMedia="0",
-        MessageSid="SM5f1c0e8b2a3d4c6e9f7a1b2c3d4e5f60", AccountSid="AC0123456789abcdef0123456789abcdef",
-        From="whatsapp:+5511987654321", ApiVersion="2010-04-01",
-    )  # fmt: skip
+    params = dict(REFERENCE_INBOUND)
     assert sign(TOKEN, "https://flowchat.example.com/twilio/inbound", params) == "96QofFr77/Pwj1BjOqkdbH0pL/w="
 
 
