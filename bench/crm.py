@@ -203,6 +203,8 @@ class CrmBench:
             "sends": len(sends),
             "executions_per_s": succeeded / span if span > 0 else 0.0,
             "round_trips_per_execution": sum(s["round_trips"] for s in stats) / executions,
+            "commands_per_execution": sum(s.get("commands", 0) for s in stats) / executions,
+            "worker_system_cpu_us_per_execution": sum(s["system_cpu_seconds"] for s in stats) / executions * 1e6,
             "worker_cpu_us_per_execution": sum(s["cpu_seconds"] for s in stats) / executions * 1e6,
             "redis_cpu_us_per_execution": redis_cpu / executions * 1e6,
             "redis_bytes_per_queued": (queued - empty) / executions,

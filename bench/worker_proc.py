@@ -28,6 +28,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from flowchat.daemon import run, runtime
 from flowchat.mover import DelayedMover
+from flowchat.pipeliner import Pipeliner
 from flowchat.settings import Settings
 from flowchat.worker import Worker, WorkerSettings
 
@@ -37,11 +38,26 @@ _send = AbstractConnection.send_packed_command
 
 async def _counting_send(self, command, check_health=True):  # type: ignore[no-untyped-def]
     ROUND_TRIPS["count"] += 1
-    ROUND_TRIPS["bytes"] = ROUND_TRIPS.get("bytes", 0) + (len(command) if isinstance(command, bytes | bytearray) else sum(map(len, command)))
+    ROUND_TRIPS["commands"] = ROUND_TRIPS.get("commands", 0) + 1
+    ROUND_TRIPS["bytes"] = ROUND_TRIPS.get("bytes", 0) + (
+        len(command) if isinstance(command, bytes | bytearray) else sum(map(len, command))
+    )
     return await _send(self, command, check_health)
 
 
 AbstractConnection.send_packed_command = _counting_send  # type: ignore[method-assign]
+_write = getattr(Pipeliner, "_write", None)
+
+
+def _counting_write(self, link, batch):  # type: ignore[no-untyped-def]
+    """The auto-pipeline writes on its own connection: each batch written is one round trip."""
+    ROUND_TRIPS["count"] += 1
+    ROUND_TRIPS["commands"] = ROUND_TRIPS.get("commands", 0) + len(batch)
+    return _write(self, link, batch)
+
+
+if _write is not None:
+    Pipeliner._write = _counting_write  # type: ignore[method-assign]
 
 
 async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -> int:
@@ -57,6 +73,7 @@ async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -
         print("ready", flush=True)
         if os.environ.get("BENCH_WAIT_GO"):
             await go.wait()
+        ROUND_TRIPS.clear()
         ROUND_TRIPS["count"] = 0
         profiler = cProfile.Profile() if os.environ.get("BENCH_PROFILE") else None
         if profiler is not None:
@@ -78,6 +95,7 @@ async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -
             {
                 "round_trips": trips,
                 "bytes_sent": ROUND_TRIPS.get("bytes", 0),
+                "commands": ROUND_TRIPS.get("commands", 0),
                 "peak_rss_mb": usage.ru_maxrss / 1024,
                 "cpu_seconds": usage.ru_utime + usage.ru_stime - at_ready.ru_utime - at_ready.ru_stime,
                 "system_cpu_seconds": usage.ru_stime - at_ready.ru_stime,

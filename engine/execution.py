@@ -57,6 +57,9 @@ class Execution:
     started_at: float | None = None
     finished_at: float | None = None
     error: dict[str, Any] | None = None
+    deliveries: int = field(default=0, compare=False)
+    """How many times the queue has handed this execution to a worker since it last waited; 0 when it
+    did not come from the queue (not stored)."""
 
     @classmethod
     def new(cls, flow: Any, trigger: dict[str, Any], execution_id: str | None = None) -> Execution:

@@ -88,6 +88,11 @@ class NodeContext:
     services: Services
     first_started_at: float
     flow_dir: Path = Path(".")
+    first_run: bool = False
+    """True when no earlier attempt of this node can have run in this execution: its first attempt,
+    in the execution's first delivery. A node that keeps a record of its side effect (``whatsapp.send``)
+    need not read the record then. (A node that raises :class:`Suspend` *after* its side effect must
+    not rely on it: waiting does not count as an attempt.)"""
 
     def now(self) -> float:
         return self.services.clock()

@@ -221,6 +221,7 @@ class Runner:
             services=self.services,
             first_started_at=run.started_at or self.services.clock(),
             flow_dir=flow.directory,
+            first_run=run.attempts == 1 and execution.deliveries == 1,
         )
 
     async def _wait(

@@ -443,7 +443,10 @@ FROM events WHERE type = 'node_run'""",
 SELECT epoch_ms(ts) AS ts, flow, execution_id, node, data->>'name' AS name,
        TRY_CAST(data->>'value' AS DOUBLE) AS value,
        COALESCE(TRY_CAST(data->'tags' AS MAP(VARCHAR, VARCHAR)), MAP()) AS tags, id AS event_id
-FROM events WHERE type = 'metric'""",
+FROM events WHERE type = 'metric'
+QUALIFY row_number() OVER (
+  PARTITION BY CASE WHEN COALESCE(execution_id, '') = '' THEN id ELSE concat_ws('/', execution_id, node, data) END
+  ORDER BY ts, id) = 1""",
     "contact_events": """CREATE VIEW contact_events AS
 SELECT epoch_ms(ts) AS ts, data->>'action' AS action, phone, flow, execution_id, node,
        TRY_CAST(data->'tags' AS VARCHAR[]) AS tags, TRY_CAST(data->'groups' AS VARCHAR[]) AS groups,

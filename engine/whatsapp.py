@@ -181,27 +181,31 @@ class WhatsApp:
         flow: str = "",
         execution: str = "",
         node: str = "",
+        first_run: bool = False,
     ) -> dict[str, Any]:
         """Send one message, once per (execution, node); returns ``{sid, status, to, used_template}``.
 
         ``template`` is ``{"content_sid": "HX…", "variables": {...}}``; the plain-arguments form
-        is what nodes call (``ctx.services.get("whatsapp").send(...)``).
+        is what nodes call (``ctx.services.get("whatsapp").send(...)``). ``first_run`` (the node's
+        :attr:`~flowchat.node.NodeContext.first_run`) skips looking for an earlier send of it.
         """
         chosen = None
         if template is not None:
             variables = {str(k): str(v) for k, v in (template.get("variables") or {}).items()}
             chosen = Template(str(template["content_sid"]), variables)
         message = Outgoing(to=to, body=body, media=tuple(media), template=chosen, from_=from_)
-        return await self.deliver(message, SentBy(flow, execution, node))
+        return await self.deliver(message, SentBy(flow, execution, node), first_run=first_run)
 
-    async def deliver(self, message: Outgoing, by: SentBy = _NOBODY) -> dict[str, Any]:
+    async def deliver(self, message: Outgoing, by: SentBy = _NOBODY, *, first_run: bool = False) -> dict[str, Any]:
         """Send ``message`` once per (execution, node); output ``{sid, status, to, used_template}``."""
         to = e164(message.to, "to")
         sender = self._sender(message)
-        # one round trip for both: did this node send already, and who is the contact
-        done, contact = await asyncio.gather(self._sent(by), self._contact(to))
-        if done is not None:
-            return {**done, "to": done.get("to") or to}
+        if first_run:  # nothing can have been sent by this node yet
+            contact = await self._contact(to)
+        else:  # one round trip for both: did this node send already, and who is the contact
+            done, contact = await asyncio.gather(self._sent(by), self._contact(to))
+            if done is not None:
+                return {**done, "to": done.get("to") or to}
         _check_consent(contact, to)
         message = self._fit_window(message, contact, to)
         await self._pace(sender, to, by)

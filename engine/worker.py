@@ -244,6 +244,7 @@ class Worker:
             return None
         flow = await self.catalog.flow_at(meta["flow"], meta["flow_version"], self.queue.flow_source)
         execution = execution_from_parts(meta, loaded.nodes, _order(flow, loaded.nodes))
+        execution.deliveries = loaded.deliveries
         job.flow, job.execution = flow, execution
         if flow is None:
             message = f"flow {meta['flow']} version {meta['flow_version']} is not available"

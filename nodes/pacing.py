@@ -60,6 +60,9 @@ class Metric(Node):
     """Record a named number with string tags as a metric event for analytics."""
 
     type = "metric"
+    # its one effect is an event naming the execution and node; the metrics view keeps one of the
+    # same metric per (execution, node), so running again after a crash counts once (no checkpoint)
+    idempotent = True
 
     class Config(NodeConfig):
         name: str = Field(min_length=1, max_length=200, description="Metric name, e.g. leads.qualified.")

@@ -79,5 +79,6 @@ class WhatsAppSend(Node):
             flow=ctx.flow,
             execution=ctx.execution_id,
             node=ctx.node_id,
+            first_run=ctx.first_run,
         )
         return result

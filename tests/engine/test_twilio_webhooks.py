@@ -144,17 +144,22 @@ async def crm(queue: Queue) -> AsyncIterator[Any]:
 def round_trips(monkeypatch) -> list[list[str]]:
     """Every round trip to Redis of the auto-pipeline (the command names) and every command sent apart."""
     trips: list[list[str]] = []
-    pipelined, sent_apart = Pipeliner.round_trip, Redis.execute_command
+    pipelined, written, sent_apart = Pipeliner.round_trip, Pipeliner._write, Redis.execute_command
 
     async def counted(self: Pipeliner, commands: list[tuple[Any, ...]]) -> list[Any]:
         trips.append([str(command[0]) for command in commands])
         return await pipelined(self, commands)
+
+    def counted_batch(self: Pipeliner, link: Any, batch: list[tuple[tuple[Any, ...], Any]]) -> None:
+        trips.append([str(command[0]) for command, _ in batch])
+        written(self, link, batch)
 
     async def apart(self: Any, *args: Any, **options: Any) -> Any:
         trips.append([f"apart:{args[0]}"])
         return await sent_apart(self, *args, **options)
 
     monkeypatch.setattr(Pipeliner, "round_trip", counted)
+    monkeypatch.setattr(Pipeliner, "_write", counted_batch)
     monkeypatch.setattr(Redis, "execute_command", apart)
     return trips
 

@@ -159,3 +159,31 @@ def test_node_runs_carried_by_execution_and_node_runs_entries_become_node_run_ro
     ]
     assert json.loads(first[2]["data"]) == {"status": "succeeded"}  # the runs are not kept twice
     assert json.loads(first[0]["data"]) == {k: v for k, v in run.items()}
+
+
+def test_a_metric_node_run_again_after_a_crash_counts_once(tmp_path: Path) -> None:
+    """`metric` is idempotent: the view keeps one of the same metric per (execution, node), the first."""
+    from flowchat.warehouse import event_row
+
+    warehouse = Warehouse(tmp_path)
+    now = int(time.time() * 1000)
+
+    def metric(event_id: str, execution: str, node: str, value: int, ts: int) -> dict[str, Any]:
+        data = json.dumps({"name": "crm.inbound", "value": value})
+        fields = {"id": event_id, "type": "metric", "ts": str(ts), "data": data}
+        return event_row(fields | ({"execution_id": execution, "node": node} if execution else {}))
+
+    rows = [
+        metric("e1", "x1", "count", 1, now),
+        metric("e2", "x1", "count", 1, now + 5),  # the same node, run again after its worker died
+        metric("e3", "x1", "other", 2, now + 6),
+        metric("e7", "x1", "other", 3, now + 6),  # another metric of the same node: kept
+        metric("e4", "x2", "count", 1, now + 7),
+        metric("e5", "", "", 10, now + 8),  # metrics recorded outside an execution are all kept
+        metric("e6", "", "", 10, now + 9),
+    ]
+    warehouse.write(rows, "1-0")
+    assert count(tmp_path, "SELECT count(*) FROM metrics") == 6
+    assert count(tmp_path, "SELECT sum(value) FROM metrics WHERE node = 'count'") == 2
+    assert count(tmp_path, "SELECT count(*) FROM metrics WHERE event_id = 'e2'") == 0
+    warehouse.close()

@@ -13,12 +13,15 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from support import ROOT, daemon_env, run_cli, wait_for
+from support import ROOT, daemon_env, mark_node, run_cli, wait_for, write_flow
 from twilio_fake import ACCOUNT_SID, AUTH_TOKEN, TwilioFake
 
 from flowchat.keys import Keys
+from flowchat.loader import load_flow
 from flowchat.messages import Ledger
+from flowchat.queue import Queue
 from flowchat.redis_server import free_port
+from flowchat.registry import load_registry
 
 SHIPPED = ROOT / "flows" / "whatsapp_welcome.yaml"
 STATUS_FLOW = """flow: delivery_watch
@@ -115,7 +118,6 @@ async def test_twilio_mode_sends_through_the_api_and_status_callbacks_come_back(
 
 
 async def _finished(redis: Redis, flow: str) -> list[dict[str, Any]]:
-    from flowchat.queue import Queue
 
     queue = Queue(redis, Keys("fc"))
     found: list[dict[str, Any]] = []
@@ -131,3 +133,38 @@ async def _finished(redis: Redis, flow: str) -> list[dict[str, Any]]:
 
     await wait_for(done)
     return found
+
+
+async def test_a_worker_killed_after_a_send_leaves_it_sent_once(redis_url, redis, processes, tmp_path, flows_dir, fake):
+    """The send's state rides with a later write; the worker that takes over finds its send record instead."""
+    marks = tmp_path / "marks"
+    slow = mark_node(marks, "slow", sleep=30, sleep_first_run_only=True) | {"timeout": "60s"}
+    send = {
+        "id": "send",
+        "type": "whatsapp.send",
+        "with": {"to": "+5511987654321", "template": {"content_sid": "HX" + "0" * 32}},
+    }
+    write_flow(flows_dir, "send_then_crash", [send, slow])
+    env = wa_env(
+        redis_url, tmp_path / "data", TWILIO_ACCOUNT_SID=ACCOUNT_SID, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        TWILIO_WHATSAPP_NUMBER="+14155550100", FLOWCHAT_TWILIO_API_URL=fake.url, FLOWCHAT_VISIBILITY_TIMEOUT="1",
+        FLOWCHAT_SEND_RATE="off", FLOWCHAT_RECIPIENT_RATE="off",
+    )  # fmt: skip
+    victim = processes.start("worker", "--flows", str(flows_dir), env=env)
+    queue = Queue(redis, Keys("fc"))
+    flow = load_flow(flows_dir / "send_then_crash.yaml", load_registry(ROOT / "tests" / "fixtures" / "plugins"))
+    await queue.store_flow(flow)
+    [execution_id] = await queue.enqueue_many(flow.name, flow.version, [{}])
+
+    await wait_for(lambda: marks.exists() and "slow start" in marks.read_text())
+    victim.kill()
+    victim.wait()
+    processes.start("worker", "--flows", str(flows_dir), env=env)
+
+    async def succeeded() -> bool:
+        stored = await queue.get(execution_id)
+        return stored is not None and stored[0]["status"] == "succeeded"
+
+    await wait_for(succeeded, timeout=30)
+    assert fake.posts == 1  # the take-over ran the send node again and found its record
+    assert len(await outbound(redis)) == 1
