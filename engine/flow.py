@@ -20,7 +20,7 @@ from flowchat.graph import ancestors, dependents_of, find_cycle, resolve_needs
 from flowchat.node import Node, RetryPolicy
 from flowchat.secrets import referenced_secrets
 from flowchat.spec import FlowSpec
-from flowchat.templates import Template, iter_templates
+from flowchat.templates import Renderer, Template, iter_templates, tree_renderer
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,11 @@ class FlowNode:
     timeout: float
     static_config: Any = None
     """The validated Config when ``with`` has no templates: built once, at load time."""
+    render: Renderer = field(init=False, repr=False, compare=False)
+    """Renders ``config`` for one run (:func:`~flowchat.templates.tree_renderer`)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "render", tree_renderer(self.config))
 
 
 @dataclass(frozen=True)

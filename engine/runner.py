@@ -40,7 +40,7 @@ from flowchat.node import NodeContext, Suspend
 from flowchat.outcome import Outcome, decide
 from flowchat.secrets import Secrets
 from flowchat.services import Services
-from flowchat.templates import Template, render_tree
+from flowchat.templates import Template
 
 Checkpoint = Callable[[Execution, NodeRun, FlowNode], Awaitable[None]]
 Mask = Callable[[Any], Any]
@@ -197,7 +197,7 @@ class Runner:
         config = node.static_config
         try:
             if config is None:
-                config = node.node.Config.model_validate(render_tree(node.config, context))
+                config = node.node.Config.model_validate(node.render(context))
                 # rendering is synchronous (no timer can interrupt it): what it took is taken from the budget
                 _within_timeout(node, time.perf_counter() - started, "rendering its config")
         except ValidationError as exc:

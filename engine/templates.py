@@ -15,7 +15,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import jinja2
 from jinja2 import meta, nodes
@@ -147,33 +147,49 @@ class Template:
     """The template as plain Python, when it is simple enough (:func:`_fast_renderer`)."""
 
     def render(self, context: dict[str, Any]) -> Any:
+        if self._fast is not None:  # bounded by its own size: no step budget to keep
+            try:
+                result = self._fast(context)
+            except _Defer:
+                pass
+            except Exception as exc:
+                self._raise(exc)
+            else:
+                return self._typed(result)
         budget = start_budget()
         try:
-            result = _MISSING
-            if self._fast is not None:
-                try:
-                    result = self._fast(context)
-                except _Defer:
-                    pass
-            if result is _MISSING:
-                result = self._compiled.render(context)
-        except TemplateLimitExceeded as exc:
-            raise TemplateError(f"{exc} in {_short(self.source)}", code="template-limit") from exc
-        except SecurityError as exc:
-            raise TemplateSecurityError(f"{exc} in {self.source!r}") from exc
-        except jinja2.UndefinedError as exc:
-            raise TemplateError(f"{exc} in {self.source!r}", code="template-undefined") from exc
-        except FlowChatError:
-            raise  # raised on purpose by something the context holds (a missing secret): keep its code
-        except (MemoryError, RecursionError) as exc:
-            raise TemplateError(f"{type(exc).__name__} in {_short(self.source)}", code="template-limit") from exc
-        except Exception as exc:  # a filter or operator failing on the data: that node's error, not a crash
-            raise TemplateError(f"{type(exc).__name__}: {exc} in {self.source!r}") from exc
+            result = self._compiled.render(context)
+        except Exception as exc:
+            self._raise(exc)
         finally:
             end_budget(budget)
+        return self._typed(result)
+
+    def _typed(self, result: Any) -> Any:
         if self.text and isinstance(result, int | float) and not isinstance(result, bool):
             return str(result)
         return result
+
+    def _raise(self, exc: Exception) -> NoReturn:
+        error = self._error(exc)
+        if error is exc:
+            raise exc
+        raise error from exc
+
+    def _error(self, exc: Exception) -> Exception:
+        """What rendering failed with, as the error the node fails with."""
+        if isinstance(exc, TemplateLimitExceeded):
+            return TemplateError(f"{exc} in {_short(self.source)}", code="template-limit")
+        if isinstance(exc, SecurityError):
+            return TemplateSecurityError(f"{exc} in {self.source!r}")
+        if isinstance(exc, jinja2.UndefinedError):
+            return TemplateError(f"{exc} in {self.source!r}", code="template-undefined")
+        if isinstance(exc, FlowChatError):
+            return exc  # raised on purpose by something the context holds (a missing secret): keep its code
+        if isinstance(exc, MemoryError | RecursionError):
+            return TemplateError(f"{type(exc).__name__} in {_short(self.source)}", code="template-limit")
+        # a filter or operator failing on the data: that node's error, not a crash
+        return TemplateError(f"{type(exc).__name__}: {exc} in {self.source!r}")
 
     def as_text(self) -> Template:
         """This template, rendering numbers as strings."""
@@ -483,6 +499,25 @@ def iter_templates(value: Any, path: TreePath = ()) -> Iterator[tuple[TreePath, 
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from iter_templates(item, (*path, index))
+
+
+Renderer = Callable[[dict[str, Any]], Any]
+
+
+def tree_renderer(value: Any) -> Renderer:
+    """:func:`render_tree` for one tree, with its shape decided once (a node's ``with``, at load time).
+
+    As with ``render_tree``, every render builds new dicts and lists, so nothing a node may change is shared.
+    """
+    if isinstance(value, Template):
+        return value.render
+    if isinstance(value, dict):
+        entries = [(key, tree_renderer(item)) for key, item in value.items()]
+        return lambda context: {key: render(context) for key, render in entries}
+    if isinstance(value, list):
+        items = [tree_renderer(item) for item in value]
+        return lambda context: [render(context) for render in items]
+    return lambda context: value
 
 
 def render_tree(value: Any, context: dict[str, Any]) -> Any:

@@ -292,9 +292,10 @@ class WhatsApp:
 
     def _simulate(self, message: Outgoing, to: str, sender: str) -> dict[str, Any]:
         sid = "SM" + uuid.uuid4().hex
-        what = f"template {message.template.content_sid}" if message.template else f"{len(message.body or '')} chars"
-        log.info("outbox: %s -> %s (%s, %d media) recorded as %s, not sent", mask_phones(sender), mask_phones(to),
-                 what, len(message.media), sid)  # fmt: skip
+        if log.isEnabledFor(logging.INFO):
+            what = f"template {message.template.content_sid}" if message.template else f"{len(message.body or '')} chars"
+            log.info("outbox: %s -> %s (%s, %d media) recorded as %s, not sent", mask_phones(sender), mask_phones(to),
+                     what, len(message.media), sid)  # fmt: skip
         return {"sid": sid, "status": "simulated"}
 
     async def _post(self, message: Outgoing, to: str, sender: str) -> dict[str, Any]:
