@@ -36,6 +36,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import time
@@ -414,12 +415,13 @@ class Queue:
                 loaded.append(StoredExecution(delivery, stored.meta, stored.nodes, int(count)))
         return loaded
 
-    async def checkpoint(self, execution: Execution, runs: Iterable[NodeRun]) -> None:
-        """Persist node states in one HSET (batched with other executions' checkpoints)."""
-        try:
-            await self.pipeliner.execute("HSET", self.keys.execution(execution.id), *run_fields(runs))
-        except RedisError as exc:
-            raise QueueError(f"cannot checkpoint: {exc}") from exc
+    def checkpoint(self, execution: Execution, runs: Iterable[NodeRun]) -> asyncio.Future[Any]:
+        """Persist node states in one HSET (batched with other executions' checkpoints); its reply, to await.
+
+        Commands on the auto-pipeline reach Redis in the order they were issued, so whatever this
+        execution writes next is applied after this HSET, awaited or not.
+        """
+        return self.pipeliner.execute("HSET", self.keys.execution(execution.id), *run_fields(runs))
 
     async def finish(
         self, delivery: Delivery, outcome: Outcome, consumer: str, *, runs: Iterable[NodeRun] = ()

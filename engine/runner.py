@@ -5,7 +5,9 @@ The seams between them:
 
 - ``checkpoint(execution, node_run, node)`` is awaited after every node settles
   (``node`` is the flow's :class:`FlowNode`); the worker persists state there, so a
-  resumed execution skips finished nodes.
+  resumed execution skips finished nodes. ``confirm(execution)`` is awaited before a
+  node with side effects that must not repeat (neither pure nor idempotent) starts:
+  the worker waits there for the writes it has issued but not yet seen answered.
 - The outcome: :meth:`Runner.advance` returns an :class:`~flowchat.outcome.Outcome`
   (decided once, in :func:`flowchat.outcome.decide`) that the worker and the queue
   act on; :meth:`Runner.run` returns the settled execution itself.
@@ -43,6 +45,7 @@ from flowchat.services import Services
 from flowchat.templates import Template
 
 Checkpoint = Callable[[Execution, NodeRun, FlowNode], Awaitable[None]]
+Confirm = Callable[[Execution], Awaitable[None]]
 Mask = Callable[[Any], Any]
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 CLOCK_SKEW_TOLERANCE = 1.0
@@ -53,6 +56,10 @@ _node_log = logging.getLogger("flowchat.execution")
 
 
 async def _no_checkpoint(execution: Execution, run: NodeRun, node: FlowNode) -> None:
+    return None
+
+
+async def _nothing_to_confirm(execution: Execution) -> None:
     return None
 
 
@@ -68,6 +75,7 @@ class Runner:
         services: Services | None = None,
         *,
         checkpoint: Checkpoint = _no_checkpoint,
+        confirm: Confirm = _nothing_to_confirm,
         defer_waits: bool = False,
         mask: Mask = identity,
         max_output: int = DEFAULT_MAX_OUTPUT,
@@ -75,6 +83,7 @@ class Runner:
     ) -> None:
         self.services = services or Services()
         self.checkpoint = checkpoint
+        self.confirm = confirm
         self.defer_waits = defer_waits
         # secret values never reach storage, downstream templates or the trace (secrets.Secrets.mask)
         self.mask = mask if mask is not identity or not self.services.secrets else self.services.secrets.mask
@@ -148,6 +157,8 @@ class Runner:
         except FlowChatError as error:
             await self._fail(flow, execution, node, run, error)
             return
+        if not (node.node.pure or node.node.idempotent):
+            await self.confirm(execution)  # what ran before is stored before this node's effect happens
         while True:
             outcome = await self._attempt(flow, execution, node, run, context)
             if outcome is None:

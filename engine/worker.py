@@ -17,6 +17,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +84,16 @@ class Worker:
         self.catalog = catalog
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.runner = Runner(services, checkpoint=self._checkpoint, defer_waits=True, max_output=settings.max_output)
+        self.runner = Runner(
+            services,
+            checkpoint=self._checkpoint,
+            confirm=self._confirm,
+            defer_waits=True,
+            max_output=settings.max_output,
+        )
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self._unsaved: dict[str, list[NodeRun]] = {}
+        self._writes: dict[str, list[_Write]] = {}  # checkpoints issued, their answers not yet seen
         self.events: Events | None = services.extra.get("events")
         self._events: dict[str, list[dict[str, Any]]] = {}  # node runs riding the next write's event
         self._stopping = asyncio.Event()
@@ -221,6 +229,7 @@ class Worker:
         finally:  # also when cancelled (lease lost, or shutdown past the grace period)
             self._unsaved.pop(delivery.execution_id, None)
             self._events.pop(delivery.execution_id, None)
+            _forget(self._writes.pop(delivery.execution_id, ()))
 
     async def _stop_cancelled(self, job: _Job) -> None:
         """An operator cancelled this execution: stop at this node boundary and record it once."""
@@ -266,6 +275,7 @@ class Worker:
             _log_outcome(execution)
         if outcome.event != "waiting":
             self.metrics.execution_event(execution.flow, outcome.event)
+        await self._confirm(execution)
         runs = self._unsaved.pop(execution.id, ())
         self._send_events(execution, final=True)  # queued now: leaves in the same write as the outcome
         if not await self.queue.finish(delivery, outcome, self.settings.consumer, runs=runs):
@@ -313,18 +323,30 @@ class Worker:
             return
         del self._unsaved[execution.id]
         self._send_events(execution)
-        flagged = self.queue.cancel_requested(execution.id)  # same round trip as the checkpoint
+        # issued now, answer awaited in _confirm: before the next node whose effect must not repeat
+        # starts, and before the outcome (nothing this execution writes later can overtake it)
+        write = _Write(run.id, self.queue.checkpoint(execution, unsaved), self.queue.cancel_requested(execution.id))
+        self._writes.setdefault(execution.id, []).append(write)
+
+    async def _confirm(self, execution: Execution) -> None:
+        """Wait for this execution's checkpoints issued so far; stop it if an operator cancelled it meanwhile."""
+        writes = self._writes.pop(execution.id, None)
+        if not writes:
+            return
         try:
-            await self.queue.checkpoint(execution, unsaved)
-            if await flagged:
-                raise ExecutionCancelled(execution.id)
-        except ExecutionCancelled:
-            raise
-        except Exception as exc:
-            if redis_unreachable(exc):
-                raise
-            message = f"cannot checkpoint node {run.id}: {type(exc).__name__}: {exc}"
-            raise QueueError(message, code="checkpoint-failed", retryable=False).at(node=run.id) from exc
+            for write in writes:
+                try:
+                    await write.stored
+                except Exception as exc:
+                    if redis_unreachable(exc):
+                        raise
+                    message = f"cannot checkpoint node {write.node}: {type(exc).__name__}: {exc}"
+                    error = QueueError(message, code="checkpoint-failed", retryable=False)
+                    raise error.at(node=write.node) from exc
+                if await write.cancel_flagged:
+                    raise ExecutionCancelled(execution.id)
+        finally:
+            _forget(writes)
 
     def _send_events(self, execution: Execution, final: bool = False) -> None:
         """Queue pending events on the queue's auto-pipeline, beside the write that follows."""
@@ -340,6 +362,31 @@ class Worker:
 
 
 _WORKER_CODES = frozenset({"flow-missing", "poison"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A checkpoint on its way: the node it stores, and the replies of its HSET and the cancel-flag read."""
+
+    node: str
+    stored: asyncio.Future[Any]
+    cancel_flagged: asyncio.Future[Any]
+
+
+def _forget(writes: Iterable[_Write]) -> None:
+    """Replies nobody will read: their errors are not worth an "exception was never retrieved" warning."""
+    for write in writes:
+        for future in (write.stored, write.cancel_flagged):
+            if future.done():
+                if not future.cancelled():
+                    future.exception()
+            else:
+                future.add_done_callback(_retrieved)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class ExecutionCancelled(Exception):
