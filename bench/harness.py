@@ -129,7 +129,7 @@ class Bench:
         self, count: int, flows: Path | None = None, env: dict[str, str] | None = None
     ) -> list[subprocess.Popen[str]]:
         folder = str(flows or self.flows)
-        args = ("-m", "bench.worker_proc", self.url, folder, "64")
+        args = ("-m", "bench.worker_proc", self.url, folder, os.environ.get("BENCH_CONCURRENCY", "64"))
         procs = [self.spawn(*args, ready="ready", env={**(env or {}), "BENCH_WAIT_GO": "1"}) for _ in range(count)]
         for proc in procs:  # all start together
             proc.send_signal(signal.SIGUSR1)

@@ -107,4 +107,5 @@ async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -
 
 
 if __name__ == "__main__":
-    run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5]))  # the loop `flowchat worker` runs on
+    coroutine = main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
+    asyncio.run(coroutine) if os.environ.get("BENCH_ASYNCIO") else run(coroutine)  # run: `flowchat worker`'s loop

@@ -462,29 +462,34 @@ def contact_from_fields(raw: Mapping[Any, Any]) -> dict[str, Any]:
     groups: list[str] = []
     for key, value in raw.items():
         name = key.decode() if type(key) is bytes else str(key)
-        text = value.decode() if type(value) is bytes else str(value)
-        kind = name[:2]
-        if kind == "a:":
-            attributes[name[2:]] = orjson.loads(text)
-        elif kind == "t:":
-            tags.append(name[2:])
-        elif kind == "g:":
-            groups.append(name[2:])
-        else:
-            fields[name] = text
+        if name[1:2] == ":":
+            kind = name[0]
+            if kind == "a":
+                attributes[name[2:]] = orjson.loads(value)
+                continue
+            if kind == "t":
+                tags.append(name[2:])
+                continue
+            if kind == "g":
+                groups.append(name[2:])
+                continue
+        fields[name] = value.decode() if type(value) is bytes else str(value)
+    get = fields.get
+    tags.sort()
+    groups.sort()
     return {
-        "phone": fields.get("phone", ""),
-        "name": fields.get("name") or None,
-        "attributes": dict(sorted(attributes.items())),
-        "tags": sorted(tags),
-        "groups": sorted(groups),
+        "phone": get("phone", ""),
+        "name": get("name") or None,
+        "attributes": dict(sorted(attributes.items())) if len(attributes) > 1 else attributes,
+        "tags": tags,
+        "groups": groups,
         "consent": {
-            "state": fields.get("consent_state", "unknown"),
-            "at": _int(fields.get("consent_at")),
-            "source": fields.get("consent_source") or None,
+            "state": get("consent_state", "unknown"),
+            "at": _int(get("consent_at")),
+            "source": get("consent_source") or None,
         },
-        "created_at": _int(fields.get("created_at")),
-        "last_inbound_at": _int(fields.get("last_inbound_at")),
+        "created_at": _int(get("created_at")),
+        "last_inbound_at": _int(get("last_inbound_at")),
     }
 
 

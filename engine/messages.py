@@ -22,6 +22,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from flowchat.codec import dumps
 from flowchat.keys import Keys
 from flowchat.pipeliner import Pipeliner
 
@@ -180,7 +181,7 @@ class Ledger:
                 flat += [name, _field(value)]
         has_record = bool(by.execution)
         record_key = self.keys.send_record(by.execution, by.node) if has_record else self.keys.send_record("-", "-")
-        record = json.dumps(output or {"sid": sid, "status": fields.get("status", "")}) if has_record else ""
+        record = dumps(output or {"sid": sid, "status": fields.get("status", "")}) if has_record else ""
         keys = [self.keys.message(sid), record_key, self.keys.messages]
         await self._script("record", keys, [sid, record, SEND_RECORD_TTL, *flat])
 

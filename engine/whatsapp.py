@@ -25,10 +25,10 @@ import asyncio
 import email.utils
 import json
 import logging
+import random
 import re
 import time
 import types
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,7 +291,8 @@ class WhatsApp:
     # --- outbox and Twilio ------------------------------------------------------------
 
     def _simulate(self, message: Outgoing, to: str, sender: str) -> dict[str, Any]:
-        sid = "SM" + uuid.uuid4().hex
+        # outbox sids need only be unique, not unguessable: no system call per sid (random reseeds after fork)
+        sid = f"SM{random.getrandbits(128):032x}"
         if log.isEnabledFor(logging.INFO):
             what = f"template {message.template.content_sid}" if message.template else f"{len(message.body or '')} chars"
             log.info("outbox: %s -> %s (%s, %d media) recorded as %s, not sent", mask_phones(sender), mask_phones(to),
