@@ -25,6 +25,7 @@ from jinja2.nativetypes import NativeCodeGenerator
 from flowchat.errors import FlowChatError, TemplateError, TemplateSecurityError
 from flowchat.sandbox import (
     INTERCEPTED_BINOPS,
+    MAX_TEXT,
     BoundedSandbox,
     TemplateLimitExceeded,
     bounded_lipsum,
@@ -243,7 +244,17 @@ def _fast_renderer(tree: nodes.Template) -> Fast | None:
         return render_one
 
     def render_text(context: dict[str, Any]) -> Any:
-        return _concat(part(context) for part in parts)  # as Jinja's: the size checked part by part, not once built
+        # Jinja's concat for text around expressions; the parts are context values (never Undefined,
+        # never lazy: lookups defer those to Jinja), so each is just its str; the size is checked as it grows
+        texts: list[str] = []
+        size = 0
+        for part in parts:
+            text = str(part(context))
+            size += len(text)
+            if size > MAX_TEXT:
+                check_text(size)
+            texts.append(text)
+        return "".join(texts)
 
     return render_text
 
@@ -283,10 +294,14 @@ def _expression(node: nodes.Node) -> Fast:
     raise _Unsupported
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None), dict, list})
+"""Types of what JSON and node outputs hold: never an iterator (the ABC check is the slow way to know)."""
+
+
 def _name(name: str) -> Fast:
     def look_up(context: dict[str, Any]) -> Any:
         value = context.get(name, _MISSING)
-        if value is _MISSING or isinstance(value, Iterator):
+        if type(value) not in _PLAIN and (value is _MISSING or isinstance(value, Iterator)):
             raise _Defer
         return value
 
@@ -302,7 +317,7 @@ def _key(parent: Fast, key: str | int) -> Fast:
             value = value[key]
         else:
             raise _Defer  # an attribute, a string's character, the secrets view …: Jinja's rules
-        if value is _MISSING or isinstance(value, Iterator):
+        if type(value) not in _PLAIN and (value is _MISSING or isinstance(value, Iterator)):
             raise _Defer
         return value
 
