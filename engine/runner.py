@@ -106,13 +106,22 @@ class Runner:
         try:
             while True:
                 ready = [] if graph.failed else await self._take_ready(execution, graph)
-                if len(ready) == 1 and not running:
-                    await self._run_node(flow, execution, ready[0], context)  # a linear step needs no task
-                    _settled(graph, ready[0], execution, context)
-                    continue
+                waits = []
                 for node in ready:
+                    if node.node.pure:  # no I/O to overlap with: it runs now, in this task
+                        await self._run_node(flow, execution, node, context)
+                        _settled(graph, node, execution, context)
+                    else:
+                        waits.append(node)
+                if len(waits) == 1 and not running:
+                    await self._run_node(flow, execution, waits[0], context)  # a linear step needs no task
+                    _settled(graph, waits[0], execution, context)
+                    continue
+                for node in waits:
                     running[asyncio.create_task(self._run_node(flow, execution, node, context))] = node
                 if not running:
+                    if ready:
+                        continue  # pure nodes ran: what they unblocked is ready now
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:

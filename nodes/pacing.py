@@ -60,9 +60,10 @@ class Metric(Node):
     """Record a named number with string tags as a metric event for analytics."""
 
     type = "metric"
-    # its one effect is an event naming the execution and node; the metrics view keeps one of the
-    # same metric per (execution, node), so running again after a crash counts once (no checkpoint)
-    idempotent = True
+    # no I/O: its one effect is an event, queued in memory and written with the next write, naming the
+    # execution and node; the metrics view keeps one of the same metric per (execution, node), so
+    # running again after a crash counts once (no checkpoint, no timeout timer, no task of its own)
+    pure = True
 
     class Config(NodeConfig):
         name: str = Field(min_length=1, max_length=200, description="Metric name, e.g. leads.qualified.")
