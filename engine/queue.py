@@ -396,11 +396,11 @@ class Queue:
 
     async def load(self, deliveries: list[Delivery]) -> list[StoredExecution]:
         """Count a delivery and fetch the state of each execution, in one round trip."""
-        commands: list[tuple[Any, ...]] = []
-        for delivery in deliveries:
+        pending: list[asyncio.Future[Any]] = []
+        for delivery in deliveries:  # on the auto-pipeline: with whatever else this loop turn writes
             key = self.keys.execution(delivery.execution_id)
-            commands += [("HINCRBY", key, "d", 1), ("HGETALL", key)]
-        replies = await self.pipeliner.round_trip(commands)
+            pending += [self.pipeliner.execute("HINCRBY", key, "d", 1), self.pipeliner.execute("HGETALL", key)]
+        replies = await asyncio.gather(*pending, return_exceptions=True)
         loaded = []
         for index, delivery in enumerate(deliveries):
             count, flat = replies[2 * index], replies[2 * index + 1]
