@@ -139,7 +139,7 @@ class Change:
     inbound_at: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Applied:
     """What a change did: the contact after it, and exactly what moved."""
 
@@ -353,22 +353,24 @@ class Contacts:
             spec["set"] = [[_attribute(k), _json(v)] for k, v in sorted(change.attributes.items())]
         if change.unset:
             spec["unset"] = [_attribute(k) for k in change.unset]
-        lists = {
-            "tags_add": (change.tags_add, self.keys.contacts_tagged),
-            "tags_remove": (change.tags_remove, self.keys.contacts_tagged),
-            "groups_add": (change.groups_add, self.keys.contacts_grouped),
-            "groups_remove": (change.groups_remove, self.keys.contacts_grouped),
-        }
+        named = self.keys
+        contact = named.contact(phone)
         keys = [
-            self.keys.contact(phone),
-            self.keys.contact_audit(phone),
-            self.keys.contacts_all,
-            self.keys.contacts_opted_out,
-            self.keys.contact_inbound(change.inbound_sid) if change.inbound_sid else self.keys.contact(phone),
+            contact,
+            named.contact_audit(phone),
+            named.contacts_all,
+            named.contacts_opted_out,
+            named.contact_inbound(change.inbound_sid) if change.inbound_sid else contact,
         ]
-        for name, (values, key_of) in lists.items():
-            spec[name] = labels(values)
-            keys += [key_of(value) for value in spec[name]]
+        for name, values, key_of in (
+            ("tags_add", change.tags_add, named.contacts_tagged),
+            ("tags_remove", change.tags_remove, named.contacts_tagged),
+            ("groups_add", change.groups_add, named.contacts_grouped),
+            ("groups_remove", change.groups_remove, named.contacts_grouped),
+        ):
+            if values:  # the script reads a missing list as empty; KEYS follow the lists in this order
+                spec[name] = labels(values)
+                keys += [key_of(value) for value in spec[name]]
         if change.consent is not None:
             spec["consent"] = {"state": change.consent, "source": change.source}
         if change.inbound_sid:
@@ -440,7 +442,7 @@ def contact_events(applied: Applied, origin: Origin, source: str = "") -> list[E
 
 def applied_from_reply(reply: list[Any]) -> Applied:
     created, flat, tagged, untagged, grouped, ungrouped, set_, unset, renamed, consent = reply
-    strings = [[_text(x) for x in part] for part in (tagged, untagged, grouped, ungrouped, set_, unset)]
+    strings = [[_text(x) for x in part] if part else [] for part in (tagged, untagged, grouped, ungrouped, set_, unset)]
     return Applied(
         contact=contact_from_fields(_pairs(flat)),
         created=int(created) == 1,
@@ -541,7 +543,7 @@ def _text_fields(raw: Mapping[Any, Any]) -> dict[str, str]:
 def _pairs(flat: Any) -> dict[Any, Any]:
     if isinstance(flat, dict):
         return flat
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _int(value: str | None) -> int | None:
