@@ -291,6 +291,27 @@ def _expression(node: nodes.Node) -> Fast:
         return lambda context: then(context) if test(context) else otherwise(context)
     if isinstance(node, nodes.Compare) and all(op.op in _COMPARE for op in node.ops):
         return _comparison(_expression(node.expr), [(_COMPARE[op.op], _expression(op.expr)) for op in node.ops])
+    if isinstance(node, nodes.Filter) and node.name in _FAST_FILTERS and node.node is not None:
+        if node.kwargs or node.dyn_args is not None or node.dyn_kwargs is not None:
+            raise _Unsupported
+        return _filter(node.name, _expression(node.node), [_expression(arg) for arg in node.args])
+    raise _Unsupported
+
+
+_FAST_FILTERS = frozenset(
+    {"truncate", "lower", "upper", "trim", "title", "capitalize", "length", "count", "string", "int", "float",
+     "abs", "round", "default", "d", "first", "last", "wordcount"}
+)  # fmt: skip
+"""Filters that return a plain value (never a generator), called as Jinja's compiled code calls them."""
+
+
+def _filter(name: str, value: Fast, args: list[Fast]) -> Fast:
+    function = ENVIRONMENT.filters[name]
+    passes = getattr(function, "jinja_pass_arg", None)
+    if passes is None:
+        return lambda context: function(value(context), *[arg(context) for arg in args])
+    if passes.name == "environment":
+        return lambda context: function(ENVIRONMENT, value(context), *[arg(context) for arg in args])
     raise _Unsupported
 
 

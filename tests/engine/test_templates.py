@@ -327,9 +327,10 @@ def test_templates_rendered_without_jinja_match_jinja(source: str) -> None:
 
 
 def test_plain_lookups_and_conditions_take_the_fast_path() -> None:
-    for source in ("{{ trigger.From }}", "x{{ a.b }}y", "{{ a or 'b' }}", "{{ [1] if a == 2 else [] }}"):
+    for source in ("{{ trigger.From }}", "x{{ a.b }}y", "{{ a or 'b' }}", "{{ [1] if a == 2 else [] }}",
+                   "{{ a | truncate(100) }}", "{{ a | upper }}"):  # fmt: skip
         assert compile_template(source)._fast is not None, source
-    for source in ("{{ a | upper }}", "{{ a + 1 }}", "{% if a %}x{% endif %}", "{{ range(3) }}", "{{ a.items }}"):
+    for source in ("{{ a | map('upper') }}", "{{ a | join(',') }}", "{{ a + 1 }}", "{% if a %}x{% endif %}", "{{ range(3) }}", "{{ a.items }}"):
         assert compile_template(source)._fast is None, source
 
 
@@ -376,6 +377,11 @@ _JSON = st.recursive(
 )
 _LITERALS = ["1", "0", "-1", "1.5", "0.0", "'a'", "''", "'items'", "true", "False", "none", "[]", "[1, 'a']", "1e400"]
 _COMPARISONS = ["==", "!=", "<", "<=", ">", ">=", "in", "not in"]
+_FILTERS = [
+    "truncate(3)", "truncate(5, true)", "truncate(2, false, '~', 0)", "lower", "upper", "trim", "title", "capitalize",
+    "length", "count", "string", "int", "float", "abs", "round", "round(1, 'floor')", "default('z')",
+    "default('z', true)", "d(1)", "first", "last", "wordcount", "join(',')", "map('upper')", "truncate(a)",
+]  # fmt: skip
 
 
 def _bigger(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
@@ -391,6 +397,7 @@ def _bigger(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
             lambda t: "(" + t[0] + "".join(f" {op} {operand}" for op, operand in t[1]) + ")"
         ),
         st.lists(inner, max_size=3).map(", ".join).map("[{}]".format),
+        st.tuples(inner, st.sampled_from(_FILTERS)).map(lambda t: f"({t[0]} | {t[1]})"),
     )
 
 
