@@ -400,13 +400,13 @@ class Queue:
         for delivery in deliveries:  # on the auto-pipeline: with whatever else this loop turn writes
             key = self.keys.execution(delivery.execution_id)
             pending += [self.pipeliner.execute("HINCRBY", key, "d", 1), self.pipeliner.execute("HGETALL", key)]
-        replies = await asyncio.gather(*pending, return_exceptions=True)
+        replies: list[Any] = await asyncio.gather(*pending, return_exceptions=True)
+        failed = next((reply for reply in replies if isinstance(reply, BaseException)), None)
+        if failed is not None:
+            raise failed
         loaded = []
         for index, delivery in enumerate(deliveries):
             count, flat = replies[2 * index], replies[2 * index + 1]
-            for reply in (count, flat):
-                if isinstance(reply, Exception):
-                    raise reply
             fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
             stored = decode_hash(fields, delivery.execution_id)
             if stored is None:
