@@ -359,6 +359,7 @@ def _fail_futures(futures: list[asyncio.Future[Any]], exc: Exception) -> None:
     for future in futures:
         if not future.done():
             future.set_exception(exc)
+            future.exception()  # a caller that gave up (its task cancelled) is no reason for a warning
 
 
 def _without_culprits(batch: Pending, exc: Exception) -> Pending:
