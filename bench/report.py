@@ -181,7 +181,8 @@ def crm_rows(results: dict[str, Any], t: Targets) -> list[Row]:
         (
             "cost: CRM, Redis CPU / exec",
             f"{one['redis_cpu_us_per_execution']:.0f} µs",
-            f"{one['round_trips_per_execution']:.3f} round trips / exec (worker)",
+            f"{one['round_trips_per_execution']:.3f} round trips, "
+            f"{one.get('commands_per_execution', 0):.1f} commands / exec (worker)",
             t.at_most("cost_crm_redis_us", one["redis_cpu_us_per_execution"], 100, "100 µs"),
         )
     )

@@ -36,7 +36,15 @@ import hiredis
 from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import AskError, ClusterDownError, InvalidResponse, MovedError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    InvalidResponse,
+    MovedError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -299,6 +307,8 @@ class _Link:
                     raise RedisConnectionError("Connection closed by server.")
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
+                    if isinstance(reply, ReadOnlyError):  # the primary was demoted: find the new one
+                        raise RedisConnectionError("Redis is read-only now (a replica after a failover?)")
                     _resolve(waiting.popleft(), reply)
                     self._answered += 1
                     if self._batch_ends and self._batch_ends[0][0] == self._answered:
