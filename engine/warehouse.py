@@ -28,15 +28,17 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import operator
 import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -122,11 +124,23 @@ _PHONE_TYPES = (b"contact", b"message")
 def entries_table(entries: Sequence[Sequence[bytes]], entry_ids: Sequence[bytes] | None = None) -> pa.Table:
     """Stream entries (each its flat ``[field, value, ...]`` list of bytes, as Redis sends it) as Arrow.
 
-    Per event the Python work is a slice and a compare; the columns come from one ``zip`` and are
-    decoded and converted (``ts`` to int) by Arrow. Entries with other fields or order go through a
-    dict; anything odd (text that is not UTF-8, a ts that is not a number) falls back to the
-    row-by-row path, which never fails. An event without an id gets its stream entry's id
-    (``entry_ids``), so it is neither lost nor merged with another.
+    The engine's entries (its field order, a ts and data in each) are gathered column by column
+    (:class:`_Columns`); anything else takes :func:`general_table`, which gives the same table for
+    the engine's entries and also takes any field order and odd values.
+    """
+    try:
+        return _columns(entries, entry_ids).table()
+    except _Unusual:
+        return general_table(entries, entry_ids)
+
+
+def general_table(entries: Sequence[Sequence[bytes]], entry_ids: Sequence[bytes] | None = None) -> pa.Table:
+    """:func:`entries_table` for any entries, row by row (rows made by :func:`flowchat.events.unpack`).
+
+    The columns come from one ``zip`` and are decoded and converted (``ts`` to int) by Arrow.
+    Entries with other fields or order go through a dict; anything odd (text that is not UTF-8, a
+    ts that is not a number) falls back to the row-by-row path, which never fails. An event without
+    an id gets its stream entry's id (``entry_ids``), so it is neither lost nor merged with another.
     """
     entries, entry_ids = _expand(entries, entry_ids)
     table = _entries_table(entries)
@@ -137,6 +151,141 @@ def entries_table(entries: Sequence[Sequence[bytes]], entry_ids: Sequence[bytes]
         )
         table = table.set_column(0, "id", fixed)
     return table
+
+
+class _Unusual(Exception):
+    """Entries the column-by-column path leaves to :func:`general_table`."""
+
+
+_Text = str | bytes
+"""A text value as Redis sent it (bytes) or as orjson read it (str): Arrow decodes or checks both."""
+
+
+@dataclass(slots=True)
+class _Columns:
+    """Rows gathered column by column, as :func:`general_table` would make them."""
+
+    ids: list[_Text] = field(default_factory=list)
+    types: list[_Text] = field(default_factory=list)
+    stamps: list[_Text] = field(default_factory=list)
+    flows: list[_Text] = field(default_factory=list)
+    executions: list[_Text] = field(default_factory=list)
+    nodes: list[_Text] = field(default_factory=list)
+    datas: list[_Text] = field(default_factory=list)
+    phones: list[str | None] = field(default_factory=list)
+
+    def add(self, row: Sequence[_Text], phone: str | None) -> None:
+        """One row: id, type, ts, flow, execution_id, node, data."""
+        self.ids.append(row[0])
+        self.types.append(row[1])
+        self.stamps.append(row[2])
+        self.flows.append(row[3])
+        self.executions.append(row[4])
+        self.nodes.append(row[5])
+        self.datas.append(row[6])
+        self.phones.append(phone)
+
+    def table(self) -> pa.Table:
+        try:
+            text = [_utf8(c) for c in (self.ids, self.types, self.flows, self.executions, self.nodes, self.datas)]
+            stamps = _utf8(self.stamps).cast(pa.int64())
+            phones = pa.array(self.phones, pa.string())
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+            raise _Unusual from exc
+        return pa.table([text[0], text[1], stamps, text[2], text[3], text[4], text[5], phones], schema=SCHEMA)
+
+
+def _utf8(values: list[_Text]) -> pa.Array:
+    return pa.array(values, pa.binary()).cast(pa.string())
+
+
+def _columns(entries: Sequence[Sequence[bytes]], entry_ids: Sequence[bytes] | None) -> _Columns:
+    """The rows of ``entries``; :class:`_Unusual` for an entry the engine would not write."""
+    columns = _Columns()
+    for index, flat in enumerate(entries):
+        if len(flat) != 14 or flat[0::2] != FIELD_ORDER:
+            raise _Unusual
+        stream_id = None if entry_ids is None else b"stream-" + entry_ids[index]
+        try:
+            _add_entry(columns, flat[1::2], stream_id)
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # orjson's errors are ValueErrors
+            raise _Unusual from exc
+    return columns
+
+
+def _add_entry(columns: _Columns, values: Sequence[bytes], stream_id: bytes | None) -> None:
+    """One entry's rows: its events (a batch), itself and the node runs it carries, or itself."""
+    event_id, kind, ts, flow, execution_id, node, data = values
+    if not ts or not data:
+        raise _Unusual
+    row_id = event_id or stream_id or b""
+    base = (event_id or stream_id or b"stream-").decode()
+    if kind == b"batch":
+        _add_batch(columns, data, base)
+    elif kind in (b"node_runs", b"execution") and b'"runs"' in data:
+        _add_carrier(columns, (row_id, kind.decode(), ts, flow, execution_id, node, data), base, orjson.loads(data))
+    else:
+        columns.add((row_id, kind, ts, flow, execution_id, node, data), _phone(data) if kind in _PHONE_TYPES else None)
+
+
+_EVENT = operator.itemgetter("type", "ts", "flow", "execution_id", "node", "data")
+_CARRIERS = frozenset(("node_runs", "execution"))
+_PHONE_KINDS = frozenset(("contact", "message"))
+
+
+def _add_batch(columns: _Columns, data: bytes, base: str) -> None:
+    """A ``batch`` entry's events (``<base>:<n>``), column by column while none needs a closer look."""
+    document = orjson.loads(data)
+    events = document.get("events") if type(document) is dict else None
+    if type(events) is not list:
+        raise _Unusual
+    if not events:
+        return
+    kinds, stamps, flows, executions, nodes, datas = zip(*map(_EVENT, events), strict=True)
+    if not all(set(map(type, texts)) == {str} for texts in (kinds, flows, executions, nodes)) or "batch" in kinds:
+        raise _Unusual
+    texts = [orjson.dumps(value).decode() for value in datas]
+    times = [str(stamp) or "0" for stamp in stamps]
+    ids = [f"{base}:{number}" for number in range(len(events))]
+    if _CARRIERS.isdisjoint(kinds) and _PHONE_KINDS.isdisjoint(kinds):
+        for column, values in zip(_lists(columns), (ids, kinds, times, flows, executions, nodes, texts), strict=True):
+            column.extend(values)
+        columns.phones.extend([None] * len(ids))
+        return
+    for row in zip(ids, kinds, times, flows, executions, nodes, texts, strict=True):
+        kind, text = row[1], row[6]
+        if kind in _CARRIERS and '"runs"' in text:
+            _add_carrier(columns, row, row[0], orjson.loads(text))
+        else:
+            columns.add(row, _phone(text) if kind in _PHONE_KINDS else None)
+
+
+def _lists(columns: _Columns) -> tuple[list[_Text], ...]:
+    return (columns.ids, columns.types, columns.stamps, columns.flows, columns.executions, columns.nodes, columns.datas)
+
+
+def _add_carrier(columns: _Columns, row: Sequence[_Text], base: str, data: Any) -> None:
+    """An ``execution`` or ``node_runs`` event with ``data.runs``: the execution's row, then a ``node_run``
+    row per run (``<base>:<n>``), as :func:`flowchat.events.unpack` gives them."""
+    runs = data.pop("runs", None) if type(data) is dict else None
+    if type(runs) is not list:
+        columns.add(row, None)
+        return
+    _, kind, ts, flow, execution_id, _, raw = row
+    if kind == "execution":
+        columns.add((*row[:6], _json_text(data, raw)), None)
+    for number, run in enumerate(runs):
+        if type(run) is dict:
+            node = str(run.pop("node", ""))
+            columns.add((f"{base}:{number}", "node_run", ts, flow, execution_id, node, _json_text(run, "{}")), None)
+
+
+def _json_text(value: Any, otherwise: _Text) -> _Text:
+    """``value`` as JSON again, as :func:`flowchat.events.unpack` writes it."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError: nesting over 254 levels
+        return otherwise
 
 
 _NESTING = (b"batch", b"node_runs", b"execution")
@@ -194,7 +343,7 @@ def _ordered(flat: Sequence[bytes]) -> tuple[bytes, ...]:
     return (*found[:2], found[2] or b"0", *found[3:6], found[6] or b"{}")
 
 
-def _phone(data: bytes) -> str | None:
+def _phone(data: _Text) -> str | None:
     try:
         phone = json.loads(data).get("phone")
     except (ValueError, AttributeError):
@@ -204,9 +353,9 @@ def _phone(data: bytes) -> str | None:
 
 def erasures(table: pa.Table) -> list[Tombstone]:
     """The tombstones a batch's ``erased`` contact events ask for."""
-    mask = pc.and_(pc.equal(table["type"], "contact"), pc.match_substring(table["data"], '"erased"'))
+    contacts = table.filter(pc.equal(table["type"], "contact"))
     found = []
-    for row in table.filter(mask).to_pylist():
+    for row in contacts.filter(pc.match_substring(contacts["data"], '"erased"')).to_pylist():
         try:
             if row["phone"] and json.loads(row["data"]).get("action") == "erased":
                 found.append(Tombstone(phone_hash(row["phone"]), row["ts"]))
