@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from support import ROOT, daemon_env, mark_node, run_cli, wait_for, write_flow
+from support import ROOT, daemon_env, mark_node, run_cli, settled, wait_for, write_flow
 from twilio_fake import ACCOUNT_SID, AUTH_TOKEN, TwilioFake
 
 from flowchat.keys import Keys
@@ -161,10 +161,6 @@ async def test_a_worker_killed_after_a_send_leaves_it_sent_once(redis_url, redis
     victim.wait()
     processes.start("worker", "--flows", str(flows_dir), env=env)
 
-    async def succeeded() -> bool:
-        stored = await queue.get(execution_id)
-        return stored is not None and stored[0]["status"] == "succeeded"
-
-    await wait_for(succeeded, timeout=30)
+    assert (await settled(queue, execution_id))["status"] == "succeeded"
     assert fake.posts == 1  # the take-over ran the send node again and found its record
     assert len(await outbound(redis)) == 1
