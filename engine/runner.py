@@ -113,15 +113,15 @@ class Runner:
                         _settled(graph, node, execution, context)
                     else:
                         waits.append(node)
-                if len(waits) == 1 and not running:
+                if len(waits) == 1 and not running and not graph.unblocked:
                     await self._run_node(flow, execution, waits[0], context)  # a linear step needs no task
                     _settled(graph, waits[0], execution, context)
                     continue
                 for node in waits:
                     running[asyncio.create_task(self._run_node(flow, execution, node, context))] = node
+                if graph.unblocked and not graph.failed:
+                    continue  # what the pure nodes unblocked starts now, not after a sibling finishes
                 if not running:
-                    if ready:
-                        continue  # pure nodes ran: what they unblocked is ready now
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:

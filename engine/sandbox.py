@@ -222,10 +222,17 @@ def guard_filters(filters: dict[str, Callable[..., Any]]) -> None:
         "batch": lambda value, linecount, *a, **k: _over_text(linecount, f"a batch of {linecount}"),
         "slice": lambda value, slices, *a, **k: _over_text(slices, f"{slices} slices"),
         "tojson": lambda ctx, value, indent=None: _over_text(indent if _is_int(indent) else 0, "a JSON indent"),
+        # round(7, -10**7) computes 10**10**7 first
+        "round": lambda value, precision=0, *a, **k: _precision_guard(precision),
     }
     for name, check in checks.items():
         if name in filters:
             filters[name] = _guarded_filter(filters[name], check)
+
+
+def _precision_guard(precision: Any) -> None:
+    if _is_int(precision) and abs(precision) > MAX_INT_DIGITS:
+        raise TemplateLimitExceeded(f"rounding to {precision} digits is over the limit of {MAX_INT_DIGITS}")
 
 
 def _guarded_filter(original: Callable[..., Any], check: Callable[..., None]) -> Callable[..., Any]:

@@ -308,11 +308,17 @@ _FAST_FILTERS = frozenset(
 def _filter(name: str, value: Fast, args: list[Fast]) -> Fast:
     function = ENVIRONMENT.filters[name]
     passes = getattr(function, "jinja_pass_arg", None)
-    if passes is None:
-        return lambda context: function(value(context), *[arg(context) for arg in args])
-    if passes.name == "environment":
-        return lambda context: function(ENVIRONMENT, value(context), *[arg(context) for arg in args])
-    raise _Unsupported
+    if passes is not None and passes.name != "environment":
+        raise _Unsupported
+    leading = (ENVIRONMENT,) if passes is not None else ()
+
+    def call(context: dict[str, Any]) -> Any:
+        result = function(*leading, value(context), *[arg(context) for arg in args])
+        if isinstance(result, jinja2.Undefined):
+            raise _Defer  # `[] | first`: Jinja's own path says what is undefined, and fails
+        return result
+
+    return call
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None), dict, list})

@@ -21,8 +21,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flowchat.backoff import REDIS, Backoff, retrying
@@ -275,7 +284,8 @@ class Worker:
             _log_outcome(execution)
         if outcome.event != "waiting":
             self.metrics.execution_event(execution.flow, outcome.event)
-        await self._confirm(execution)
+        # an execution that finished before a boundary saw the cancel flag keeps its outcome
+        await self._confirm(execution, cancellable=not execution.finished)
         runs = self._unsaved.pop(execution.id, ())
         self._send_events(execution, final=True)  # queued now: leaves in the same write as the outcome
         if not await self.queue.finish(delivery, outcome, self.settings.consumer, runs=runs):
@@ -328,25 +338,28 @@ class Worker:
         write = _Write(run.id, self.queue.checkpoint(execution, unsaved), self.queue.cancel_requested(execution.id))
         self._writes.setdefault(execution.id, []).append(write)
 
-    async def _confirm(self, execution: Execution) -> None:
-        """Wait for this execution's checkpoints issued so far; stop it if an operator cancelled it meanwhile."""
-        writes = self._writes.pop(execution.id, None)
-        if not writes:
+    async def _confirm(self, execution: Execution, *, cancellable: bool = True) -> None:
+        """Wait for this execution's checkpoints issued so far; stop it if an operator cancelled it meanwhile.
+
+        Nodes that start together each wait for the same writes (a reply can be awaited by many);
+        a write leaves the list only once it is confirmed, so a failed one fails every later wait too.
+        """
+        pending = self._writes.get(execution.id)
+        if not pending:
             return
-        try:
-            for write in writes:
-                try:
-                    await write.stored
-                except Exception as exc:
-                    if redis_unreachable(exc):
-                        raise
-                    message = f"cannot checkpoint node {write.node}: {type(exc).__name__}: {exc}"
-                    error = QueueError(message, code="checkpoint-failed", retryable=False)
-                    raise error.at(node=write.node) from exc
-                if await write.cancel_flagged:
-                    raise ExecutionCancelled(execution.id)
-        finally:
-            _forget(writes)
+        confirmed = list(pending)
+        for write in confirmed:
+            try:
+                await write.stored
+            except Exception as exc:
+                if redis_unreachable(exc):
+                    raise
+                message = f"cannot checkpoint node {write.node}: {type(exc).__name__}: {exc}"
+                error = QueueError(message, code="checkpoint-failed", retryable=False)
+                raise error.at(node=write.node) from exc
+            if await write.cancel_flagged and cancellable:
+                raise ExecutionCancelled(execution.id)
+        pending[:] = [write for write in pending if all(write is not done for done in confirmed)]
 
     def _send_events(self, execution: Execution, final: bool = False) -> None:
         """Queue pending events on the queue's auto-pipeline, beside the write that follows."""
@@ -412,6 +425,8 @@ def redis_unreachable(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError):
             return True
+        if isinstance(exc, _TRANSIENT_ERRORS):
+            return True
         if isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in _TRANSIENT_REPLIES:
             return True
         if not isinstance(exc, QueueError):
@@ -421,6 +436,8 @@ def redis_unreachable(exc: BaseException) -> bool:
 
 
 _TRANSIENT_REPLIES = frozenset({"LOADING", "READONLY", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"})
+_TRANSIENT_ERRORS = (BusyLoadingError, ReadOnlyError, OutOfMemoryError, MasterDownError, TryAgainError, ClusterDownError)
+"""The same replies as redis-py raises them: it strips the prefix from the message of these."""
 
 
 def _poison(flow: Flow, execution: Execution, deliveries: int) -> Outcome:

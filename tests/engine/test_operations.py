@@ -469,6 +469,48 @@ async def test_a_running_execution_stops_at_its_next_node_boundary(
     assert counters.get(b"cancelled:long") == b"1" and b"succeeded:long" not in counters
 
 
+async def test_a_cancel_stops_every_node_its_boundary_unblocks(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
+    """Two nodes with effects, unblocked together: both wait for the checkpoint and its cancel flag."""
+    marks = tmp_path / "marks"
+    mark = {"type": "test.mark", "needs": ["slow"], "with": {"file": str(marks)}}
+    write_flow(
+        flows_dir,
+        "fan",
+        [{"id": "slow", "type": "test.mark", "with": {"file": str(marks), "sleep": 1.0}}, mark | {"id": "b"},
+         mark | {"id": "c"}],
+    )  # fmt: skip
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    running = await enqueue(queue, catalog, "fan")
+    await wait_for(lambda: any(f"{running} slow start" in line for line in lines(marks)))
+    assert await queue.cancel(running) == "cancelled"
+    await wait_for(lambda: _status(queue, running, "cancelled"))
+    await wait_for(lambda: _drained(queue))
+    assert not any(f"{running} b" in line or f"{running} c" in line for line in lines(marks))
+
+
+async def test_an_execution_that_finishes_before_seeing_the_cancel_keeps_its_outcome(
+    queue, flows_dir, catalog_factory, start_worker, tmp_path
+):
+    """Only pure and idempotent nodes (here a metric) follow the node in progress: they run, and the
+    execution is recorded as what it did (succeeded), not as cancelled."""
+    marks = tmp_path / "marks"
+    count = {"id": "count", "type": "metric", "with": {"name": "done", "value": 1}}
+    write_flow(
+        flows_dir, "tail", [{"id": "slow", "type": "test.mark", "with": {"file": str(marks), "sleep": 1.0}}, count]
+    )
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    running = await enqueue(queue, catalog, "tail")
+    await wait_for(lambda: any(f"{running} slow start" in line for line in lines(marks)))
+    assert await queue.cancel(running) == "cancelled"
+    await wait_for(lambda: _status(queue, running, "succeeded"))
+    counters = await queue.redis.hgetall(queue.keys.counters)
+    assert counters.get(b"succeeded:tail") == b"1"
+
+
 async def _drained(queue) -> bool:
     stats = await queue.stats()
     return stats["ready"] == 0 and stats["in_flight"] == 0

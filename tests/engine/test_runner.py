@@ -103,6 +103,53 @@ async def test_a_node_without_needs_follows_the_node_above(make_flow):
     assert flow.nodes["second"].needs == ("first",)
 
 
+class Prep(flowchat.Node):
+    """A pure node (as ``set`` is)."""
+
+    type = "test.prep"
+    pure = True
+
+    async def run(self, ctx: flowchat.NodeContext, config: flowchat.NodeConfig) -> dict:
+        return {"x": 1}
+
+
+async def test_what_a_pure_node_unblocks_starts_without_waiting_for_a_slow_sibling(make_flow):
+    """Pure nodes run inline; the nodes they unblock start at once, beside a sibling still running."""
+    events: list[tuple[str, str, float]] = []
+    flow = make_flow(
+        """
+        - {id: slow, type: test.sleep, needs: [], with: {seconds: 0.5}}
+        - {id: prep, type: test.prep, needs: []}
+        - {id: notify, type: test.sleep, needs: [prep], with: {seconds: 0}}
+        """,
+        sleep_node(events),
+        Prep,
+    )
+
+    execution = await run(flow)
+
+    assert execution.status == "succeeded"
+    assert at(events, "start", "notify") < at(events, "end", "slow")
+
+
+async def test_what_a_pure_node_unblocks_runs_even_if_a_sibling_fails(make_flow):
+    events: list[tuple[str, str, float]] = []
+    flow = make_flow(
+        """
+        - {id: slow, type: test.sleep, needs: [], timeout: 0.2s, retry: {max_attempts: 1}, with: {seconds: 2}}
+        - {id: prep, type: test.prep, needs: []}
+        - {id: notify, type: test.sleep, needs: [prep], with: {seconds: 0}}
+        """,
+        sleep_node(events),
+        Prep,
+    )
+
+    execution = await run(flow)
+
+    assert execution.nodes["slow"].status == "failed"
+    assert execution.nodes["notify"].status == "ok"
+
+
 async def test_independent_roots_run_concurrently(make_flow):
     events: list[tuple[str, str, float]] = []
     flow = make_flow(

@@ -303,7 +303,11 @@ FAST_SOURCES = [
 ]
 FAST_CONTEXTS = [
     {
-        "trigger": {"From": "whatsapp:+1", "ProfileName": "Ada", "contact": {"created": True, "consent": {"state": "unknown"}}},
+        "trigger": {
+            "From": "whatsapp:+1",
+            "ProfileName": "Ada",
+            "contact": {"created": True, "consent": {"state": "unknown"}},
+        },
         "contact": {"phone": "+2"},
         "a": {"items": 5},
         "x": [7, "z"],
@@ -330,7 +334,14 @@ def test_plain_lookups_and_conditions_take_the_fast_path() -> None:
     for source in ("{{ trigger.From }}", "x{{ a.b }}y", "{{ a or 'b' }}", "{{ [1] if a == 2 else [] }}",
                    "{{ a | truncate(100) }}", "{{ a | upper }}"):  # fmt: skip
         assert compile_template(source)._fast is not None, source
-    for source in ("{{ a | map('upper') }}", "{{ a | join(',') }}", "{{ a + 1 }}", "{% if a %}x{% endif %}", "{{ range(3) }}", "{{ a.items }}"):
+    for source in (
+        "{{ a | map('upper') }}",
+        "{{ a | join(',') }}",
+        "{{ a + 1 }}",
+        "{% if a %}x{% endif %}",
+        "{{ range(3) }}",
+        "{{ a.items }}",
+    ):
         assert compile_template(source)._fast is None, source
 
 
@@ -371,8 +382,10 @@ _SCALARS = st.one_of(
 )
 _JSON = st.recursive(
     _SCALARS,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.sampled_from(_KEYS) | st.integers(-2, 2) | st.booleans(), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(_KEYS) | st.integers(-2, 2) | st.booleans(), inner, max_size=4)
+    ),
     max_leaves=10,
 )
 _LITERALS = ["1", "0", "-1", "1.5", "0.0", "'a'", "''", "'items'", "true", "False", "none", "[]", "[1, 'a']", "1e400"]
@@ -402,7 +415,9 @@ def _bigger(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
 
 
 _EXPRESSIONS = st.recursive(st.sampled_from(_NAMES + _LITERALS), _bigger, max_leaves=8)
-_TEMPLATES = st.lists(_EXPRESSIONS.map("{{{{ {} }}}}".format) | st.sampled_from(["x", " ", "\n"]), min_size=1, max_size=4)
+_TEMPLATES = st.lists(
+    _EXPRESSIONS.map("{{{{ {} }}}}".format) | st.sampled_from(["x", " ", "\n"]), min_size=1, max_size=4
+)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -449,3 +464,18 @@ def test_an_if_without_else_that_is_false_renders_nothing() -> None:
     assert compile_template("{{ 'x' if flag }}").render({"flag": False}) is None
     assert compile_template("{{ 'x' if flag }}").render({"flag": True}) == "x"
     assert compile_template("a{{ 'x' if flag }}b").render({"flag": False}) == "ab"
+
+
+def test_a_filter_that_finds_nothing_fails_as_jinja_does() -> None:
+    for source in ("{{ a | first }}", "x{{ a | last }}", "{{ [a | first] }}"):
+        with pytest.raises(TemplateError) as failed:
+            compile_template(source).render({"a": []})
+        assert failed.value.code == "template-undefined", source
+
+
+def test_rounding_to_absurd_precision_is_refused_not_computed() -> None:
+    for source in ("{{ n | round(p) }}", "{{ n | round(p, 'floor') }}"):
+        with pytest.raises(TemplateError) as failed:
+            compile_template(source).render({"n": 7, "p": -10_000_000})
+        assert failed.value.code == "template-limit", source
+    assert compile_template("{{ n | round(2) }}").render({"n": 1.2345}) == 1.23

@@ -326,3 +326,18 @@ async def test_an_execution_that_finished_late_stays_listed_while_its_state_is_k
     await queue.redis.delete(queue.keys.execution("finished-just-now"))  # its retention ran out
     assert await queue.forget_expired() == 1
     assert not await queue.redis.exists(index)
+
+
+def test_replies_that_mean_try_later_leave_work_for_take_over_whatever_redis_py_raises() -> None:
+    """redis-py strips OOM, LOADING, READONLY … from the message of the classes it raises for them."""
+    from redis._parsers.base import BaseParser
+    from redis.exceptions import ResponseError
+
+    from flowchat.worker import redis_unreachable
+
+    for reply in ("OOM command not allowed", "LOADING Redis is loading", "READONLY You can't write",
+                  "MASTERDOWN Link is down", "TRYAGAIN Multiple keys", "CLUSTERDOWN The cluster is down",
+                  "BUSY Redis is busy running a script"):  # fmt: skip
+        assert redis_unreachable(BaseParser.parse_error(reply)), reply
+    assert not redis_unreachable(BaseParser.parse_error("ERR wrong number of arguments"))
+    assert not redis_unreachable(ResponseError("WRONGTYPE Operation against a key"))
