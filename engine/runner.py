@@ -105,7 +105,9 @@ class Runner:
         running: dict[asyncio.Task[None], FlowNode] = {}
         try:
             while True:
-                ready = [] if graph.failed else await self._take_ready(execution, graph)
+                ready, skipped = ([], []) if graph.failed else self._take_ready(execution, graph)
+                for node in skipped:
+                    await self.checkpoint(execution, execution.nodes[node.id], node)
                 waits = []
                 for node in ready:
                     if node.node.pure:  # no I/O to overlap with: it runs now, in this task
@@ -135,18 +137,20 @@ class Runner:
             raise
         return decide(execution, self.services.clock())
 
-    async def _take_ready(self, execution: Execution, graph: _Frontier) -> list[FlowNode]:
-        """Nodes that can start now; nodes whose needs were all skipped are skipped on the way."""
+    def _take_ready(self, execution: Execution, graph: _Frontier) -> tuple[list[FlowNode], list[FlowNode]]:
+        """Nodes that can start now, and the nodes skipped on the way (all their needs were skipped)."""
         ready: list[FlowNode] = []
+        skipped: list[FlowNode] = []
         while graph.unblocked:
             node = graph.unblocked.popleft()
             run = execution.nodes[node.id]
             if node.needs and all(execution.nodes[need].status == "skipped" for need in node.needs):
-                await self._finish(execution, node, run, "skipped", output=None)
+                self._close(run, "skipped", None)
+                skipped.append(node)
                 graph.settled(node)
             elif not (run.status == "waiting" and self.defer_waits and (run.wake_at or 0) > self._now_with_skew()):
                 ready.append(node)
-        return ready
+        return ready, skipped
 
     def _now_with_skew(self) -> float:
         # the mover's clock decided this is due; trust it within a second of ours, not ping-pong
@@ -161,7 +165,8 @@ class Runner:
             go = _truthy(node.when, context)
             _within_timeout(node, time.perf_counter() - started, "evaluating its `when`")
             if not go:
-                await self._finish(execution, node, run, "skipped", output=None)
+                self._close(run, "skipped", None)
+                await self.checkpoint(execution, run, node)
                 return
         except FlowChatError as error:
             await self._fail(flow, execution, node, run, error)
@@ -207,7 +212,8 @@ class Runner:
         run.duration_ms += (time.perf_counter() - started) * 1000
         if _node_log.isEnabledFor(logging.DEBUG):
             ctx.log.debug("← %s ok in %.1fms", node.type, run.duration_ms)
-        await self._finish(execution, node, run, "ok", output=output)
+        self._close(run, "ok", output)
+        await self.checkpoint(execution, run, node)
         return None
 
     async def _execute(
@@ -226,8 +232,14 @@ class Runner:
         if node.node.pure:
             output = await node.node.run(ctx, config)
         else:
-            remaining = node.timeout - (time.perf_counter() - started)
-            output = await _with_timeout(node.node.run(ctx, config), remaining, node.timeout)
+            timer = _Timer(node.timeout - (time.perf_counter() - started), node.timeout)
+            try:
+                output = await node.node.run(ctx, config)
+            except asyncio.CancelledError as exc:
+                timer.raise_if_expired(exc)
+                raise
+            finally:
+                timer.cancel()
         return node_output(output, mask=self.mask, max_bytes=self.max_output)
 
     def _context(self, flow: Flow, execution: Execution, node: FlowNode, run: NodeRun) -> NodeContext:
@@ -256,14 +268,15 @@ class Runner:
         error.at(flow=flow.name, execution=execution.id, node=run.id, attempt=run.attempts or None)
         logger_for(execution.id, run.id).error("! %s failed: [%s] %s", run.type, error.code, error.message)
         run.error = self.mask(error.to_dict())
-        await self._finish(execution, node, run, "failed", output=None)
+        self._close(run, "failed", None)
+        await self.checkpoint(execution, run, node)
 
-    async def _finish(self, execution: Execution, node: FlowNode, run: NodeRun, status: Any, *, output: Any) -> None:
+    def _close(self, run: NodeRun, status: Any, output: Any) -> None:
+        """``run`` settles as ``status`` (its checkpoint comes next)."""
         run.status, run.output, run.wake_at = status, output, None
         if status != "failed":
             run.error = None
         run.finished_at = self.services.clock()
-        await self.checkpoint(execution, run, node)
 
 
 class _Frontier:
@@ -312,29 +325,31 @@ def _within_timeout(node: FlowNode, spent: float, doing: str) -> None:
         raise NodeTimeout(f"{doing} took {spent:.1f}s, over the node's timeout of {node.timeout:g}s")
 
 
-async def _with_timeout(work: Awaitable[Any], seconds: float, budget: float | None = None) -> Any:
-    """Await ``work`` in the current task, cancelled after ``seconds`` (a leaner asyncio.timeout).
+class _Timer:
+    """Cancels the current task after ``seconds`` (a leaner asyncio.timeout, with no coroutine of its own).
 
     ``budget`` is the node's whole timeout, named in the error (``seconds`` may be what is left of it).
     """
-    task = asyncio.current_task()
-    assert task is not None
-    expired = False
 
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
+    __slots__ = ("budget", "expired", "handle", "task")
 
-    handle = asyncio.get_running_loop().call_later(max(0.0, seconds), expire)
-    try:
-        return await work
-    except asyncio.CancelledError as exc:
-        if expired and task.uncancel() == 0:
-            raise NodeTimeout(f"node took longer than its timeout of {budget or seconds:g}s") from exc
-        raise
-    finally:
-        handle.cancel()
+    def __init__(self, seconds: float, budget: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task, self.budget, self.expired = task, budget, False
+        self.handle = asyncio.get_running_loop().call_later(max(0.0, seconds), self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
+
+    def raise_if_expired(self, cancelled: asyncio.CancelledError) -> None:
+        """Turn the cancellation this timer caused into NodeTimeout (any other cancellation stays one)."""
+        if self.expired and self.task.uncancel() == 0:
+            raise NodeTimeout(f"node took longer than its timeout of {self.budget:g}s") from cancelled
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 def template_context(flow: Flow, execution: Execution, secrets: Secrets | None = None) -> dict[str, Any]:
