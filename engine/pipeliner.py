@@ -131,9 +131,7 @@ class Pipeliner:
             self._link = await _Link.open(self.redis, self.deadline, self._batch_done)
         except Exception as exc:  # Redis unreachable: every waiting caller gets it, the next command tries again
             pending, self._pending = self._pending, []
-            for _, future in pending:
-                if not future.done():
-                    future.set_exception(exc)
+            _fail(pending, exc)
             return
         finally:
             self._connecting = False
