@@ -9,7 +9,9 @@ a command or a pipeline is one round trip; the count, the CPU time spent after s
 and the process's peak RSS are printed as JSON on SIGTERM. Modules a long-running worker
 imports on its first send are imported before the clock starts. With ``BENCH_WAIT_GO``
 set the worker prints ``ready`` and starts reading on SIGUSR1, so several start at once.
-With ``BENCH_PROFILE=FILE`` the run is profiled (cProfile, from start to SIGTERM) into FILE.
+With ``BENCH_PROFILE=FILE`` the run is profiled (cProfile, from start to SIGTERM) into FILE;
+with ``BENCH_ASYNCIO`` set it runs on asyncio's own loop instead of uvloop (sampling profilers
+such as py-spy then see whole coroutine stacks).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ async def _counting_send(self, command, check_health=True):  # type: ignore[no-u
 
 
 AbstractConnection.send_packed_command = _counting_send  # type: ignore[method-assign]
-_write = getattr(Pipeliner, "_write", None)
+_write = Pipeliner._write
 
 
 def _counting_write(self, link, batch):  # type: ignore[no-untyped-def]
@@ -56,8 +58,7 @@ def _counting_write(self, link, batch):  # type: ignore[no-untyped-def]
     return _write(self, link, batch)
 
 
-if _write is not None:
-    Pipeliner._write = _counting_write  # type: ignore[method-assign]
+Pipeliner._write = _counting_write  # type: ignore[method-assign]
 
 
 async def main(url: str, flows: str, concurrency: int, queue_name: str = "fc") -> int:
