@@ -359,7 +359,8 @@ class Worker:
                 raise error.at(node=write.node) from exc
             if await write.cancel_flagged and cancellable:
                 raise ExecutionCancelled(execution.id)
-        pending[:] = [write for write in pending if all(write is not done for done in confirmed)]
+        seen = {id(write) for write in confirmed}  # by identity: another waiter may have removed them already
+        pending[:] = [write for write in pending if id(write) not in seen]
 
     def _send_events(self, execution: Execution, final: bool = False) -> None:
         """Queue pending events on the queue's auto-pipeline, beside the write that follows."""

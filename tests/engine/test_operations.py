@@ -443,23 +443,24 @@ async def _status(queue, execution_id: str, status: str) -> bool:
     return stored is not None and stored[0]["status"] == status
 
 
+async def cancel_while_slow(queue, flows_dir, catalog_factory, start_worker, marks: Path, flow: str, after) -> str:
+    """Run ``flow`` — a slow ``test.mark`` node, then the nodes ``after`` — in a worker; cancel it mid-``slow``."""
+    slow = {"id": "slow", "type": "test.mark", "with": {"file": str(marks), "sleep": 1.5}}
+    write_flow(flows_dir, flow, [slow, *after])
+    catalog = catalog_factory(flows_dir)
+    await start_worker(catalog)
+    running = await enqueue(queue, catalog, flow)
+    await wait_for(lambda: any(f"{running} slow start" in line for line in lines(marks)))
+    assert await queue.cancel(running) == "cancelled"  # what `executions cancel` calls (its state says queued)
+    return running
+
+
 async def test_a_running_execution_stops_at_its_next_node_boundary(
     queue, flows_dir, catalog_factory, start_worker, tmp_path
 ):
     marks = tmp_path / "marks"
-    write_flow(
-        flows_dir,
-        "long",
-        [
-            {"id": "slow", "type": "test.mark", "with": {"file": str(marks), "sleep": 1.5}},
-            {"id": "next", "type": "test.mark", "needs": ["slow"], "with": {"file": str(marks)}},
-        ],
-    )
-    catalog = catalog_factory(flows_dir)
-    await start_worker(catalog)
-    running = await enqueue(queue, catalog, "long")
-    await wait_for(lambda: any(f"{running} slow start" in line for line in lines(marks)))
-    assert await queue.cancel(running) == "cancelled"  # what `executions cancel` calls (its state says queued)
+    after = [{"id": "next", "type": "test.mark", "needs": ["slow"], "with": {"file": str(marks)}}]
+    running = await cancel_while_slow(queue, flows_dir, catalog_factory, start_worker, marks, "long", after)
     await wait_for(lambda: _status(queue, running, "cancelled"))
     await wait_for(lambda: _drained(queue))
     await asyncio.sleep(0.5)
@@ -475,17 +476,8 @@ async def test_a_cancel_stops_every_node_its_boundary_unblocks(
     """Two nodes with effects, unblocked together: both wait for the checkpoint and its cancel flag."""
     marks = tmp_path / "marks"
     mark = {"type": "test.mark", "needs": ["slow"], "with": {"file": str(marks)}}
-    write_flow(
-        flows_dir,
-        "fan",
-        [{"id": "slow", "type": "test.mark", "with": {"file": str(marks), "sleep": 1.0}}, mark | {"id": "b"},
-         mark | {"id": "c"}],
-    )  # fmt: skip
-    catalog = catalog_factory(flows_dir)
-    await start_worker(catalog)
-    running = await enqueue(queue, catalog, "fan")
-    await wait_for(lambda: any(f"{running} slow start" in line for line in lines(marks)))
-    assert await queue.cancel(running) == "cancelled"
+    after = [mark | {"id": "b"}, mark | {"id": "c"}]
+    running = await cancel_while_slow(queue, flows_dir, catalog_factory, start_worker, marks, "fan", after)
     await wait_for(lambda: _status(queue, running, "cancelled"))
     await wait_for(lambda: _drained(queue))
     assert not any(f"{running} b" in line or f"{running} c" in line for line in lines(marks))
@@ -497,15 +489,8 @@ async def test_an_execution_that_finishes_before_seeing_the_cancel_keeps_its_out
     """Only pure and idempotent nodes (here a metric) follow the node in progress: they run, and the
     execution is recorded as what it did (succeeded), not as cancelled."""
     marks = tmp_path / "marks"
-    count = {"id": "count", "type": "metric", "with": {"name": "done", "value": 1}}
-    write_flow(
-        flows_dir, "tail", [{"id": "slow", "type": "test.mark", "with": {"file": str(marks), "sleep": 1.0}}, count]
-    )
-    catalog = catalog_factory(flows_dir)
-    await start_worker(catalog)
-    running = await enqueue(queue, catalog, "tail")
-    await wait_for(lambda: any(f"{running} slow start" in line for line in lines(marks)))
-    assert await queue.cancel(running) == "cancelled"
+    after = [{"id": "count", "type": "metric", "with": {"name": "done", "value": 1}}]
+    running = await cancel_while_slow(queue, flows_dir, catalog_factory, start_worker, marks, "tail", after)
     await wait_for(lambda: _status(queue, running, "succeeded"))
     counters = await queue.redis.hgetall(queue.keys.counters)
     assert counters.get(b"succeeded:tail") == b"1"
